@@ -116,14 +116,13 @@ def routed_kd_rows(
     idx = None if indices is None else indices.to(torch.int64).contiguous()
     m = None if mask is None else mask.to(torch.bool).contiguous().view(torch.uint8)
     loss = torch.empty(B, S, dtype=cdt, device=x.device)
-    empty = x.new_empty(0)
-    dx = torch.empty(B, C, S, dtype=x.dtype, device=x.device) if need_dx else empty
-    dw = torch.empty(B, S, K, dtype=cdt, device=x.device) if need_dw else empty
+    dx = torch.empty(B, C, S, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+    dw = torch.empty(B, S, K, dtype=cdt, device=x.device) if need_dw else x.new_empty(0)
     if need_dz:
         alloc = torch.zeros if idx is not None else torch.empty
         dz = alloc(E, B, C, S, dtype=z.dtype, device=x.device)
     else:
-        dz = empty
+        dz = x.new_empty(0)
     if loss.numel() > 0:
         params = routed_kd_params(
             x, z, w, idx, m, temperature, mix, divergence, beta, scale, loss, dx, dw, dz

@@ -155,14 +155,14 @@ def routed_kd_rows(
         t = torch.where(bad.view(shape), nan, t)
         return torch.where((valid | bad).view(shape), t, zero)
 
-    loss_rows = finish(loss * scale, 0).reshape(B, S)
-    empty = x.new_empty(0)
-    dx = dw_out = dz = empty
+    loss_rows = finish(loss * scale, 0).reshape(B, S).contiguous()
+    # not-requested gradients: distinct empty tensors (op outputs must not alias each other)
+    dx, dw_out, dz = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_dx:
         g = finish(du * (scale * inv_tau), 0)
         dx = g.reshape(B, S, C).permute(0, 2, 1).contiguous().to(x.dtype)
     if need_dw:
-        dw_out = finish(dw * scale, 0).reshape(B, S, K)
+        dw_out = finish(dw * scale, 0).reshape(B, S, K).contiguous()
     if need_dz:
         g = finish(dv * (scale * inv_tau), 1)  # [K, N, C]
         dz_rows = torch.zeros(E, N, C, dtype=cdt, device=dev)

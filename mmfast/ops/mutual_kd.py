@@ -1,0 +1,62 @@
+"""Custom ops ``mmfast::mutual_kd_fwd`` / ``mmfast::mutual_kd_bwd``.
+
+The forward op returns the per-row loss [N] and, in the same pass, d loss_n / d logits [M, N, C];
+the backward op scales it by the incoming row gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmfast import _backend, _native
+from mmfast.reference import mutual_kd as reference
+from mmfast.reference.routed_kd import compute_dtype
+
+
+@torch.library.custom_op("mmfast::mutual_kd_fwd", mutates_args=())
+def mutual_kd_fwd(logits: Tensor, temperature: float, scale: float, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """(loss [N], grad [M, N, C]) for logits [M, N, C]; grad is empty when not requested."""
+    backend = _backend.resolve(logits.device, logits.dtype)
+    if backend == "torch":
+        return reference.mutual_kd_rows(logits, temperature, scale, need_grad)
+    if backend in ("cpu", "cuda"):
+        return _native.mutual_kd_rows(backend, logits, temperature, scale, need_grad)
+    from mmfast.triton import mutual_kd as triton_mutual_kd
+
+    return triton_mutual_kd.mutual_kd_rows(logits, temperature, scale, need_grad)
+
+
+@mutual_kd_fwd.register_fake
+def _(logits, temperature, scale, need_grad):
+    M, N, C = logits.shape
+    loss = logits.new_empty((N,), dtype=compute_dtype(logits.dtype))
+    return loss, logits.new_empty((M, N, C) if need_grad else (0,))
+
+
+@torch.library.custom_op("mmfast::mutual_kd_bwd", mutates_args=())
+def mutual_kd_bwd(grad_loss: Tensor, grad: Tensor) -> Tensor:
+    """grad_logits[m, n, :] = grad_loss[n] * grad[m, n, :]."""
+    return (grad * grad_loss.to(compute_dtype(grad.dtype))[None, :, None]).to(grad.dtype)
+
+
+@mutual_kd_bwd.register_fake
+def _(grad_loss, grad):
+    return grad.new_empty(grad.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+    ctx.need_grad = inputs[3]
+
+
+def _backward(ctx, grad_loss, _ggrad):
+    (grad,) = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and not ctx.need_grad:
+        raise RuntimeError("mmfast::mutual_kd_fwd: logits require grad but need_grad=False")
+    return (mutual_kd_bwd(grad_loss, grad) if ctx.need_grad else None), None, None, None
+
+
+mutual_kd_fwd.register_autograd(_backward, setup_context=_setup_context)

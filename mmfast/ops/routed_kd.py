@@ -1,0 +1,111 @@
+"""Custom ops ``mmfast::routed_kd_fwd`` / ``mmfast::routed_kd_bwd``.
+
+The forward op returns the per-row loss and, in the same pass, the per-row gradients (dx, dw, dz)
+that the caller asked for; the backward op only scales them by the incoming row gradient:
+  grad_x[b, :, s] = g[b, s] * dx[b, :, s];  grad_w[b, k] = sum_s g[b, s] * dw[b, s, k];
+  grad_z[e, b, :, s] = g[b, s] * dz[e, b, :, s].
+Shapes follow ``csrc/include/mmfast/params.h``: x [B, C, S], z [E, B, C, S], weights [B, K].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmfast import _backend, _native
+from mmfast.reference import routed_kd as reference
+from mmfast.reference.routed_kd import compute_dtype
+
+
+def _run_backend(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend == "torch":
+        return reference.routed_kd_rows(*args)
+    if backend in ("cpu", "cuda"):
+        return _native.routed_kd_rows(backend, *args)
+    if backend == "triton":
+        from mmfast.triton import routed_kd as triton_routed_kd
+
+        return triton_routed_kd.routed_kd_rows(*args)
+    raise AssertionError(backend)
+
+
+@torch.library.custom_op("mmfast::routed_kd_fwd", mutates_args=())
+def routed_kd_fwd(
+    x: Tensor,
+    z: Tensor,
+    weights: Tensor,
+    indices: Tensor | None,
+    mask: Tensor | None,
+    temperature: float,
+    mix: int,
+    divergence: int,
+    beta: float,
+    scale: float,
+    need_dx: bool,
+    need_dw: bool,
+    need_dz: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss [B, S], dx [B, C, S], dw [B, S, K], dz [E, B, C, S]); unrequested gradients are empty."""
+    backend = _backend.resolve(x.device, x.dtype)
+    return _run_backend(
+        backend, x, z, weights, indices, mask, temperature, mix, divergence, beta, scale,
+        need_dx, need_dw, need_dz,
+    )
+
+
+@routed_kd_fwd.register_fake
+def _(x, z, weights, indices, mask, temperature, mix, divergence, beta, scale, need_dx, need_dw, need_dz):
+    B, C, S = x.shape
+    E, K = z.shape[0], weights.shape[1]
+    cdt = compute_dtype(x.dtype)
+    loss = x.new_empty((B, S), dtype=cdt)
+    dx = x.new_empty((B, C, S) if need_dx else (0,))
+    dw = x.new_empty((B, S, K) if need_dw else (0,), dtype=cdt)
+    dz = z.new_empty((E, B, C, S) if need_dz else (0,))
+    return loss, dx, dw, dz
+
+
+@torch.library.custom_op("mmfast::routed_kd_bwd", mutates_args=())
+def routed_kd_bwd(grad_loss: Tensor, dx: Tensor, dw: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale the forward's row gradients by ``grad_loss`` [B, S]; empty in, empty out."""
+    g = grad_loss.to(compute_dtype(dx.dtype) if dx.numel() else grad_loss.dtype)
+    gx = (dx * g[:, None, :]).to(dx.dtype) if dx.numel() else dx.new_empty(0)
+    gw = (dw * g[..., None]).sum(1) if dw.numel() else dw.new_empty(0)
+    gz = (dz * g[None, :, None, :]).to(dz.dtype) if dz.numel() else dz.new_empty(0)
+    return gx, gw, gz
+
+
+@routed_kd_bwd.register_fake
+def _(grad_loss, dx, dw, dz):
+    gw_shape = (dw.shape[0], dw.shape[2]) if dw.dim() == 3 else (0,)
+    return dx.new_empty(dx.shape), dw.new_empty(gw_shape), dz.new_empty(dz.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, z, weights = inputs[0], inputs[1], inputs[2]
+    need_dx, need_dw, need_dz = inputs[10], inputs[11], inputs[12]
+    _, dx, dw, dz = output
+    ctx.mark_non_differentiable(dx, dw, dz)
+    ctx.save_for_backward(dx, dw, dz)
+    ctx.need = (need_dx, need_dw, need_dz)
+    ctx.input_dtypes = (x.dtype, z.dtype, weights.dtype)
+
+
+def _backward(ctx, grad_loss, _gdx, _gdw, _gdz):
+    dx, dw, dz = ctx.saved_tensors
+    for i, (name, flag) in enumerate(zip(("x", "z", "weights"), (ctx.need[0], ctx.need[2], ctx.need[1]))):
+        if ctx.needs_input_grad[i] and not flag:
+            raise RuntimeError(
+                f"mmfast::routed_kd_fwd: {name} requires grad but its gradient was not requested "
+                f"(need_d{name[0]}=False); call mmfast.routed_kd_loss, which sets the flags"
+            )
+    gx, gw, gz = routed_kd_bwd(grad_loss, dx, dw, dz)
+    return (
+        gx if ctx.need[0] else None,
+        gz if ctx.need[2] else None,
+        gw.to(ctx.input_dtypes[2]) if ctx.need[1] else None,
+        None, None, None, None, None, None, None, None, None, None,
+    )
+
+
+routed_kd_fwd.register_autograd(_backward, setup_context=_setup_context)
