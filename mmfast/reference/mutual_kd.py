@@ -31,3 +31,20 @@ def mutual_kd_rows(
     S = p.sum(0, keepdim=True)
     grad = M * p - S + torch.where(p > 0, p * (M * lp - T - R), torch.zeros_like(p))
     return loss, (grad * (scale * inv_tau)).to(logits.dtype)
+
+
+def mutual_kd_loss_autograd(
+    logits: Tensor, temperature: float = 1.0, t2_scale: bool = True, reduction: str = "batchmean"
+) -> Tensor:
+    """The eager-PyTorch loss a user writes (autograd backward): the benchmarks' baseline."""
+    M = logits.shape[0]
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    p = lp.exp()
+    rows = sum((p[j] * (lp[j] - lp[i])).sum(-1) for i in range(M) for j in range(M) if i != j)
+    if not isinstance(rows, Tensor):  # M == 1
+        rows = logits.new_zeros(logits.shape[1])
+    if t2_scale:
+        rows = rows * temperature**2
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / logits.shape[1]

@@ -169,3 +169,71 @@ def routed_kd_rows(
         dz_rows.index_put_((sel.t(), rows.expand(K, N)), g, accumulate=True)
         dz = dz_rows.reshape(E, B, S, C).permute(0, 1, 3, 2).contiguous().to(z.dtype)
     return loss_rows, dx, dw_out, dz
+
+
+def routed_kd_loss_autograd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | None = None,
+    *,
+    indices: Tensor | None = None,
+    temperature: float = 1.0,
+    mix: str = "loss",
+    divergence: str = "kl",
+    beta: float = 0.5,
+    t2_scale: bool = True,
+    class_dim: int = -1,
+    mask: Tensor | None = None,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """The loss as a user writes it in eager PyTorch (autograd does the backward).
+
+    Same arguments as :func:`mmfast.routed_kd_loss` (teacher_logits stacked, no argument checks). It
+    is the baseline of the benchmarks (eager and ``torch.compile``) and the naive formula the explicit
+    reference is tested against.
+    """
+    x, z = student_logits, teacher_logits
+    if class_dim == 1 and x.dim() > 2:
+        x, z = x.movedim(1, -1), z.movedim(2, -1)  # [B, *sp, C], [E, B, *sp, C]
+    lead = x.shape[:-1]
+    E = z.shape[0]
+    K = E if indices is None else indices.shape[1]
+    w = weights if weights is not None else x.new_full((x.shape[0], K), 1.0 / K)
+    if indices is not None:
+        bidx = torch.arange(x.shape[0], device=x.device)
+        z = torch.stack([z[indices[:, k], bidx] for k in range(K)])  # [K, B, ...]
+    wk = w.t().reshape(K, x.shape[0], *([1] * (x.dim() - 1)))  # broadcast over pixels and classes
+    lq = torch.log_softmax(x / temperature, dim=-1)
+    lp = torch.log_softmax(z / temperature, dim=-1)
+
+    def div(lP: Tensor, lQ: Tensor) -> Tensor:
+        if divergence == "kl":
+            return F_kl(lP, lQ)
+        if divergence == "reverse_kl":
+            return F_kl(lQ, lP)
+        if divergence == "js":
+            lM = torch.logaddexp(lP + math.log(beta), lQ + math.log1p(-beta))
+            return beta * F_kl(lP, lM) + (1 - beta) * F_kl(lQ, lM)
+        return 0.5 * (lP.exp() - lQ.exp()).abs().sum(-1)
+
+    if mix == "loss":
+        rows = (wk[..., 0] * div(lp, lq.unsqueeze(0))).sum(0)
+    elif mix == "logits":
+        rows = div(torch.log_softmax((wk * z).sum(0) / temperature, dim=-1), lq)
+    else:
+        rows = div(torch.logsumexp(torch.log(wk) + lp, dim=0), lq)
+    if t2_scale:
+        rows = rows * temperature**2
+    count = rows.numel()
+    if mask is not None:
+        rows = torch.where(mask.reshape(lead), rows, torch.zeros_like(rows))
+        count = mask.sum().clamp_min(1)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / count
+
+
+def F_kl(lP: Tensor, lQ: Tensor) -> Tensor:
+    """sum_c P (log P - log Q) over the last dim, 0 where P == 0."""
+    P = lP.exp()
+    return torch.where(P > 0, P * (lP - lQ), torch.zeros_like(P)).sum(-1)
