@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One-shot check on the lent GPU machine (H100/H200, torch 2.11+cu130, Triton 3.6, Python 3.12, no network):
+# build mmfast with its CUDA kernels, run the tests, the benchmarks and `python -m mmfast bench`.
+#
+#   OUT=/path/to/results bash benchmarks/gpu_check.sh        # from the repository root
+#
+# Writes only under $OUT: gpu_check.log (steps, build, benchmark and CLI output), env.txt, ptxas.txt,
+# tests.txt, bench.json (pytest-benchmark), bench.md (benchmarks/report.py). A failed step is recorded
+# and the later steps still run; every step has a timeout, cut to what is left of the script's budget
+# ($GPU_CHECK_BUDGET_S, default 480 s). Tests and benchmarks run from /tmp, so that the repository's
+# ./mmfast does not shadow the installed build (if the build fails they run on the source tree).
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+: "${OUT:?set OUT to the folder that receives the results}"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+LOG=$OUT/gpu_check.log
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+SUMMARY=()
+: >"$LOG"
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# run_step NAME CAP_S OUTFILE COMMAND: run COMMAND (bash) with a timeout of min(CAP_S, budget left),
+# append its output to OUTFILE, record the outcome; returns COMMAND's status.
+run_step() {
+  local name=$1 cap=$2 out=$3 cmd=$4
+  local left=$((BUDGET_S - SECONDS))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 5)); then
+    log "=== $name: skipped, the ${BUDGET_S}s budget is spent"
+    SUMMARY+=("$(printf '%-7s SKIPPED (budget spent)' "$name")")
+    return 1
+  fi
+  log "=== $name $(date -u +%H:%M:%S) (timeout ${limit}s, output: $(basename "$out")): $cmd"
+  local t0=$SECONDS rc status
+  timeout -k 10 "$limit" bash -o pipefail -c "$cmd" >>"$out" 2>&1
+  rc=$?
+  if ((rc == 124 || rc == 137)); then
+    status="TIMEOUT after ${limit}s"
+  elif ((rc != 0)); then
+    status="FAILED rc=$rc"
+  else
+    status=ok
+  fi
+  log "=== $name: $status ($((SECONDS - t0)) s)"
+  SUMMARY+=("$(printf '%-7s %-22s %4d s  %s' "$name" "$status" "$((SECONDS - t0))" "$(basename "$out")")")
+  return "$rc"
+}
+
+PYTEST="$PY -m pytest -q -p no:cacheprovider --rootdir=$REPO -c $REPO/pyproject.toml"
+
+# (a) environment
+run_step env 60 "$OUT/env.txt" "
+  echo \"date: \$(date -u +%FT%TZ)  host: \$(hostname)  cpus: \$(nproc)\"
+  nvidia-smi
+  nvcc --version | tail -n 2
+  cmake --version | head -n 1
+  $PY -VV
+  $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(\"device\", torch.cuda.get_device_name(), \"sm\", torch.cuda.get_device_capability())'
+  $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pybind11|scikit-build-core|cmake|ninja|pytest|pytest-benchmark|hypothesis|numpy|tqdm) '
+"
+
+# (b) build and install with the CUDA kernels (sm_90 only, to keep the build short)
+if run_step build 300 "$LOG" "
+  cd '$REPO' && MMFAST_WITH_CUDA=ON $PY -m pip install --no-build-isolation --no-deps --no-index -v \
+    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 .
+"; then
+  run_step import 60 "$LOG" "
+    cd /tmp && $PY -c '
+import json, mmfast, mmfast._C
+assert not mmfast.__file__.startswith(\"$REPO/\"), \"the source tree shadows the installed build: \" + mmfast.__file__
+print(mmfast.__file__, \"with_cuda =\", mmfast._C.with_cuda)
+print(json.dumps(mmfast.backend_info(), indent=1))
+'"
+else
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+  log "=== build failed: tests and benchmarks use the source tree (no mmfast._C: torch and triton backends only)"
+fi
+
+# (c) ptxas resource report of the CUDA kernels
+if [[ -f $REPO/csrc/cuda/compile_check.sh ]]; then
+  run_step ptxas 120 "$OUT/ptxas.txt" "cd '$REPO' && bash csrc/cuda/compile_check.sh"
+else
+  echo "csrc/cuda/compile_check.sh is absent: skipped" >"$OUT/ptxas.txt"
+  SUMMARY+=("$(printf '%-7s SKIPPED (csrc/cuda/compile_check.sh absent)' ptxas)")
+fi
+
+# (d) tests (GPU tests are selected automatically when CUDA is present)
+run_step tests 300 "$OUT/tests.txt" "cd /tmp && $PYTEST -x $REPO/tests"
+
+# (e) benchmarks -> bench.json -> bench.md
+run_step bench 300 "$LOG" "
+  cd /tmp && $PYTEST $REPO/benchmarks --benchmark-only --benchmark-json=$OUT/bench.json \
+    --benchmark-max-time=0.25 --benchmark-min-rounds=10
+"
+if [[ -s $OUT/bench.json ]]; then
+  run_step report 60 "$LOG" "cd /tmp && $PY $REPO/benchmarks/report.py $OUT/bench.json -o $OUT/bench.md"
+fi
+
+# (f) the command-line comparison table
+run_step cli 180 "$LOG" "cd /tmp && $PY -m mmfast bench"
+
+log ""
+log "=== summary ($SECONDS s of ${BUDGET_S} s; files in $OUT)"
+for line in "${SUMMARY[@]}"; do log "$line"; done
+[[ -s $OUT/tests.txt ]] && log "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.txt" | tail -n 1)"
+[[ -s $OUT/bench.md ]] && log "bench: $(grep '^| ' "$OUT/bench.md" | grep -vc '^| provider') timed rows in bench.md"
+exit 0

@@ -1,0 +1,551 @@
+"""Benchmarks of the KD losses: cases, providers, timing and the comparison table.
+
+One definition serves ``python -m mmfast bench`` and the pytest-benchmark suites in ``benchmarks/``.
+Every loss provider is timed on a training step, forward + backward::
+
+    x.grad = None (untimed setup)  |  loss = f(...); loss.backward(); [cuda sync]  (timed)
+
+Providers:
+  ``eager``        the loss as a user writes it (``mmfast.reference.*_loss_autograd``), autograd backward
+  ``compile``      ``torch.compile`` of that function (compiled and warmed up before timing)
+  ``mmfast-<b>``   ``mmfast.routed_kd_loss`` / ``mutual_kd_loss`` forced to backend ``b`` (every backend
+                   that can run on the device; Triton on CPU tensors runs in the interpreter and is left out)
+  ``exp-floor``    one ``torch.exp`` (fp32) over as many elements as the loss must exponentiate
+  ``copy``         (GPU) a device-to-device copy of a buffer of the loss's minimal bytes
+
+Minimal bytes of the fused loss that writes the gradient in its forward pass (each input read once,
+each output written once): routed KD N*C*(s + R*s + g) + N*K*4 (+ N*K*8 with indices), R teachers read
+(E dense, K sparse), s / g bytes per logit / gradient element; mutual KD M*N*C*(s + g). GB/s divides the
+bytes a provider moves by its median time; a copy moves twice its buffer (read + write), so
+``% copy`` = achieved bandwidth / copy bandwidth.
+
+On a GPU each round starts with a cold L2 (a 256 MiB buffer is zeroed in the untimed setup), and
+mmfast's eager value checks (they synchronise with the host) are turned off in the benchmark process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import mmfast
+from mmfast.reference.mutual_kd import mutual_kd_loss_autograd
+from mmfast.reference.routed_kd import routed_kd_loss_autograd
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+LOSS_BASELINES = ("eager", "compile")
+L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100 50 MB, H200 60 MB)
+LARGE_ENV = "MMFAST_BENCH_LARGE"
+
+
+@dataclass(frozen=True)
+class RoutedCase:
+    """Routed teacher-mixture KD: student [N, C], teachers [E, N, C]; dense weights, or top-k indices."""
+
+    N: int
+    C: int
+    E: int
+    top_k: int | None = None  # None: dense routing over all E teachers
+    large: bool = False  # too big for a 2-core CPU: run there only with MMFAST_BENCH_LARGE=1
+    mix: str = "loss"
+    divergence: str = "kl"
+    temperature: float = 4.0
+
+    @property
+    def teachers_read(self) -> int:
+        return self.top_k or self.E
+
+    @property
+    def name(self) -> str:
+        routing = f"top-{self.top_k} of {self.E}" if self.top_k else f"E={self.E} dense"
+        return f"routed-kd N={self.N} C={self.C} {routing}"
+
+    def label(self, dtype: torch.dtype) -> str:
+        return f"{self.name} {DTYPE_NAMES[dtype]}"
+
+    def minimal_bytes(self, dtype: torch.dtype) -> int:
+        s = g = torch.finfo(dtype).bits // 8
+        K = self.teachers_read
+        routing = self.N * K * 4 + (self.N * K * 8 if self.top_k else 0)
+        return self.N * self.C * (s + K * s + g) + routing
+
+    def exp_elements(self) -> int:
+        """One exp per logit read: the student's and the routed teachers'."""
+        return (self.teachers_read + 1) * self.N * self.C
+
+    def inputs(self, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+        """Keyword arguments of the loss; only the student logits require grad (frozen teachers)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = (2 * torch.randn(self.N, self.C, generator=gen)).to(device, dtype).requires_grad_()
+        z = (2 * torch.randn(self.E, self.N, self.C, generator=gen)).to(device, dtype)
+        if self.top_k:
+            indices = torch.randint(0, self.E, (self.N, self.top_k), generator=gen).to(device)
+            weights = torch.full((self.N, self.top_k), 1.0 / self.top_k, device=device)  # MST hard routing
+        else:
+            indices = None
+            weights = torch.softmax(torch.randn(self.N, self.E, generator=gen), dim=1).to(device)
+        return dict(student_logits=x, teacher_logits=z, weights=weights, indices=indices,
+                    temperature=self.temperature, mix=self.mix, divergence=self.divergence)
+
+
+@dataclass(frozen=True)
+class MutualCase:
+    """Mutual KD of M co-trained models: logits [M, N, C], gradients to all of them."""
+
+    M: int
+    N: int
+    C: int
+    large: bool = False
+    temperature: float = 4.0
+
+    @property
+    def name(self) -> str:
+        return f"mutual-kd M={self.M} N={self.N} C={self.C}"
+
+    def label(self, dtype: torch.dtype) -> str:
+        return f"{self.name} {DTYPE_NAMES[dtype]}"
+
+    def minimal_bytes(self, dtype: torch.dtype) -> int:
+        s = g = torch.finfo(dtype).bits // 8
+        return self.M * self.N * self.C * (s + g)
+
+    def exp_elements(self) -> int:
+        return self.M * self.N * self.C
+
+    def inputs(self, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        logits = (2 * torch.randn(self.M, self.N, self.C, generator=gen)).to(device, dtype).requires_grad_()
+        return dict(logits=logits, temperature=self.temperature)
+
+
+Case = RoutedCase | MutualCase
+
+ROUTED_CASES = (
+    RoutedCase(N=256, C=1000, E=4),
+    RoutedCase(N=256, C=8192, E=4),
+    RoutedCase(N=4096, C=32768, E=2, large=True),
+    RoutedCase(N=256, C=8192, E=4, top_k=1),
+)
+MUTUAL_CASES = (
+    MutualCase(M=3, N=256, C=1000),
+    MutualCase(M=3, N=256, C=8192),
+)
+QUICK_CASES = (ROUTED_CASES[0],)
+CASES = {case.name: case for case in (*ROUTED_CASES, *MUTUAL_CASES)}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bench_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    return (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,)
+
+
+def skip_reason(case: Case, device: torch.device) -> str | None:
+    """Why ``case`` is left out on ``device`` (None when it runs)."""
+    if case.large and device.type == "cpu" and os.environ.get(LARGE_ENV, "0") != "1":
+        return f"too large for a small CPU; set {LARGE_ENV}=1 to run it"
+    return None
+
+
+def mmfast_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The mmfast backends that can run on ``device`` with ``dtype``, in ``mmfast.BACKENDS`` order."""
+    info = mmfast.backend_info(device)
+    dtype_name = str(dtype).replace("torch.", "")
+    return [
+        name for name in mmfast.BACKENDS
+        if info["available"][name] and dtype_name in info["dtypes"][name]
+        and not (name == "triton" and device.type == "cpu")  # the interpreter is no performance path
+    ]
+
+
+def providers(device: torch.device, dtype: torch.dtype) -> list[str]:
+    names = [*LOSS_BASELINES, *(f"mmfast-{b}" for b in mmfast_backends(device, dtype)), "exp-floor"]
+    return [*names, "copy"] if device.type == "cuda" else names
+
+
+def matrix(cases: Iterable[Case], device: torch.device) -> list[tuple[Case, torch.dtype, str, str | None]]:
+    """(case, dtype, provider, skip reason) for every benchmark on ``device``."""
+    return [
+        (case, dtype, provider, skip_reason(case, device))
+        for case in cases for dtype in bench_dtypes(device) for provider in providers(device, dtype)
+    ]
+
+
+def provider_bytes(case: Case, provider: str, dtype: torch.dtype) -> int:
+    """Bytes the provider moves under the minimal-byte model (what GB/s is computed from)."""
+    if provider == "exp-floor":
+        return 2 * 4 * case.exp_elements()
+    if provider == "copy":
+        return 2 * case.minimal_bytes(dtype)
+    return case.minimal_bytes(dtype)
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+
+def _allow_recompiles() -> None:
+    """One compiled function serves every case and dtype: lift dynamo's per-function recompile limit."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 64))
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    _allow_recompiles()
+    return torch.compile(fn, dynamic=False)  # specialised per shape, as a fixed-shape training loop gets
+
+
+def _loss_fn(case: Case, provider: str) -> tuple[Callable[..., Tensor], Callable[[], ContextManager]]:
+    """The loss function of ``provider`` and a factory of the context it runs in."""
+    eager = routed_kd_loss_autograd if isinstance(case, RoutedCase) else mutual_kd_loss_autograd
+    if provider == "eager":
+        return eager, contextlib.nullcontext
+    if provider == "compile":
+        return _compiled(eager), contextlib.nullcontext
+    if provider.startswith("mmfast-"):
+        mmfast.set_value_checks(False)  # host-synchronising checks are not part of the kernel's cost
+        fn = mmfast.routed_kd_loss if isinstance(case, RoutedCase) else mmfast.mutual_kd_loss
+        return fn, functools.partial(mmfast.use_backend, provider.removeprefix("mmfast-"))
+    raise ValueError(f"unknown loss provider {provider!r}")
+
+
+@functools.cache
+def _l2_flush_buffer(device: torch.device) -> Tensor:
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+
+
+@dataclass
+class Step:
+    """One benchmark round: ``setup`` (untimed), then ``run`` (timed; ends with a device sync)."""
+
+    setup: Callable[[], None]
+    run: Callable[[], None]
+
+
+def make_step(case: Case, provider: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Step:
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    flush = _l2_flush_buffer(device) if cuda else None
+
+    def cold_cache() -> None:
+        if flush is not None:
+            flush.zero_()
+            sync()
+
+    if provider == "exp-floor":
+        src = torch.randn(case.exp_elements(), device=device)  # fp32: the kernels exponentiate in fp32
+        dst = torch.empty_like(src)
+
+        def run_exp() -> None:
+            torch.exp(src, out=dst)
+            sync()
+
+        return Step(cold_cache, run_exp)
+    if provider == "copy":
+        src = torch.ones(case.minimal_bytes(dtype), dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+
+        def run_copy() -> None:
+            dst.copy_(src)
+            sync()
+
+        return Step(cold_cache, run_copy)
+
+    fn, context = _loss_fn(case, provider)
+    kwargs = case.inputs(device, dtype, seed)
+    leaves = [t for t in kwargs.values() if isinstance(t, Tensor) and t.requires_grad]
+
+    def setup() -> None:
+        for t in leaves:
+            t.grad = None
+        cold_cache()
+
+    def run() -> None:
+        with context():
+            fn(**kwargs).backward()
+        sync()
+
+    return Step(setup, run)
+
+
+def warm_up(step: Step, rounds: int = 3) -> float:
+    """Run ``rounds`` untimed rounds (compilation, autotuning, allocator); return the last one's time."""
+    elapsed = math.inf
+    for _ in range(rounds):
+        step.setup()
+        t0 = time.perf_counter()
+        step.run()
+        elapsed = time.perf_counter() - t0
+    return elapsed
+
+
+def plan_rounds(estimate_s: float, budget_s: float, min_rounds: int = 5, max_rounds: int = 2000) -> int:
+    """Rounds that fill ``budget_s`` at ``estimate_s`` per round, within [min_rounds, max_rounds]."""
+    return int(min(max(budget_s / max(estimate_s, 1e-9), min_rounds), max_rounds))
+
+
+def _time_round(step: Step) -> float:
+    step.setup()
+    t0 = time.perf_counter()
+    step.run()
+    return time.perf_counter() - t0
+
+
+def _describe_error(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+
+
+def measure_group(
+    case: Case, dtype: torch.dtype, names: Sequence[str], device: torch.device, *,
+    budget_s: float, warmup_rounds: int = 3, min_rounds: int = 5, on_warm: Callable[[], None] | None = None,
+) -> list[Result]:
+    """Time the providers ``names`` on one case and dtype, interleaved round by round.
+
+    Every provider is warmed up first; the timed rounds then alternate between providers, so that a
+    change in background load (a shared CPU) affects all of them alike and the ratios stay meaningful.
+    A provider that raises gets a row with its error; the others still run.
+    """
+    group = case.label(dtype)
+    steps, rounds, errors = {}, {}, {}
+    for name in names:
+        try:
+            steps[name] = make_step(case, name, device, dtype)
+            rounds[name] = plan_rounds(warm_up(steps[name], warmup_rounds), budget_s, min_rounds)
+        except Exception as e:
+            steps.pop(name, None)
+            errors[name] = _describe_error(e)
+        if on_warm is not None:
+            on_warm()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(max(rounds.values(), default=0)):
+        for name in [n for n in steps if r < rounds[n]]:
+            try:
+                times[name].append(_time_round(steps[name]))
+            except Exception as e:
+                del steps[name]
+                errors[name] = _describe_error(e)
+    return [
+        Result(group, name, math.nan, math.nan, 0, error=errors[name]) if name in errors
+        else Result.from_times(group, name, times[name], provider_bytes(case, name, dtype))
+        for name in names
+    ]
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Result:
+    group: str
+    provider: str
+    median_s: float
+    iqr_s: float
+    rounds: int
+    bytes: int | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_times(cls, group: str, provider: str, times: Sequence[float], bytes_: int | None) -> Result:
+        q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+        return cls(group, provider, statistics.median(times), q3 - q1, len(times), bytes_)
+
+    def to_json(self) -> dict:
+        """A pytest-benchmark record (the fields :func:`load_results` reads)."""
+        return {
+            "group": self.group,
+            "name": f"{self.group} [{self.provider}]",
+            "stats": {"median": self.median_s, "iqr": self.iqr_s, "rounds": self.rounds},
+            "extra_info": {"provider": self.provider, "bytes": self.bytes, "error": self.error},
+        }
+
+
+def load_results(doc: dict) -> list[Result]:
+    """Results from a pytest-benchmark JSON document (or one written by ``python -m mmfast bench``)."""
+    results = []
+    for rec in doc["benchmarks"]:
+        extra, stats = rec.get("extra_info", {}), rec.get("stats") or {}
+        provider = extra.get("provider") or rec.get("params", {}).get("provider") or rec["name"]
+        results.append(Result(
+            group=rec.get("group") or extra.get("group") or rec["name"],
+            provider=provider,
+            median_s=stats.get("median", math.nan),
+            iqr_s=stats.get("iqr", math.nan),
+            rounds=stats.get("rounds", 0),
+            bytes=extra.get("bytes"),
+            error=extra.get("error"),
+        ))
+    return results
+
+
+def _fmt_time(t: float) -> str:
+    if not math.isfinite(t):
+        return "-"
+    return f"{t * 1e3:.3f} ms" if t >= 1e-3 else f"{t * 1e6:.1f} us"
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return f"{r:.2f}x" if r is not None and math.isfinite(r) else ""
+
+
+def render_tables(results: Sequence[Result]) -> str:
+    """A markdown table per group (shape and dtype): medians, spread, speedups and bandwidth.
+
+    ``vs eager`` / ``vs compile``: t_baseline / t (above 1 is faster). ``/ exp-floor``: t / t_exp
+    (the CPU target is <= 1.5 for mmfast-cpu). ``GB/s``: bytes moved / t; ``% copy``: that bandwidth
+    over the copy provider's.
+    """
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.group, []).append(r)
+    return "\n\n".join(_render_group(group, rows) for group, rows in groups.items()) + "\n"
+
+
+def _render_group(group: str, rows: list[Result]) -> str:
+    medians = {r.provider: r.median_s for r in rows if r.error is None}
+    t_eager, t_compile, t_exp = medians.get("eager"), medians.get("compile"), medians.get("exp-floor")
+    copy = next((r for r in rows if r.provider == "copy" and r.error is None and r.bytes), None)
+    copy_bw = copy.bytes / copy.median_s if copy and copy.median_s > 0 else None
+    header = ["provider", "median", "IQR", "vs eager", "vs compile", "/ exp-floor", "GB/s"]
+    if copy_bw:
+        header.append("% copy")
+    lines = [f"### {group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if r.error is not None:
+            cells = [r.provider, f"failed: {r.error}"] + [""] * (len(header) - 2)
+        else:
+            is_loss = r.provider in LOSS_BASELINES or r.provider.startswith("mmfast-")
+            bw = r.bytes / r.median_s if r.bytes and r.median_s > 0 else None
+            cells = [
+                r.provider,
+                _fmt_time(r.median_s),
+                _fmt_time(r.iqr_s),
+                _fmt_ratio(t_eager / r.median_s) if is_loss and t_eager else "",
+                _fmt_ratio(t_compile / r.median_s) if is_loss and t_compile else "",
+                _fmt_ratio(r.median_s / t_exp) if is_loss and t_exp else "",
+                f"{bw / 1e9:.1f}" if bw else "",
+            ]
+            if copy_bw:
+                cells.append(f"{100 * bw / copy_bw:.0f}%" if bw else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ environment
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = mmfast.backend_info(device)
+    return {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "mmfast": mmfast.__version__,
+        "mmfast_backends": dict(info["available"]),
+        "mmfast_auto": info["chosen"],
+    }
+
+
+def describe_machine(info: dict, date: str) -> str:
+    return (
+        f"device: {info.get('device_name')} [{info.get('device')}]  torch {info.get('torch')}"
+        f" (CUDA {info.get('cuda')})  triton {info.get('triton')}  python {info.get('python')}  date {date}"
+    )
+
+
+def describe_backends(device: torch.device) -> str:
+    info = mmfast.backend_info(device)
+    lines = [f"mmfast backends on {info['device']}: auto -> {info['chosen']}"]
+    for name, ok in info["available"].items():
+        status = "available" if ok else f"unavailable: {info['unavailable_reasons'][name]}"
+        lines.append(f"  {name:7s} {status}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="device to benchmark on (default: cuda when present, else cpu)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small shape, short timings (about 10 s on a small CPU)")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the results as pytest-benchmark JSON (read by benchmarks/report.py)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    device = torch.device(args.device) if args.device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    cases = QUICK_CASES if args.quick else ROUTED_CASES
+    budget_s = 0.1 if args.quick else (0.3 if device.type == "cuda" else 0.5)
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info = machine_info(device)
+    print(describe_machine(info, date))
+    print(describe_backends(device))
+    print("routed KD, forward + backward (mix=loss, kl, tau=4; student grad; speedup = t_baseline / t)\n")
+
+    plan = matrix(cases, device)
+    skipped = {case.label(dtype): reason for case, dtype, _, reason in plan if reason}
+    groups: dict[tuple[Case, torch.dtype], list[str]] = {}
+    for case, dtype, provider, reason in plan:
+        if reason is None:
+            groups.setdefault((case, dtype), []).append(provider)
+    results = []
+    with tqdm(total=sum(map(len, groups.values())), desc="mmfast bench", unit="provider",
+              delay=2.0, leave=False, disable=None, file=sys.stderr) as progress:
+        for (case, dtype), names in groups.items():
+            results += measure_group(
+                case, dtype, names, device, budget_s=budget_s, warmup_rounds=2 if args.quick else 3,
+                min_rounds=3 if args.quick else 5, on_warm=progress.update,
+            )
+    print(render_tables(results))
+    for label, reason in skipped.items():
+        print(f"skipped {label}: {reason}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine_info": info, "datetime": date,
+                       "benchmarks": [r.to_json() for r in results]}, f, indent=2)
+    return 0

@@ -1,0 +1,103 @@
+"""The benchmark command line and the report script (fast; the timings themselves are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mmfast
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(table: str, provider: str) -> list[str]:
+    """The cells of ``provider``'s row in a markdown table."""
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == provider:
+            return cells
+    raise AssertionError(f"no row for {provider!r} in:\n{table}")
+
+
+def _run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m mmfast ARGS`` from /tmp, with this interpreter and the mmfast these tests import."""
+    path = [str(Path(mmfast.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+    return subprocess.run([sys.executable, "-m", "mmfast", *args], cwd="/tmp", env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bench_quick_prints_comparison_table(tmp_path):
+    out_json = tmp_path / "quick.json"
+    proc = _run_cli("bench", "--quick", "--device", "cpu", "--json", str(out_json), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout
+    header = _row(table, "provider")
+    assert "vs eager" in header and "vs compile" in header
+    for provider in ("eager", "compile", "mmfast-torch"):
+        cells = _row(table, provider)
+        assert re.fullmatch(r"\d+\.\d\dx", cells[header.index("vs eager")]), cells
+    assert _row(table, "eager")[header.index("vs eager")] == "1.00x"
+    assert _row(table, "compile")[header.index("vs compile")] == "1.00x"
+    assert "torch" in table and "available" in table  # the backend_info summary
+    doc = json.loads(out_json.read_text())
+    assert {b["extra_info"]["provider"] for b in doc["benchmarks"]} >= {"eager", "compile", "mmfast-torch"}
+    assert _row(_load_report().render(doc), "compile")[header.index("vs compile")] == "1.00x"
+
+
+def test_no_or_unknown_subcommand_prints_usage():
+    for argv in ([], ["no-such-command"]):
+        proc = _run_cli(*argv, timeout=60)
+        assert proc.returncode == 2
+        assert "usage:" in proc.stderr and "bench" in proc.stderr
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("mmfast_bench_report", REPO / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(group: str, provider: str, median: float, iqr: float, nbytes: int | None) -> dict:
+    return {
+        "group": group, "name": f"test_routed_kd[{provider}]", "params": {"provider": provider},
+        "stats": {"median": median, "iqr": iqr, "stddev": iqr, "rounds": 10},
+        "extra_info": {"provider": provider, "bytes": nbytes},
+    }
+
+
+def test_report_ratios_from_pytest_benchmark_json(tmp_path, capsys):
+    group = "routed-kd N=256 C=1000 E=4 dense bf16"
+    doc = {
+        "machine_info": {"device_name": "Test GPU", "torch": "2.11.0", "triton": "3.6.0", "device": "cuda"},
+        "datetime": "2026-01-01T00:00:00",
+        "benchmarks": [
+            _record(group, "eager", 8e-3, 1e-4, 3_000_000),
+            _record(group, "compile", 3e-3, 1e-4, 3_000_000),
+            _record(group, "mmfast-triton", 1.5e-3, 2e-5, 3_000_000),
+            _record(group, "exp-floor", 1e-3, 1e-5, 2_000_000),
+            _record(group, "copy", 2e-3, 1e-5, 12_000_000),  # 6 GB/s
+        ],
+    }
+    path = tmp_path / "out.json"
+    path.write_text(json.dumps(doc))
+    assert _load_report().main([str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "Test GPU" in table and "2.11.0" in table and "3.6.0" in table
+    header = _row(table, "provider")
+    triton = _row(table, "mmfast-triton")
+    col = {name: triton[header.index(name)] for name in header}
+    assert col["median"] == "1.500 ms"
+    assert col["vs eager"] == "5.33x"  # 8 / 1.5
+    assert col["vs compile"] == "2.00x"  # 3 / 1.5
+    assert col["/ exp-floor"] == "1.50x"  # 1.5 / 1
+    assert col["GB/s"] == "2.0"  # 3 MB / 1.5 ms
+    assert col["% copy"] == "33%"  # 2 GB/s of 6 GB/s
+    assert _row(table, "compile")[header.index("vs eager")] == "2.67x"
+    assert _row(table, "copy")[header.index("vs eager")] == ""  # no speedups for the reference rows
