@@ -77,6 +77,8 @@ def routed_kd_loss(
         raise TypeError(f"teacher_logits dtype {z.dtype} must match student_logits dtype {x.dtype}")
 
     # canonical strided views: x [B, C, S], z [E, B, C, S]
+    if x.dim() < 2:
+        raise ValueError(f"student_logits must be [N, C] or [B, C, *spatial], got shape {tuple(x.shape)}")
     if x.dim() == 2 and class_dim in (-1, 1):
         (B, C), S, row_shape = x.shape, 1, (x.shape[0],)
         x3, z_expect = x.unsqueeze(-1), x.shape

@@ -29,7 +29,7 @@ def mutual_kd_rows(
     if not need_grad:
         return loss, logits.new_empty(0)
     S = p.sum(0, keepdim=True)
-    grad = M * p - S + torch.where(p > 0, p * (M * lp - T - R), torch.zeros_like(p))
+    grad = M * p - S + torch.where(p == 0, torch.zeros_like(p), p * (M * lp - T - R))
     return loss, (grad * (scale * inv_tau)).to(logits.dtype)
 
 

@@ -30,8 +30,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _xlogy_diff(p: Tensor, lp: Tensor, lr: Tensor) -> Tensor:
-    """p * (lp - lr), defined as 0 where p == 0 (an entry that underflows never gives NaN)."""
-    return torch.where(p > 0, p * (lp - lr), torch.zeros_like(p))
+    """p * (lp - lr), defined as 0 where p == 0 (an entry that underflows never gives NaN; a NaN stays NaN)."""
+    return torch.where(p == 0, torch.zeros_like(p), p * (lp - lr))
 
 
 def divergence_terms(div: int, lP: Tensor, lq: Tensor, beta: float):
@@ -138,7 +138,8 @@ def routed_kd_rows(
         lP = torch.logsumexp(torch.log(wk) + lp, dim=0)
         terms, A, _, G = divergence_terms(divergence, lP, lq, beta)
         loss = terms.sum(-1)
-        pG = p * G
+        # p * dL/dP; for reverse KL p * G = -p q / P is formed in log space (P may underflow)
+        pG = -torch.exp(lp + lq - lP) if divergence == 1 else p * G
         dw = pG.sum(-1).t()
         dv = wk * (pG - p * pG.sum(-1, keepdim=True))
     else:
@@ -236,4 +237,4 @@ def routed_kd_loss_autograd(
 def F_kl(lP: Tensor, lQ: Tensor) -> Tensor:
     """sum_c P (log P - log Q) over the last dim, 0 where P == 0."""
     P = lP.exp()
-    return torch.where(P > 0, P * (lP - lQ), torch.zeros_like(P)).sum(-1)
+    return torch.where(P == 0, torch.zeros_like(P), P * (lP - lQ)).sum(-1)

@@ -1,0 +1,174 @@
+"""Helpers shared by the API-level tests: backend parametrization, inputs, values and gradients."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch import Tensor
+
+import mmfast
+
+MIXES = ("loss", "logits", "probs")
+DIVERGENCES = ("kl", "reverse_kl", "js", "tvd")
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+DIFFERENTIABLE = ("student_logits", "teacher_logits", "weights")
+
+
+def seed_of(*parts) -> int:
+    """A seed that depends on the test case only (``hash`` of a str varies between runs)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def backend_device(name: str) -> str:
+    """The device a backend is tested on: GPU backends on CUDA when present (Triton otherwise runs
+    under the interpreter on CPU tensors; the cuda backend is then reported unavailable)."""
+    if name in ("triton", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def interpreted(name: str) -> bool:
+    """True when ``name`` runs Triton kernels under TRITON_INTERPRET (slow: tiny shapes only)."""
+    return name == "triton" and backend_device(name) == "cpu"
+
+
+def backend_params(names=("torch", *KERNEL_BACKENDS), dtypes=None) -> list:
+    """pytest params (backend, device, dtype) for every backend in ``names`` and each of its
+    ``dtypes[name]`` (default float32); an unavailable backend is skipped with backend_info's reason."""
+    params = []
+    for name in names:
+        device = backend_device(name)
+        reason = mmfast.backend_info(device)["unavailable_reasons"].get(name)
+        marks = []
+        if reason is not None:
+            marks.append(
+                pytest.mark.skip(reason=f"mmfast backend {name!r} unavailable on {device}: {reason}")
+            )
+        elif interpreted(name):
+            marks.append(pytest.mark.interpreter)
+        for dtype in (dtypes or {}).get(name, (torch.float32,)):
+            params.append(pytest.param(name, device, dtype, marks=marks, id=f"{name}-{str(dtype)[6:]}"))
+    return params
+
+
+def make_routed(
+    rows=7,
+    C=5,
+    E=3,
+    *,
+    spatial=None,
+    K=None,
+    weights="random",
+    mask=None,
+    seed=0,
+    logit_scale=2.0,
+    dtype=torch.float64,
+    device="cpu",
+) -> dict:
+    """Keyword inputs of ``routed_kd_loss`` (plus ``class_dim``), drawn in float64 on the CPU from
+    ``seed`` and then cast, so every dtype and device sees the same numbers.
+
+    ``rows`` is N for [N, C] logits, or B for [B, C, *spatial] logits (``class_dim=1``). ``K``
+    selects sparse routing ([rows, K] indices, duplicates possible). ``weights``: "random" (in
+    [0.1, 1]), "normalized" (rows sum to 1), "zero", "onehot" or None (the default 1/E or 1/K).
+    ``mask``: None, "random" (at least one row kept and, with two rows or more, one dropped),
+    "none" (every row dropped) or "all".
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, C) if spatial is None else (rows, C, *spatial)
+    row_shape = (rows,) if spatial is None else (rows, *spatial)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * logit_scale
+    z = torch.randn((E, *shape), generator=g, dtype=torch.float64) * logit_scale
+    slots = E if K is None else K
+    indices = None if K is None else torch.randint(0, E, (rows, K), generator=g)
+    if weights is None:
+        w = None
+    elif weights == "random":
+        w = torch.rand(rows, slots, generator=g, dtype=torch.float64) * 0.9 + 0.1
+    elif weights == "normalized":
+        w = torch.rand(rows, slots, generator=g, dtype=torch.float64) + 0.1
+        w = w / w.sum(1, keepdim=True)
+    elif weights == "zero":
+        w = torch.zeros(rows, slots, dtype=torch.float64)
+    elif weights == "onehot":
+        hot = torch.randint(0, slots, (rows,), generator=g)
+        w = torch.nn.functional.one_hot(hot, slots).to(torch.float64)
+    else:
+        raise ValueError(weights)
+    if mask is None:
+        m = None
+    elif mask == "random":
+        m = torch.rand(row_shape, generator=g) < 0.6
+        flat = m.view(-1)
+        flat[0] = True
+        if flat.numel() > 1:
+            flat[-1] = False
+    elif mask == "none":
+        m = torch.zeros(row_shape, dtype=torch.bool)
+    elif mask == "all":
+        m = torch.ones(row_shape, dtype=torch.bool)
+    else:
+        raise ValueError(mask)
+
+    def put(t):
+        if t is None:
+            return None
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    return {
+        "student_logits": put(x),
+        "teacher_logits": put(z),
+        "weights": put(w),
+        "indices": put(indices),
+        "mask": put(m),
+        "class_dim": -1 if spatial is None else 1,
+    }
+
+
+def cast(inputs: dict, dtype=None, device=None) -> dict:
+    """The inputs with floating tensors cast to ``dtype`` and every tensor moved to ``device``."""
+    out = {}
+    for k, t in inputs.items():
+        if isinstance(t, Tensor):
+            t = t.to(
+                device=device or t.device,
+                dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype,
+            )
+        out[k] = t
+    return out
+
+
+def value_and_grads(
+    loss_fn, inputs: dict, grad_out=None, wrt=DIFFERENTIABLE, **kwargs
+) -> tuple[Tensor, dict]:
+    """``loss_fn(**inputs, **kwargs)`` and its gradients to the floating inputs named in ``wrt``,
+    taken with ``grad_out`` (a tensor or number; default ones) as the incoming gradient."""
+    args = dict(inputs)
+    leaves = {}
+    for name in wrt:
+        t = args.get(name)
+        if t is not None and t.is_floating_point():
+            args[name] = leaves[name] = t.detach().clone().requires_grad_(True)
+    out = loss_fn(**args, **kwargs)
+    if grad_out is None:
+        go = torch.ones_like(out)
+    elif isinstance(grad_out, Tensor):
+        go = grad_out.to(device=out.device, dtype=out.dtype).reshape(out.shape)
+    else:
+        go = torch.full_like(out, grad_out)
+    grads = torch.autograd.grad(out, list(leaves.values()), go)
+    return out.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def assert_scaled_close(actual: Tensor, expected: Tensor, rtol: float, atol: float, what: str = "") -> None:
+    """|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|, elementwise, in float64;
+    NaNs must match."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    finite = e[torch.isfinite(e)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    torch.testing.assert_close(
+        a, e, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
