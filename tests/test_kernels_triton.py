@@ -1,0 +1,252 @@
+"""Triton routed-KD and mutual-KD kernels against the pure-PyTorch reference.
+
+Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (float32/float64, small
+shapes). The variable must be set before the kernel modules are imported; if another module imported
+them first without it, these tests skip and say why.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+import mmfast.triton.mutual_kd as tmk  # noqa: E402
+import mmfast.triton.routed_kd as trk  # noqa: E402
+from mmfast.reference.mutual_kd import mutual_kd_rows as ref_mutual  # noqa: E402
+from mmfast.reference.routed_kd import DIVERGENCES, MIXES  # noqa: E402
+from mmfast.reference.routed_kd import routed_kd_rows as ref_routed  # noqa: E402
+
+if not HAS_CUDA and type(trk._routed_kd_kernel).__name__ != "InterpretedFunction":
+    pytest.skip(
+        "no GPU, and mmfast.triton was imported before TRITON_INTERPRET=1 was set "
+        "(set it in tests/conftest.py on CPU-only machines)",
+        allow_module_level=True,
+    )
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def small_tiles(monkeypatch, module, elems):
+    """Shrink a kernel module's tiles so that short rows take the streaming (multi-block) path."""
+    for name in ("ROW_TILES", "PIXEL_TILES"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, (elems, 16, elems, 16))
+
+
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
+ALL_GRADS = (True, True, True)
+
+
+def make_inputs(B, C, S, E, K, sparse, masked, dtype=torch.float32, seed=0, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, S, generator=g, dtype=torch.float64) * spread
+    z = torch.randn(E, B, C, S, generator=g, dtype=torch.float64) * spread
+    w = torch.rand(B, K, generator=g, dtype=torch.float64)
+    idx = None
+    if sparse:
+        idx = torch.randint(0, E, (B, K), generator=g)
+        if K > 1:
+            idx[0, 1] = idx[0, 0]  # a teacher selected twice: its dz accumulates
+    mask = None
+    if masked:
+        mask = torch.rand(B, S, generator=g) > 0.3
+        mask.view(-1)[0] = True
+    cast = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    return x.to(DEV, dtype), z.to(DEV, dtype), w.to(DEV, dtype), cast(idx), cast(mask)
+
+
+def check_routed(x, z, w, idx, mask, tau, mix, div, beta=0.3, grads=ALL_GRADS, rel_atol=None):
+    """Kernel vs reference; ``rel_atol`` sets atol relative to each output's largest entry."""
+    scale = tau * tau
+    want = ref_routed(x, z, w, idx, mask, tau, mix, div, beta, scale, *grads)
+    got = trk.routed_kd_rows(x, z, w, idx, mask, tau, mix, div, beta, scale, *grads)
+    for name, g, r in zip(("loss", "dx", "dw", "dz"), got, want, strict=True):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        tol = dict(TOL[r.dtype])
+        if rel_atol is not None and r.numel():
+            tol["atol"] = max(tol["atol"], rel_atol * r.nan_to_num(0.0, 0.0, 0.0).abs().max().item())
+        torch.testing.assert_close(g, r, equal_nan=True, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    return got
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
+@pytest.mark.parametrize("mix", list(MIXES.values()), ids=list(MIXES))
+def test_routed_every_mix_divergence(mix, div, sparse, masked):
+    E = 3
+    inputs = make_inputs(4, 11, 1, E, 2 if sparse else E, sparse, masked, seed=mix * 8 + div)
+    check_routed(*inputs, tau=(0.5, 1.0, 4.0)[div % 3], mix=mix, div=div)
+
+
+@pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
+@pytest.mark.parametrize("mix", list(MIXES.values()), ids=list(MIXES))
+def test_routed_multi_block_rows(monkeypatch, mix, div):
+    """C = 300 over 32-class blocks: the online softmax runs 10 blocks per pass."""
+    small_tiles(monkeypatch, trk, 64)
+    sparse = bool((mix + div) % 2)
+    inputs = make_inputs(2, 300, 1, 3, 2 if sparse else 3, sparse, masked=True, seed=mix * 8 + div)
+    check_routed(*inputs, tau=2.0, mix=mix, div=div)
+
+
+@pytest.mark.parametrize(
+    "grads", [(True, False, False), (False, True, False), (False, False, True), (True, False, True)]
+)
+@pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
+def test_routed_gradient_subsets(div, grads):
+    """Each gradient alone (early writes in pass 2 vs the third pass) and empty tensors for the rest."""
+    for mix in MIXES.values():
+        check_routed(*make_inputs(3, 9, 1, 2, 2, sparse=False, masked=False), 1.0, mix, div, grads=grads)
+
+
+@pytest.mark.parametrize("tile", [8192, 256], ids=["one_block", "blocks"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_routed_dense_logits_layout(monkeypatch, tile, sparse):
+    """class_dim=1 logits [B, C, H, W] viewed as [B, C, S] (class stride S), no copy; S is not a
+    multiple of the pixel block."""
+    small_tiles(monkeypatch, trk, tile)
+    B, C, H, W, E = 2, 20, 3, 7, 3
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(B, C, H, W, generator=g) * 3).to(DEV).view(B, C, H * W)
+    z = (torch.randn(E, B, C, H, W, generator=g) * 3).to(DEV).view(E, B, C, H * W)
+    K = 2 if sparse else E
+    w = torch.rand(B, K, generator=g).to(DEV)
+    idx = torch.tensor([[2, 2], [0, 1]], device=DEV) if sparse else None
+    mask = (torch.rand(B, H * W, generator=g) > 0.25).to(DEV)
+    for mix in MIXES.values():
+        check_routed(x, z, w, idx, mask, 4.0, mix, DIVERGENCES["kl"])
+        check_routed(x, z, w, idx, None, 0.5, mix, DIVERGENCES["js"])
+
+
+def test_routed_noncontiguous_inputs():
+    B, C, S, E = 3, 13, 5, 2
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(B, S, C, generator=g) * 2).to(DEV).permute(0, 2, 1)  # class stride 1, pixel stride C
+    z = (torch.randn(B, C, 2 * S, E, generator=g) * 2).to(DEV).permute(3, 0, 1, 2)[..., ::2]
+    w = torch.rand(B, E, generator=g).to(DEV)
+    assert not x.is_contiguous() and not z.is_contiguous()
+    for mix in MIXES.values():
+        for div in DIVERGENCES.values():
+            check_routed(x, z, w, None, None, 1.0, mix, div)
+
+
+@pytest.mark.parametrize(
+    "B,C,S,E,K",
+    [(1, 1, 1, 1, 1), (1, 5, 1, 1, 1), (2, 1, 3, 2, 2), (1, 37, 1, 4, 4), (5, 3, 1, 3, 3)],
+)
+def test_routed_odd_shapes(B, C, S, E, K):
+    for mix in MIXES.values():
+        for div in (DIVERGENCES["kl"], DIVERGENCES["tvd"]):
+            check_routed(*make_inputs(B, C, S, E, K, sparse=False, masked=False), 0.5, mix, div)
+
+
+def test_routed_float64_exact():
+    """float64 accumulates in float64 (the scalars travel as float32 pairs)."""
+    for mix in MIXES.values():
+        inputs = make_inputs(3, 17, 2, 3, 3, sparse=False, masked=True, dtype=torch.float64)
+        check_routed(*inputs, tau=3.0, mix=mix, div=DIVERGENCES["js"], beta=0.1)
+
+
+def test_routed_all_rows_masked():
+    x, z, w, idx, _ = make_inputs(3, 10, 2, 3, 2, sparse=True, masked=False)
+    mask = torch.zeros(3, 2, dtype=torch.bool, device=DEV)
+    for mix in MIXES.values():
+        loss, dx, dw, dz = check_routed(x, z, w, idx, mask, 1.0, mix, DIVERGENCES["reverse_kl"])
+        assert not loss.any() and not dx.any() and not dw.any() and not dz.any()
+
+
+def test_routed_bad_index_gives_nan_rows():
+    x, z, w, _, mask = make_inputs(4, 12, 1, 3, 2, sparse=False, masked=False)
+    idx = torch.tensor([[0, 3], [1, 2], [-1, 0], [2, 2]], device=DEV)
+    for mix in MIXES.values():
+        loss, dx, dw, dz = check_routed(x, z, w, idx, mask, 1.0, mix, DIVERGENCES["kl"])
+        assert loss[[0, 2]].isnan().all() and not loss[[1, 3]].isnan().any()
+        assert dx[[0, 2]].isnan().all() and dw[[0, 2]].isnan().all()
+
+
+def test_routed_one_hot_and_zero_weights_underflow():
+    """One-hot and zero weights with confident teachers (|z / tau| ~ 500): classes underflow to P == 0
+    in float32; log P is formed in log space (probs mix) and P log P terms are 0, never NaN. Such rows
+    are ill-conditioned in float32, so the kernel is held to the reference's own error against float64."""
+    x, z, _, _, _ = make_inputs(3, 16, 1, 3, 3, sparse=False, masked=False, spread=60.0)
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]], device=DEV)
+    for mix in MIXES.values():
+        for div in DIVERGENCES.values():
+            args = (None, None, 0.5, mix, div, 0.3, 0.25, *ALL_GRADS)
+            truth = ref_routed(x.double(), z.double(), w.double(), *args)
+            want = ref_routed(x, z, w, *args)
+            got = trk.routed_kd_rows(x, z, w, *args)
+            for name, g, r, t in zip(("loss", "dx", "dw", "dz"), got, want, truth, strict=True):
+                assert torch.equal(g.isnan(), r.isnan()), (name, mix, div)
+                ok = ~r.isnan()
+                if ok.any():
+                    err_g, err_r = ((a[ok].double() - t[ok]).abs().max().item() for a in (g, r))
+                    assert err_g <= 2 * err_r + 1e-6 * (1 + t[ok].abs().max().item()), (name, mix, div)
+            # (dz of a zero-weight teacher can be 0 * inf: its dw is -inf where P underflows)
+            assert all(not g.isnan().any() for g in got[:3]), (mix, div)
+
+
+def test_routed_nan_input_propagates():
+    x, z, w, _, _ = make_inputs(2, 8, 1, 2, 2, sparse=False, masked=False)
+    x[1, 3, 0] = float("nan")
+    for div in DIVERGENCES.values():
+        loss, dx, _, _ = check_routed(x, z, w, None, None, 1.0, MIXES["loss"], div)
+        assert loss[1].isnan().all() and dx[1].isnan().all()
+        assert not loss[0].isnan().any() and not dx[0].isnan().any()
+
+
+@pytest.mark.parametrize("tile", [8192, 16], ids=["one_block", "blocks"])
+@pytest.mark.parametrize("M,N,C", [(2, 5, 7), (3, 4, 37), (1, 3, 5), (4, 1, 1)])
+def test_mutual_kd(monkeypatch, tile, M, N, C):
+    small_tiles(monkeypatch, tmk, tile)
+    g = torch.Generator().manual_seed(M * 100 + C)
+    logits = (torch.randn(N, C, M, generator=g) * 3).to(DEV)
+    for x in (logits.permute(2, 0, 1).contiguous(), logits.permute(2, 0, 1)):  # and model stride 1
+        for tau, need_grad in ((0.5, True), (4.0, True), (1.0, False)):
+            want = ref_mutual(x, tau, tau * tau, need_grad)
+            got = tmk.mutual_kd_rows(x, tau, tau * tau, need_grad)
+            for g_, r in zip(got, want, strict=True):
+                assert g_.dtype == r.dtype and g_.shape == r.shape
+                torch.testing.assert_close(g_, r, **TOL[torch.float32])
+
+
+def test_mutual_kd_float64():
+    x = torch.randn(3, 4, 9, dtype=torch.float64, device=DEV) * 3
+    for g_, r in zip(tmk.mutual_kd_rows(x, 3.0, 9.0, True), ref_mutual(x, 3.0, 9.0, True), strict=True):
+        torch.testing.assert_close(g_, r, **TOL[torch.float64])
+
+
+# ---- GPU only: low precision against a float64 truth ------------------------------------------
+
+
+def _max_err(t, truth):
+    return (t.double() - truth).abs().max().item() if t.numel() else 0.0
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="bf16/fp16 arithmetic is not faithful under TRITON_INTERPRET")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,S", [(1000, 1), (40, 64), (33000, 1)])
+def test_low_precision_no_worse_than_reference(dtype, C, S):
+    E, B = 3, 8
+    for mix in MIXES.values():
+        for div in DIVERGENCES.values():
+            x, z, w, idx, mask = make_inputs(B, C, S, E, 2, sparse=True, masked=True, dtype=dtype, seed=div)
+            args = (idx, mask, 2.0, mix, div, 0.3, 4.0, *ALL_GRADS)
+            truth = ref_routed(x.double(), z.double(), w.double(), *args)
+            low = ref_routed(x, z, w, *args)
+            got = trk.routed_kd_rows(x, z, w, *args)
+            for name, g_, l_, t_ in zip(("loss", "dx", "dw", "dz"), got, low, truth, strict=True):
+                assert g_.dtype == l_.dtype, name
+                bound = _max_err(l_, t_) + 1e-3 * (1.0 + t_.abs().max().item())
+                assert _max_err(g_, t_) <= bound, (name, mix, div, _max_err(g_, t_), bound)
+    x = (torch.randn(3, B * S, C, device=DEV) * 3).to(dtype)
+    truth = ref_mutual(x.double(), 2.0, 4.0, True)
+    for g_, l_, t_ in zip(
+        tmk.mutual_kd_rows(x, 2.0, 4.0, True), ref_mutual(x, 2.0, 4.0, True), truth, strict=True
+    ):
+        assert _max_err(g_, t_) <= _max_err(l_, t_) + 1e-3 * (1.0 + t_.abs().max().item())
