@@ -519,13 +519,13 @@ def routed_kd_rows(
     idx = None if indices is None else indices.to(torch.int64).contiguous()
     m = None if mask is None else mask.to(torch.bool).contiguous().view(torch.uint8)
     loss = torch.empty(B, S, dtype=cdt, device=dev)
-    empty = x.new_empty(0)
-    dx = torch.empty(B, C, S, dtype=x.dtype, device=dev) if need_dx else empty
-    dw = torch.empty(B, S, K, dtype=cdt, device=dev) if need_dw else empty
+    # not-requested gradients: distinct empty tensors (op outputs must not alias each other)
+    dx = torch.empty(B, C, S, dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
+    dw = torch.empty(B, S, K, dtype=cdt, device=dev) if need_dw else x.new_empty(0)
     if need_dz:  # sparse routing adds into the selected teachers only
         dz = (torch.zeros if idx is not None else torch.empty)(E, B, C, S, dtype=z.dtype, device=dev)
     else:
-        dz = empty
+        dz = x.new_empty(0)
     if loss.numel() == 0 or C == 0:
         loss.zero_()
         return loss, dx, dw, dz
