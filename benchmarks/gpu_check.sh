@@ -17,6 +17,11 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+# A short lease can run a subset: GPU_CHECK_STEPS (comma-separated, default all), the test paths
+# (GPU_CHECK_TESTS) and extra pytest arguments (GPU_CHECK_PYTEST_ARGS, e.g. "-n 16" with xdist).
+STEPS=",${GPU_CHECK_STEPS:-env,build,import,ptxas,tests,bench,report,cli},"
+TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
+PYTEST_ARGS=${GPU_CHECK_PYTEST_ARGS:-}
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 SUMMARY=()
@@ -28,6 +33,10 @@ log() { echo "$*" | tee -a "$LOG"; }
 # append its output to OUTFILE, record the outcome; returns COMMAND's status.
 run_step() {
   local name=$1 cap=$2 out=$3 cmd=$4
+  if [[ $STEPS != *",$name,"* ]]; then
+    SUMMARY+=("$(printf '%-7s not selected (GPU_CHECK_STEPS)' "$name")")
+    return 0
+  fi
   local left=$((BUDGET_S - SECONDS))
   local limit=$((cap < left ? cap : left))
   if ((limit < 5)); then
@@ -90,7 +99,7 @@ else
 fi
 
 # (d) tests (GPU tests are selected automatically when CUDA is present)
-run_step tests 300 "$OUT/tests.txt" "cd /tmp && $PYTEST -x $REPO/tests"
+run_step tests "${GPU_CHECK_TESTS_CAP:-300}" "$OUT/tests.txt" "cd /tmp && $PYTEST --maxfail=50 $PYTEST_ARGS $TESTS"
 
 # (e) benchmarks -> bench.json -> bench.md
 run_step bench 300 "$LOG" "
@@ -102,7 +111,7 @@ if [[ -s $OUT/bench.json ]]; then
 fi
 
 # (f) the command-line comparison table
-run_step cli 180 "$LOG" "cd /tmp && $PY -m mmfast bench"
+run_step cli 180 "$LOG" "cd /tmp && $PY -m mmfast bench --json $OUT/cli.json && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md"
 
 log ""
 log "=== summary ($SECONDS s of ${BUDGET_S} s; files in $OUT)"

@@ -537,15 +537,22 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=sum(map(len, groups.values())), desc="mmfast bench", unit="provider",
               delay=2.0, leave=False, disable=None, file=sys.stderr) as progress:
         for (case, dtype), names in groups.items():
-            results += measure_group(
+            group = measure_group(
                 case, dtype, names, device, budget_s=budget_s, warmup_rounds=2 if args.quick else 3,
                 min_rounds=3 if args.quick else 5, on_warm=progress.update,
             )
-    print(render_tables(results))
+            results += group
+            # each table as soon as it is measured: a run cut short keeps what it measured
+            progress.clear()
+            print(render_tables(group), flush=True)
+            if args.json:
+                _write_json(args.json, info, date, results)
     for label, reason in skipped.items():
         print(f"skipped {label}: {reason}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine_info": info, "datetime": date,
-                       "benchmarks": [r.to_json() for r in results]}, f, indent=2)
     return 0
+
+
+def _write_json(path: str, info: dict, date: str, results: Sequence[Result]) -> None:
+    with open(path, "w") as f:
+        doc = {"machine_info": info, "datetime": date, "benchmarks": [r.to_json() for r in results]}
+        json.dump(doc, f, indent=2)

@@ -1,0 +1,50 @@
+// Python bindings of the CUDA kernels (compiled by the host compiler; no torch headers).
+// The stream is the integer value of a cudaStream_t (torch.cuda.current_stream().cuda_stream).
+// Kernels are enqueued with the GIL released; a non-zero cudaError_t raises RuntimeError.
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "mmfast/kernels.h"
+
+namespace py = pybind11;
+
+namespace mmfast {
+namespace {
+
+template <typename Params, int (*Kernel)(const Params&, void*)>
+void enqueue(const char* name, const Params& params, std::uintptr_t stream) {
+  int code = 0;
+  {
+    py::gil_scoped_release release;
+    code = Kernel(params, reinterpret_cast<void*>(stream));
+  }
+  if (code != 0) {
+    throw std::runtime_error(std::string("mmfast.") + name + ": " +
+                             cudaGetErrorString(static_cast<cudaError_t>(code)));
+  }
+}
+
+}  // namespace
+
+void bind_cuda(py::module_& m) {
+  m.def(
+      "routed_kd_cuda",
+      [](const RoutedKDParams& params, std::uintptr_t stream) {
+        enqueue<RoutedKDParams, routed_kd_cuda>("routed_kd_cuda", params, stream);
+      },
+      py::arg("params"), py::arg("stream"),
+      "Enqueue the routed KD kernel on `stream` (a cudaStream_t as an int).");
+  m.def(
+      "mutual_kd_cuda",
+      [](const MutualKDParams& params, std::uintptr_t stream) {
+        enqueue<MutualKDParams, mutual_kd_cuda>("mutual_kd_cuda", params, stream);
+      },
+      py::arg("params"), py::arg("stream"),
+      "Enqueue the mutual KD kernel on `stream` (a cudaStream_t as an int).");
+}
+
+}  // namespace mmfast

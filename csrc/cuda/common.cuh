@@ -1,0 +1,312 @@
+// Device helpers shared by the CUDA kernels: element conversion, vector chunk loads/stores,
+// online log-sum-exp in base 2 and block-wide column reductions.
+//
+// Row model used by every kernel: one thread block owns one row of C classes at a time. The row
+// is cut into chunks of kVec consecutive classes (kChunkBytes bytes); thread t handles chunks
+// t, t + blockDim.x, ... in every pass, so a thread always touches the same classes of a row and
+// read-modify-writes of one row need no synchronisation. When every row pointer of a row has unit
+// class stride and the same address modulo kChunkBytes, chunk j covers classes
+// [j * kVec - shift, (j + 1) * kVec - shift) with shift = (address % kChunkBytes) / sizeof(T):
+// interior chunks are aligned vector accesses and only the two edge chunks are element-wise.
+// Otherwise (a strided class_dim=1 row, or rows of different alignment) every access is a scalar
+// strided one with shift = 0: correct, not coalesced.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace mmfast {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 512;
+// Two blocks of kMaxThreads per SM: caps the kernels at 64 registers. (Without a cap ptxas settles
+// at 64 registers anyway and spills a few bytes in the larger instantiations; with it, it does not.)
+constexpr int kMinBlocksPerSM = 2;
+// Grid-stride loops over rows: no grid-dimension limit is ever reached.
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+// Dynamic shared memory available without an opt-in attribute.
+constexpr size_t kDefaultSmemBytes = 48 * 1024;
+
+// Classes per chunk: a 16-byte access for float, an 8-byte one for bf16/fp16. Eight-wide 16-bit
+// chunks double the per-class arrays that stay live across the teacher loop and push the kernels
+// past 64 registers (spills, or a quarter of the threads per SM); four classes per access keep
+// every kernel within 64 registers while a warp still reads 256 contiguous bytes per access.
+template <typename T>
+constexpr int kVec = 4;
+template <typename T>
+constexpr int kChunkBytes = kVec<T> * static_cast<int>(sizeof(T));
+
+// The vector word of one chunk.
+template <typename T>
+using ChunkWord = std::conditional_t<sizeof(T) == 4, uint4, uint2>;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// Two 16-bit floats <-> one 32-bit word, in registers (no address is taken).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t word) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // bf16 is the top half of an fp32
+    return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
+  } else {
+    return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))),
+                       __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16))));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return static_cast<uint32_t>(__bfloat16_as_ushort(h.x)) |
+           (static_cast<uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return static_cast<uint32_t>(__half_as_ushort(__low2half(h))) |
+           (static_cast<uint32_t>(__half_as_ushort(__high2half(h))) << 16);
+  }
+}
+
+// One chunk word <-> kVec<T> floats.
+template <typename T>
+__device__ __forceinline__ void unpack(const ChunkWord<T>& u, float (&out)[kVec<T>]) {
+  if constexpr (sizeof(T) == 4) {
+    out[0] = __uint_as_float(u.x);
+    out[1] = __uint_as_float(u.y);
+    out[2] = __uint_as_float(u.z);
+    out[3] = __uint_as_float(u.w);
+  } else {
+    const float2 lo = unpack2<T>(u.x), hi = unpack2<T>(u.y);
+    out[0] = lo.x;
+    out[1] = lo.y;
+    out[2] = hi.x;
+    out[3] = hi.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ ChunkWord<T> pack(const float (&v)[kVec<T>]) {
+  if constexpr (sizeof(T) == 4) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  } else {
+    return make_uint2(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]));
+  }
+}
+
+// Class indices within a row are 32-bit (the launchers refuse C > kMaxClasses); element offsets
+// (index * stride) and row offsets are 64-bit.
+constexpr int64_t kMaxClasses = (int64_t{1} << 31) - 64;
+
+// How one row is cut into chunks (see the file comment).
+struct RowChunks {
+  int C;            // classes
+  int shift;        // classes before the first aligned chunk boundary (0 when !vec)
+  int nchunks;      // chunks covering [0, C)
+  bool vec;         // interior chunks are aligned vector accesses
+};
+
+template <typename T>
+__device__ __forceinline__ RowChunks make_chunks(int C, bool vec, uintptr_t residue) {
+  const int shift = vec ? static_cast<int>(residue / sizeof(T)) : 0;
+  return RowChunks{C, shift, (C + shift + kVec<T> - 1) / kVec<T>, vec};
+}
+
+__device__ __forceinline__ bool in_row(int c, int C) { return c >= 0 && c < C; }
+
+// Loads classes [c0, c0 + kVec) of a row as floats; classes outside [0, C) read `fill`.
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t stride, int c0,
+                                           const RowChunks& rc, float fill,
+                                           float (&out)[kVec<T>]) {
+  constexpr int V = kVec<T>;
+  if (rc.vec && c0 >= 0 && c0 + V <= rc.C) {
+    unpack<T>(*reinterpret_cast<const ChunkWord<T>*>(row + c0), out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int c = c0 + i;
+      out[i] = in_row(c, rc.C) ? to_float(row[static_cast<int64_t>(c) * stride]) : fill;
+    }
+  }
+}
+
+// Stores classes [c0, c0 + kVec) of a row (classes outside [0, C) are skipped). kAdd: row += v.
+template <typename T, bool kAdd = false>
+__device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t stride, int c0,
+                                            const RowChunks& rc, const float (&v)[kVec<T>]) {
+  constexpr int V = kVec<T>;
+  if (rc.vec && c0 >= 0 && c0 + V <= rc.C) {
+    ChunkWord<T>* dst = reinterpret_cast<ChunkWord<T>*>(row + c0);
+    if constexpr (kAdd) {
+      float old[V];
+      unpack<T>(*dst, old);
+      float sum[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum[i] = old[i] + v[i];
+      *dst = pack<T>(sum);
+    } else {
+      *dst = pack<T>(v);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const int c = c0 + i;
+      if (in_row(c, rc.C)) {
+        T* dst = row + static_cast<int64_t>(c) * stride;
+        *dst = from_float<T>(kAdd ? to_float(*dst) + v[i] : v[i]);
+      }
+    }
+  }
+}
+
+// Writes one value to every class of a row (masked / invalid rows); coalesced for stride 1.
+template <typename T>
+__device__ __forceinline__ void fill_row(T* __restrict__ row, int64_t stride, int64_t C, float v) {
+  const T value = from_float<T>(v);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) row[c * stride] = value;
+}
+
+// Online log-sum-exp in base 2: the running (max m, sum s of exp2(a - m)) of a stream of values.
+// A value of -inf contributes 0; while everything seen is -inf the reference point is 0, so
+// exp2(-inf - -inf) = NaN never occurs. NaN propagates through s; +inf gives NaN as softmax does.
+struct OnlineLse2 {
+  float m = -INFINITY;
+  float s = 0.f;
+
+  template <int V>
+  __device__ __forceinline__ void add(const float (&a)[V]) {
+    float cm = a[0];
+#pragma unroll
+    for (int i = 1; i < V; ++i) cm = fmaxf(cm, a[i]);
+    const float mn = fmaxf(m, cm);
+    const float ref = mn == -INFINITY ? 0.f : mn;
+    float acc = s * exp2f(m - ref);
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc += exp2f(a[i] - ref);
+    m = mn;
+    s = acc;
+  }
+
+  __device__ __forceinline__ void merge(float m2, float s2) {
+    const float mn = fmaxf(m, m2);
+    const float ref = mn == -INFINITY ? 0.f : mn;
+    s = s * exp2f(m - ref) + s2 * exp2f(m2 - ref);
+    m = mn;
+  }
+
+};
+
+// A row's log2-sum-exp2 kept as its max m and ls = log2 of the sum relative to it, so that a base-2
+// log-probability is (a - m) - ls: exact-ish near the max, where (a - (m + ls)) would carry the
+// rounding of m's magnitude. m = -inf (an empty or all -inf row) gives NaN log-probabilities.
+struct RowLse2 {
+  float m, ls;
+  __device__ __forceinline__ float log2_prob(float logit, float k2) const { return fmaf(logit, k2, -m) - ls; }
+};
+
+// (m, s) <- (m, s) (+) l for one value with a single exp2 (the smaller side is rescaled).
+__device__ __forceinline__ void lse2_push(float& m, float& s, float l) {
+  const bool up = l > m;
+  const float e = l == -INFINITY ? 0.f : exp2f(-fabsf(l - m));  // NaN l gives NaN s
+  s = up ? fmaf(s, e, 1.f) : s + e;
+  m = up ? l : m;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide reductions over per-thread partials laid out by column: part[col * blockDim.x + t]
+// is thread t's partial of column col. Warp w reduces columns w, w + nwarps, ... in a fixed order
+// (deterministic). Every thread of the block must call; both barriers are inside: the first makes
+// the partials visible, the second makes `out` visible and frees `part` for reuse.
+__device__ __forceinline__ void reduce_sum_columns(const float* part, int ncols, float* out) {
+  __syncthreads();
+  const int nt = blockDim.x, lane = threadIdx.x % kWarpSize;
+  for (int col = threadIdx.x / kWarpSize; col < ncols; col += nt / kWarpSize) {
+    float acc = 0.f;
+    for (int t = lane; t < nt; t += kWarpSize) acc += part[col * nt + t];
+    acc = warp_sum(acc);
+    if (lane == 0) out[col] = acc;
+  }
+  __syncthreads();
+}
+
+// Same for log-sum-exp partials: column 2i holds maxima, column 2i + 1 sums.
+__device__ __forceinline__ void reduce_lse_columns(const float* part, int nsources, RowLse2* out) {
+  __syncthreads();
+  const int nt = blockDim.x, lane = threadIdx.x % kWarpSize;
+  for (int src = threadIdx.x / kWarpSize; src < nsources; src += nt / kWarpSize) {
+    OnlineLse2 acc;
+    for (int t = lane; t < nt; t += kWarpSize) acc.merge(part[2 * src * nt + t], part[(2 * src + 1) * nt + t]);
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o /= 2) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, acc.m, o);
+      const float s2 = __shfl_xor_sync(0xffffffffu, acc.s, o);
+      acc.merge(m2, s2);
+    }
+    if (lane == 0) out[src] = RowLse2{acc.m, log2f(acc.s)};
+  }
+  __syncthreads();
+}
+
+// Pass-1 sweep of one row: this thread's (max, sum) of exp2(k2 * logit) over its chunks,
+// stored as column pair `src` of `part`.
+template <typename T>
+__device__ __forceinline__ void lse_sweep(const T* __restrict__ row, int64_t stride, const RowChunks& rc,
+                                          float k2, float* part, int src) {
+  constexpr int V = kVec<T>;
+  OnlineLse2 acc;
+  for (int j = threadIdx.x; j < rc.nchunks; j += blockDim.x) {
+    float a[V];
+    load_chunk<T>(row, stride, j * V - rc.shift, rc, -INFINITY, a);
+#pragma unroll
+    for (int i = 0; i < V; ++i) a[i] *= k2;
+    acc.add(a);
+  }
+  part[2 * src * blockDim.x + threadIdx.x] = acc.m;
+  part[(2 * src + 1) * blockDim.x + threadIdx.x] = acc.s;
+}
+
+// Threads per row: about one chunk per thread, a warp at least, kMaxThreads at most, and
+// `fixed_bytes` + `floats_per_thread` floats per thread within the default 48 KiB of shared memory
+// when possible (a warp otherwise: the caller then opts in to more shared memory).
+__host__ __forceinline__ int threads_for_row(int64_t C, int vec, size_t fixed_bytes,
+                                             size_t floats_per_thread) {
+  const int64_t chunks = (C + vec - 1) / vec;
+  int64_t nt = (chunks + kWarpSize - 1) / kWarpSize * kWarpSize;
+  nt = nt < kWarpSize ? kWarpSize : (nt > kMaxThreads ? kMaxThreads : nt);
+  const size_t per_thread = floats_per_thread * sizeof(float);
+  if (fixed_bytes + per_thread * kWarpSize > kDefaultSmemBytes) return kWarpSize;
+  const int64_t fit = static_cast<int64_t>((kDefaultSmemBytes - fixed_bytes) / per_thread) / kWarpSize * kWarpSize;
+  return static_cast<int>(nt < fit ? nt : fit);
+}
+
+}  // namespace cuda
+}  // namespace mmfast

@@ -1,0 +1,194 @@
+// Mutual (co-training) KD over M models (SPEC section 1, MST-Distill stage 1).
+//
+// With p_i = softmax(x_i / tau), T = sum_i log p_i, S = sum_i p_i (per class):
+//   R_i = sum_c p_i (M log p_i - T)              (0 where p_i == 0; a NaN stays NaN)
+//   loss = scale * sum_i R_i                     (= scale * sum over i != j of KL(p_j || p_i))
+//   grad_i = scale / tau * (M p_i - S + p_i (M log p_i - T - R_i))
+// One block per row n, grid-stride over rows. Pass 1: log-sum-exp of each model's row (one row at
+// a time, so each is read once); pass 2: R_i (needs T, a sum over models, per class); pass 3 (only
+// with a gradient): grad_i (needs S and T per class, and R_i). Base-2 logits as in routed_kd.cu.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "mmfast/kernels.h"
+
+namespace mmfast {
+namespace cuda {
+namespace {
+
+struct MutualArgs {
+  MutualKDParams p;
+  float k2;     // log2(e) / tau
+  float g;      // scale / tau
+  float scale;  // tau^2 or 1
+};
+
+// Per-row tables in dynamic shared memory (M models, nt threads).
+template <typename T>
+struct MutualShared {
+  const T** row;  // [M] logits row of model i
+  T** grow;       // [M] gradient row of model i (nullptr without a gradient)
+  RowLse2* lse;   // [M] log2-sum-exp2 of the scaled logits of model i
+  float* R;       // [M] R_i
+  float* part;    // [2M * nt] per-thread partials, by column
+};
+
+__host__ __device__ __forceinline__ size_t mutual_fixed_bytes(int64_t M) {
+  return static_cast<size_t>(M) * (2 * sizeof(void*) + sizeof(RowLse2) + sizeof(float));
+}
+
+template <typename T>
+__device__ __forceinline__ MutualShared<T> carve_mutual(unsigned char* smem, int M) {
+  MutualShared<T> sh;
+  sh.row = reinterpret_cast<const T**>(smem);
+  sh.grow = reinterpret_cast<T**>(smem + M * sizeof(void*));
+  sh.lse = reinterpret_cast<RowLse2*>(smem + 2 * M * sizeof(void*));
+  sh.R = reinterpret_cast<float*>(sh.lse + M);
+  sh.part = sh.R + M;
+  return sh;
+}
+
+// Base-2 log-probabilities of a chunk of model i (classes outside the row: -inf).
+template <typename T>
+__device__ __forceinline__ void log2_softmax_chunk(const MutualArgs& a, const MutualShared<T>& sh, int i,
+                                                   const RowChunks& rc, int c0, float (&l2)[kVec<T>]) {
+  load_chunk<T>(sh.row[i], a.p.s_c, c0, rc, -INFINITY, l2);
+  const RowLse2 L = sh.lse[i];
+#pragma unroll
+  for (int v = 0; v < kVec<T>; ++v) l2[v] = L.log2_prob(l2[v], a.k2);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel(const MutualArgs a) {
+  constexpr int V = kVec<T>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const MutualKDParams& p = a.p;
+  const int M = static_cast<int>(p.M), nt = blockDim.x, tid = threadIdx.x;
+  const float Mf = static_cast<float>(p.M);
+  const MutualShared<T> sh = carve_mutual<T>(smem, M);
+
+  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
+    __syncthreads();  // the previous row is done with the tables
+    for (int i = tid; i < M; i += nt) {
+      sh.row[i] = static_cast<const T*>(p.logits) + i * p.s_m + n * p.s_n;
+      sh.grow[i] = p.grad != nullptr ? static_cast<T*>(p.grad) + (i * p.N + n) * p.C : nullptr;
+    }
+    __syncthreads();
+    // vector accesses when every row has unit class stride and one alignment
+    const uintptr_t residue = reinterpret_cast<uintptr_t>(sh.row[0]) % kChunkBytes<T>;
+    bool vec = p.s_c == 1;
+    for (int i = 0; vec && i < M; ++i) {
+      vec = reinterpret_cast<uintptr_t>(sh.row[i]) % kChunkBytes<T> == residue &&
+            (sh.grow[i] == nullptr || reinterpret_cast<uintptr_t>(sh.grow[i]) % kChunkBytes<T> == residue);
+    }
+    const RowChunks rc = make_chunks<T>(static_cast<int>(p.C), vec, residue);
+
+    // pass 1
+    for (int i = 0; i < M; ++i) lse_sweep<T>(sh.row[i], p.s_c, rc, a.k2, sh.part, i);
+    reduce_lse_columns(sh.part, M, sh.lse);
+
+    // pass 2: R_i partials in column i
+    for (int i = 0; i < M; ++i) sh.part[i * nt + tid] = 0.f;
+    for (int j = tid; j < rc.nchunks; j += nt) {
+      const int c0 = j * V - rc.shift;
+      float T2[V];  // T in base-2 units
+#pragma unroll
+      for (int v = 0; v < V; ++v) T2[v] = 0.f;
+      for (int i = 0; i < M; ++i) {
+        float l2[V];
+        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+#pragma unroll
+        for (int v = 0; v < V; ++v) T2[v] += l2[v];
+      }
+      for (int i = 0; i < M; ++i) {
+        float l2[V];
+        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+        float acc = 0.f;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float pv = exp2f(l2[v]);
+          acc += in_row(c0 + v, rc.C) && pv != 0.f ? pv * fmaf(Mf, l2[v], -T2[v]) : 0.f;
+        }
+        sh.part[i * nt + tid] += acc * kLn2;
+      }
+    }
+    reduce_sum_columns(sh.part, M, sh.R);
+    if (tid == 0) {
+      float loss = 0.f;
+      for (int i = 0; i < M; ++i) loss += sh.R[i];
+      static_cast<float*>(p.loss)[n] = a.scale * loss;
+    }
+    if (p.grad == nullptr) continue;
+
+    // pass 3
+    for (int j = tid; j < rc.nchunks; j += nt) {
+      const int c0 = j * V - rc.shift;
+      float T2[V], S[V];
+#pragma unroll
+      for (int v = 0; v < V; ++v) T2[v] = S[v] = 0.f;
+      for (int i = 0; i < M; ++i) {
+        float l2[V];
+        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          T2[v] += l2[v];
+          S[v] += exp2f(l2[v]);
+        }
+      }
+      for (int i = 0; i < M; ++i) {
+        float l2[V];
+        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+        const float Ri = sh.R[i];
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const float pv = exp2f(l2[v]);
+          const float self = pv == 0.f ? 0.f : pv * (fmaf(Mf, l2[v], -T2[v]) * kLn2 - Ri);
+          l2[v] = a.g * (fmaf(Mf, pv, -S[v]) + self);
+        }
+        store_chunk<T>(sh.grow[i], 1, c0, rc, l2);
+      }
+    }
+  }
+}
+
+template <typename T>
+int launch_mutual(const MutualArgs& a, cudaStream_t stream) {
+  const size_t fixed = mutual_fixed_bytes(a.p.M);
+  const size_t per_thread = static_cast<size_t>(2 * a.p.M);
+  const int nt = threads_for_row(a.p.C, kVec<T>, fixed, per_thread);
+  const size_t smem = fixed + per_thread * sizeof(float) * nt;
+  if (smem > kDefaultSmemBytes) {  // very many models: opt in (fails cleanly past the device limit)
+    const cudaError_t err = cudaFuncSetAttribute(mutual_kd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t grid = a.p.N < kMaxBlocks ? a.p.N : kMaxBlocks;
+  mutual_kd_kernel<T><<<static_cast<unsigned>(grid), nt, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace cuda
+
+int mutual_kd_cuda(const MutualKDParams& p, void* stream) {
+  using namespace cuda;
+  if (p.N <= 0) return cudaSuccess;
+  if (p.M < 1 || p.C < 0 || p.C > kMaxClasses) return cudaErrorInvalidValue;
+  MutualArgs a;
+  a.p = p;
+  a.k2 = static_cast<float>(p.inv_tau * 1.4426950408889634);
+  a.g = static_cast<float>(p.scale * p.inv_tau);
+  a.scale = static_cast<float>(p.scale);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (p.dtype) {
+    case kFloat32: return launch_mutual<float>(a, s);
+    case kBFloat16: return launch_mutual<__nv_bfloat16>(a, s);
+    case kFloat16: return launch_mutual<__half>(a, s);
+    case kFloat64: return cudaErrorNotSupported;  // the cuda backend serves f32/bf16/f16
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace mmfast

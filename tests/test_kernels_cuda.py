@@ -1,0 +1,238 @@
+"""The hand-written CUDA kernels (csrc/cuda) against the reference.
+
+Runs only where a CUDA device is present and ``mmfast._C`` was built with ``MMFAST_WITH_CUDA=ON``.
+Each output is compared to a float64 ground truth (the reference evaluated in float64 on the same
+inputs): the kernel's error must be no worse than the reference's own error at the input dtype plus
+a small tolerance, and NaN / inf entries must match exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from mmfast import _native  # noqa: E402
+from mmfast.reference import mutual_kd as ref_mutual  # noqa: E402
+from mmfast.reference import routed_kd as ref_routed  # noqa: E402
+
+if _native.load() is None or not getattr(_native.load(), "with_cuda", False):
+    pytest.skip("mmfast._C was built without the CUDA kernels (MMFAST_WITH_CUDA=OFF)", allow_module_level=True)
+
+DEVICE = torch.device("cuda")
+
+# (rtol relative to the largest |truth| of the output, atol) on top of the reference's error
+TOLERANCES = {torch.float32: (1e-4, 1e-6), torch.bfloat16: (8e-3, 1e-5), torch.float16: (1e-3, 1e-5)}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _assert_no_worse(out, ref, truth, name: str, dtype: torch.dtype, outliers: int = 0) -> None:
+    """`outliers`: entries allowed past the tolerance (TVD gradients jump where sign(q - P) flips)."""
+    assert out.shape == truth.shape and out.dtype == ref.dtype, (name, out.shape, truth.shape, out.dtype, ref.dtype)
+    a, r, t = out.double(), ref.double(), truth.double()
+    nan_t, inf_t = torch.isnan(t), torch.isinf(t)
+    assert torch.equal(torch.isnan(a), nan_t), f"{name}: NaN entries differ from the truth"
+    assert torch.equal(torch.isinf(a), inf_t) and torch.equal(a[inf_t], t[inf_t]), f"{name}: inf entries differ"
+    finite = ~(nan_t | inf_t)
+    if not finite.any():
+        return
+    errors = (a[finite] - t[finite]).abs()
+    ref_err = (r[finite] - t[finite]).abs().nan_to_num(math.inf).max().item()
+    scale = t[finite].abs().max().item()
+    rtol, atol = TOLERANCES[dtype]
+    tol = ref_err + atol + rtol * scale
+    worst = errors.topk(min(outliers + 1, errors.numel())).values
+    assert worst[-1].item() <= tol, (
+        f"{name}: kernel error {worst[0].item():.3g} > reference error {ref_err:.3g} + tolerance "
+        f"(|truth| <= {scale:.3g}, {outliers} outliers allowed)"
+    )
+
+
+def _layout(t: torch.Tensor, layout: str, class_dim: int) -> torch.Tensor:
+    """The same values in another memory layout."""
+    if layout == "contiguous":
+        return t
+    if layout == "strided":  # class stride 2
+        return torch.repeat_interleave(t, 2, dim=class_dim)[(slice(None),) * class_dim + (slice(None, None, 2),)]
+    if layout == "transposed":  # classes outermost in memory
+        order = [class_dim] + [d for d in range(t.dim()) if d != class_dim]
+        inverse = [order.index(d) for d in range(t.dim())]
+        return t.permute(order).contiguous().permute(inverse)
+    if layout == "misaligned":  # storage offset of one element: rows off the 16-byte grid
+        flat = torch.cat([t.new_zeros(1), t.flatten()])
+        return flat[1:].view(t.shape)
+    raise AssertionError(layout)
+
+
+def check_routed(
+    B: int, C: int, S: int, E: int, K: int | None, mix: int, div: int, *, dtype=torch.float32,
+    duplicate=False, mask="none", tau=2.0, beta=0.3, layout="contiguous", bad_index=False,
+    need=(True, True, True), seed=0, logit_scale=3.0, extreme=False,
+) -> None:
+    """Runs routed KD on the CUDA kernels and checks every output. K=None: dense routing."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, S, generator=g) * logit_scale
+    z = torch.randn(E, B, C, S, generator=g) * logit_scale
+    if extreme:  # -inf logits, a zero weight
+        x[0, 0, 0] = -math.inf
+        z[:, 0, min(1, C - 1), 0] = -math.inf
+    if K is None:
+        idx = None
+        w = torch.rand(B, E, generator=g)
+    else:
+        idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(B)])
+        if duplicate and K >= 2:
+            idx[:, 1] = idx[:, 0]
+        if bad_index:
+            idx[B // 2, K - 1] = E + 3 if B > 1 else -1
+        w = torch.rand(B, K, generator=g)
+    if extreme:
+        w[0, 0] = 0.0
+    m = {"none": None, "some": torch.rand(B, S, generator=g) > 0.3, "all": torch.zeros(B, S, dtype=torch.bool)}[mask]
+    x = _layout(x.to(DEVICE, dtype), layout, 1)
+    z = _layout(z.to(DEVICE, dtype), layout, 2)
+    w = w.to(DEVICE)
+    idx = None if idx is None else idx.to(DEVICE)
+    m = None if m is None else m.to(DEVICE)
+    args = (w, idx, m, tau, mix, div, beta, tau * tau, *need)
+
+    out = _native.routed_kd_rows("cuda", x, z, *args)
+    ref = ref_routed.routed_kd_rows(x, z, *args)
+    truth = ref_routed.routed_kd_rows(x.double(), z.double(), w.double(), *args[1:])
+    for o, r, t, name in zip(out, ref, truth, ("loss", "dx", "dw", "dz")):
+        if t.numel() == 0:
+            assert o.numel() == 0, name
+            continue
+        sign_flips = 2 + t.numel() // 20000 if div == 3 and name in ("dx", "dz") else 0
+        _assert_no_worse(o, r, t, name, dtype, sign_flips)
+    if mask == "all":
+        assert not out[0].any() and not out[1].any() and not out[2].any()
+
+
+def check_mutual(M: int, N: int, C: int, *, dtype=torch.float32, tau=2.0, layout="contiguous", need=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = _layout((torch.randn(M, N, C, generator=g) * 3).to(DEVICE, dtype), layout, 2)
+    out = _native.mutual_kd_rows("cuda", logits, tau, tau * tau, need)
+    ref = ref_mutual.mutual_kd_rows(logits, tau, tau * tau, need)
+    truth = ref_mutual.mutual_kd_rows(logits.double(), tau, tau * tau, need)
+    for o, r, t, name in zip(out, ref, truth, ("loss", "grad")):
+        if t.numel() == 0:
+            assert o.numel() == 0, name
+            continue
+        _assert_no_worse(o, r, t, name, dtype)
+
+
+MIXES = range(3)  # loss, logits, probs
+DIVERGENCES = range(4)  # kl, reverse_kl, js, tvd
+ROUTING = {"dense": (None, False), "sparse": (3, False), "sparse_duplicate": (3, True)}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["none", "some"])
+@pytest.mark.parametrize("routing", list(ROUTING))
+@pytest.mark.parametrize("mix,div", list(itertools.product(MIXES, DIVERGENCES)))
+def test_routed_matrix(mix, div, routing, mask, dtype):
+    K, duplicate = ROUTING[routing]
+    check_routed(5, 37, 1, 4, K, mix, div, dtype=dtype, duplicate=duplicate, mask=mask, tau=(0.5, 1.0, 4.0)[(mix + div) % 3])
+
+
+@pytest.mark.parametrize("mix,div", list(itertools.product(MIXES, DIVERGENCES)))
+class TestRoutedShapes:
+    def test_single_row_class_teacher(self, mix, div):  # N = C = E = 1
+        check_routed(1, 1, 1, 1, None, mix, div)
+
+    def test_one_class(self, mix, div):
+        check_routed(3, 1, 2, 2, 2, mix, div)
+
+    def test_one_teacher(self, mix, div):
+        check_routed(2, 7, 1, 1, 1, mix, div)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_41x1271(self, mix, div, dtype):  # C odd: rows of different alignment
+        check_routed(41, 1271, 1, 3, 2, mix, div, dtype=dtype, duplicate=True, mask="some")
+        check_routed(8, 1271, 1, 2, None, mix, div, dtype=dtype)  # N % 8 == 0: aligned vector path with a shift
+
+    def test_large_classes(self, mix, div):
+        check_routed(3, 100003, 1, 2, 1, mix, div, tau=1.0)
+        check_routed(2, 262144, 1, 2, None, mix, div, dtype=torch.bfloat16, tau=4.0)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_pixels(self, mix, div, dtype):  # class_dim=1: [B, C, H, W] viewed as [B, C, H * W]
+        check_routed(2, 13, 15, 3, 2, mix, div, dtype=dtype, duplicate=True, mask="some", tau=0.5)
+        check_routed(2, 13, 6, 3, None, mix, div, dtype=dtype, layout="transposed", tau=4.0)
+
+    @pytest.mark.parametrize("layout", ["strided", "transposed", "misaligned"])
+    def test_layouts(self, mix, div, layout):
+        check_routed(6, 29, 1, 3, 2, mix, div, duplicate=True, layout=layout)
+        check_routed(4, 29, 1, 3, None, mix, div, layout=layout, mask="some")
+
+    def test_all_rows_masked(self, mix, div):
+        check_routed(4, 19, 1, 3, None, mix, div, mask="all")
+        check_routed(4, 19, 2, 3, 2, mix, div, mask="all")
+
+    def test_bad_index_gives_nan_rows(self, mix, div):
+        check_routed(5, 23, 1, 3, 2, mix, div, bad_index=True, mask="some")
+
+    def test_extreme_values(self, mix, div):  # -inf logits, zero weights
+        check_routed(3, 41, 1, 3, None, mix, div, extreme=True)
+        check_routed(3, 41, 1, 3, 3, mix, div, extreme=True, duplicate=True)
+
+    @pytest.mark.parametrize("need", [(False, False, False), (True, False, False), (False, True, False), (False, False, True)])
+    def test_requested_gradients(self, mix, div, need):
+        check_routed(3, 19, 1, 3, 2, mix, div, need=need, duplicate=True)
+
+    def test_many_teachers(self, mix, div):  # per-slot statistics in shared memory cap the block size
+        check_routed(3, 300, 1, 64, None, mix, div)
+        check_routed(3, 300, 1, 64, 64, mix, div, duplicate=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "misaligned"])
+def test_mutual(M, dtype, layout):
+    check_mutual(M, 5, 37, dtype=dtype, layout=layout, tau=(0.5, 1.0, 4.0)[M - 1])
+
+
+def test_mutual_shapes():
+    check_mutual(2, 1, 1)
+    check_mutual(3, 2, 262144, dtype=torch.bfloat16)
+    check_mutual(3, 41, 1271, need=False)
+    check_mutual(40, 3, 100)
+
+
+def test_float64_is_refused():
+    x = torch.randn(2, 5, 1, device=DEVICE, dtype=torch.float64)
+    z = torch.randn(2, 2, 5, 1, device=DEVICE, dtype=torch.float64)
+    w = torch.rand(2, 2, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="routed_kd_cuda"):
+        _native.routed_kd_rows("cuda", x, z, w, None, None, 1.0, 0, 0, 0.5, 1.0, True, False, False)
+
+
+def test_cuda_graph_capture():
+    """One launch per call, no host synchronisation: the kernel replays inside a CUDA graph."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(256, 1000, 1, generator=g) * 3).to(DEVICE)
+    z = (torch.randn(4, 256, 1000, 1, generator=g) * 3).to(DEVICE)
+    idx = torch.randint(0, 4, (256, 2), generator=g).to(DEVICE)
+    w = torch.full((256, 2), 0.5, device=DEVICE)
+    args = (w, idx, None, 4.0, 0, 0, 0.5, 16.0, True, True, True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _native.routed_kd_rows("cuda", x, z, *args)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _native.routed_kd_rows("cuda", x, z, *args)
+    x.mul_(0.5)  # new inputs, same buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = ref_routed.routed_kd_rows(x, z, *args)
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, rtol=1e-4, atol=1e-5)
