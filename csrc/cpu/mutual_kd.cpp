@@ -1,0 +1,99 @@
+// Mutual (co-training) KD over M models on the CPU, one pass structure per row
+// (oracle: mmfast/reference/mutual_kd.py). With p_i = softmax(x_i / tau), S = sum_i p_i and
+// T = sum_i log p_i:
+//   R_i = sum_c p_i (M log p_i - T),  loss = scale * sum_i R_i,
+//   d loss / d x_i = scale / tau * (M p_i - S + p_i (M log p_i - T - R_i)),
+// entries with p_i == 0 contributing 0 to the p_i (...) terms (a NaN p_i stays NaN). Each model's
+// row is exponentiated once.
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "mmfast/kernels.h"
+#include "row_ops.h"
+
+namespace mmfast {
+namespace cpu {
+namespace {
+
+// Scratch per thread, leading_dim(C) apart: log p_i and p_i for each model, T, S; then the M
+// scalars R_i.
+int64_t mutual_buffers(int64_t M) { return 2 * M + 2; }
+
+template <typename T>
+MMFAST_MULTIVERSION void mutual_rows(const MutualKDParams& p, int64_t begin, int64_t end,
+                                     compute_t<T>* workspace) {
+  using F = compute_t<T>;
+  const T* logits = static_cast<const T*>(p.logits);
+  F* loss = static_cast<F*>(p.loss);
+  T* grad = static_cast<T*>(p.grad);
+  const int64_t M = p.M, C = p.C, ld = Workspace<F>::leading_dim(C);
+  const F inv_tau = F(p.inv_tau), Mf = F(M), g = F(p.scale * p.inv_tau);
+  F* __restrict sum_logp = workspace + 2 * M * ld;
+  F* __restrict sum_p = sum_logp + ld;
+  F* R = workspace + mutual_buffers(M) * ld;
+
+  for (int64_t n = begin; n < end; ++n) {
+    std::fill(sum_logp, sum_logp + C, F(0));
+    std::fill(sum_p, sum_p + C, F(0));
+    for (int64_t i = 0; i < M; ++i) {
+      F* __restrict lp = workspace + 2 * i * ld;
+      F* __restrict pi = lp + ld;
+      const SoftmaxStats<F> t =
+          load_softmax(logits + i * p.s_m + n * p.s_n, p.s_c, C, inv_tau, lp, pi);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        lp[c] -= t.log_sum;
+        pi[c] *= t.inv_sum;
+        sum_logp[c] += lp[c];
+        sum_p[c] += pi[c];
+      }
+    }
+    double total = 0;
+    for (int64_t i = 0; i < M; ++i) {
+      const F* __restrict lp = workspace + 2 * i * ld;
+      const F* __restrict pi = lp + ld;
+      double r = 0;
+#pragma omp simd reduction(+ : r)
+      for (int64_t c = 0; c < C; ++c)
+        r += zero_where_zero(pi[c], pi[c] * (Mf * lp[c] - sum_logp[c]));
+      R[i] = F(r);
+      total += r;
+    }
+    loss[n] = F(p.scale) * F(total);
+    for (int64_t i = 0; grad != nullptr && i < M; ++i) {
+      const F* __restrict lp = workspace + 2 * i * ld;
+      const F* __restrict pi = lp + ld;
+      const F r = R[i];
+      store_row(grad + (i * p.N + n) * C, 1, C, false, [=](int64_t c) MMFAST_INLINE_LAMBDA {
+        const F own = zero_where_zero(pi[c], pi[c] * (Mf * lp[c] - sum_logp[c] - r));
+        return (Mf * pi[c] - sum_p[c] + own) * g;
+      });
+    }
+  }
+}
+
+template <typename T>
+void run_mutual(const MutualKDParams& p, int num_threads) {
+  using F = compute_t<T>;
+  const int threads = resolve_threads(num_threads, p.N);
+  Workspace<F> workspace(threads, mutual_buffers(p.M) * Workspace<F>::leading_dim(p.C) + p.M);
+  parallel_rows(p.N, threads, [&](int64_t begin, int64_t end, int thread) {
+    mutual_rows<T>(p, begin, end, workspace.slice(thread));
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+void mutual_kd_cpu(const MutualKDParams& p, int num_threads) {
+  if (p.N <= 0) return;
+  const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
+    cpu::run_mutual<decltype(storage)>(p, num_threads);
+  });
+  if (!known)
+    throw std::invalid_argument("mutual_kd_cpu: unknown dtype code " + std::to_string(p.dtype));
+}
+
+}  // namespace mmfast

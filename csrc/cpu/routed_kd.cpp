@@ -1,0 +1,495 @@
+// Routed teacher-mixture KD on the CPU: one pass structure per row (b, s) computes every
+// log-sum-exp, the row loss and the gradients dx, dw, dz (mmfast/reference/routed_kd.py is the
+// oracle; csrc/include/mmfast/params.h the contract).
+//
+// With u = x / tau, q = softmax(u), lq = u - lse(u), a divergence D(P || q) is written through
+// its elementwise pieces: D = sum terms, A = dD/dlog q, B = dD/dlog P, G = dD/dP. The softmax
+// chains give
+//   dL/du = A - q sum(A),   dL/dv = B - P sum(B)   (v = z / tau),
+// so a row needs the softmax statistics of the student and of each selected teacher once: every
+// row is gathered into a per-thread buffer, exp(v - max) is stored once and reused for the loss
+// and the gradient, and log-probabilities are v - lse (no log per element).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "mmfast/kernels.h"
+#include "row_ops.h"
+
+namespace mmfast {
+namespace cpu {
+namespace {
+
+template <typename F>
+struct JSWeights {
+  F beta, one_minus_beta, log_beta, log_one_minus_beta;
+};
+
+template <typename F>
+struct Pieces {
+  F terms, A, B, G;
+};
+
+// The reference's divergence_terms, elementwise. Terms whose weight (P or q) is exactly 0 are 0,
+// so an entry that underflows never gives NaN (a NaN weight stays NaN); sign(0) = sign(NaN) = 0
+// as torch.sign.
+template <int DIV, typename F>
+MMFAST_INLINE Pieces<F> divergence_pieces(F lP, F lq, F P, F q, const JSWeights<F>& js) {
+  if constexpr (DIV == kKL) {  // sum P (log P - log q)
+    const F terms = zero_where_zero(P, P * (lP - lq));
+    return {terms, -P, terms + P, lP - lq + F(1)};
+  } else if constexpr (DIV == kReverseKL) {  // sum q (log q - log P)
+    const F terms = zero_where_zero(q, q * (lq - lP));
+    return {terms, terms + q, -q, -exp_approx(lq - lP)};
+  } else if constexpr (DIV == kJS) {
+    // beta KL(P || M) + (1 - beta) KL(q || M), M = beta P + (1 - beta) q mixed in log space
+    const F lM = logaddexp(lP + js.log_beta, lq + js.log_one_minus_beta);
+    const F tp = zero_where_zero(P, P * (lP - lM));
+    const F tq = zero_where_zero(q, q * (lq - lM));
+    return {js.beta * tp + js.one_minus_beta * tq, js.one_minus_beta * tq, js.beta * tp,
+            js.beta * (lP - lM)};
+  } else {  // 0.5 sum |P - q|
+    static_assert(DIV == kTVD, "unknown divergence");
+    const F d = q - P;
+    const F sign = F(d > F(0)) - F(d < F(0));
+    return {F(0.5) * std::abs(d), F(0.5) * q * sign, F(-0.5) * P * sign, F(-0.5) * sign};
+  }
+}
+
+// State and stages of one row; every stage is inlined into the multiversioned row loop.
+template <typename T, int DIV>
+class RoutedRow {
+  using F = compute_t<T>;
+
+ public:
+  // Scratch buffers per thread (leading_dim(C) apart): shifted student logits u, exp(u), A, then
+  // the mix's own buffers from index kFirstMixBuffer on; after them 2 scalars per routing slot.
+  static constexpr int kFirstMixBuffer = 3;
+  static int num_buffers(int mix, int64_t K) { return mix == kMixProbs ? 5 + 2 * int(K) : 6; }
+
+  MMFAST_INLINE RoutedRow(const RoutedKDParams& p, F* workspace, int64_t* slot_ints)
+      : p_(p),
+        x_(static_cast<const T*>(p.x)),
+        z_(static_cast<const T*>(p.z)),
+        w_(static_cast<const F*>(p.w)),
+        loss_(static_cast<F*>(p.loss)),
+        dx_(static_cast<T*>(p.dx)),
+        dw_(static_cast<F*>(p.dw)),
+        dz_(static_cast<T*>(p.dz)),
+        C_(p.C),
+        K_(p.K),
+        ld_(Workspace<F>::leading_dim(p.C)),
+        inv_tau_(F(p.inv_tau)),
+        scale_(F(p.scale)),
+        grad_scale_(F(p.scale * p.inv_tau)),
+        js_{F(p.beta), F(1 - p.beta), F(std::log(p.beta)), F(std::log1p(-p.beta))},
+        ws_(workspace),
+        u_(buffer(0)),
+        eq_(buffer(1)),
+        a_(buffer(2)),
+        teacher_(slot_ints),
+        first_(slot_ints + p.K),
+        wsum_(workspace + int64_t{num_buffers(p.mix, p.K)} * ld_),
+        dval_(wsum_ + p.K) {}
+
+  MMFAST_INLINE void set_row(int64_t n) {
+    n_ = n;
+    b_ = n / p_.S;
+    s_ = n % p_.S;
+  }
+
+  // Resolves the row's slots: teacher_[k], first_[k] (the first slot routed to the same teacher;
+  // duplicates are computed once) and wsum_[k] (the summed weight of those slots, for first slots).
+  // False when an index is outside [0, E).
+  MMFAST_INLINE bool route() {
+    const F* w = w_ + b_ * K_;
+    const int64_t* idx = p_.idx == nullptr ? nullptr : p_.idx + b_ * K_;
+    for (int64_t k = 0; k < K_; ++k) {
+      const int64_t e = idx == nullptr ? k : idx[k];
+      if (e < 0 || e >= p_.E) return false;
+      teacher_[k] = e;
+      first_[k] = k;
+      wsum_[k] = w[k];
+      for (int64_t j = 0; idx != nullptr && j < k; ++j) {
+        if (teacher_[j] == e) {
+          first_[k] = j;
+          wsum_[j] += w[k];
+          break;
+        }
+      }
+    }
+    return true;
+  }
+
+  // A bad index: loss and gradients NaN. The reference scatters the NaN gradient into the clamped
+  // teachers' dz rows; so do we (the out-of-range index itself is never dereferenced).
+  MMFAST_INLINE void write_bad_row() {
+    loss_[n_] = kNaN<F>;
+    if (dx_ != nullptr) fill_row(dx_row(), p_.S, C_, kNaN<F>);
+    for (int64_t k = 0; dw_ != nullptr && k < K_; ++k) dw_[n_ * K_ + k] = kNaN<F>;
+    for (int64_t k = 0; dz_ != nullptr && k < K_; ++k) {
+      const int64_t e = std::clamp<int64_t>(p_.idx[b_ * K_ + k], 0, p_.E - 1);
+      fill_row(dz_row(e), p_.S, C_, kNaN<F>);
+    }
+  }
+
+  // A masked row: zeros, nothing read (sparse dz is zero-filled by the caller).
+  MMFAST_INLINE void write_masked_row() {
+    loss_[n_] = 0;
+    if (dx_ != nullptr) fill_row(dx_row(), p_.S, C_, F(0));
+    for (int64_t k = 0; dw_ != nullptr && k < K_; ++k) dw_[n_ * K_ + k] = 0;
+    for (int64_t e = 0; dz_ != nullptr && p_.idx == nullptr && e < p_.E; ++e)
+      fill_row(dz_row(e), p_.S, C_, F(0));
+  }
+
+  MMFAST_INLINE void load_student() {
+    q_ = load_softmax(x_ + b_ * p_.sx_b + s_ * p_.sx_s, p_.sx_c, C_, inv_tau_, u_, eq_);
+  }
+
+  // mix "loss": L = sum_k w_k D(p_k || q); A = sum_k w_k A_k, dw_k = D_k,
+  // dL/dv_k = w_k (B_k - p_k sum(B_k)).
+  MMFAST_INLINE void mix_loss() {
+    F* v = buffer(kFirstMixBuffer);
+    F* e = buffer(kFirstMixBuffer + 1);
+    F* b = buffer(kFirstMixBuffer + 2);
+    std::fill(a_, a_ + C_, F(0));
+    for (int64_t k = 0; k < K_; ++k) {
+      if (first_[k] != k) continue;
+      const F wk = wsum_[k];
+      const SoftmaxStats<F> t = load_softmax(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, v, e);
+      if (dz_ == nullptr) {
+        dval_[k] = accumulate_teacher(std::false_type{}, wk, t, v, e, b);
+        continue;
+      }
+      dval_[k] = accumulate_teacher(std::true_type{}, wk, t, v, e, b);
+      const F sum_b = row_sum(b, C_);
+      const F gk = grad_scale_ * wk;
+      store_row(dz_row(teacher_[k]), p_.S, C_, p_.idx != nullptr,
+                [&](int64_t c) MMFAST_INLINE_LAMBDA {
+                  return gk * (b[c] - (e[c] * t.inv_sum) * sum_b);
+                });
+    }
+    F loss = 0;
+    for (int64_t k = 0; k < K_; ++k) {
+      const F d = dval_[first_[k]];
+      loss += w_[b_ * K_ + k] * d;
+      if (dw_ != nullptr) dw_[n_ * K_ + k] = scale_ * d;
+    }
+    loss_[n_] = scale_ * loss;
+    write_dx();
+  }
+
+  // mix "logits": vbar = sum_k w_k v_k, L = D(softmax(vbar) || q);
+  // with g = B - P sum(B): dw_k = <g, v_k>, dL/dv_k = w_k g.
+  MMFAST_INLINE void mix_logits() {
+    F* vbar = buffer(kFirstMixBuffer);
+    F* e = buffer(kFirstMixBuffer + 1);
+    F* g = buffer(kFirstMixBuffer + 2);
+    F m = -kInf<F>;
+    for (int64_t k = 0; k < K_; ++k)
+      m = axpy_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, w_[b_ * K_ + k], k > 0, vbar);
+    const SoftmaxStats<F> t = shift_exp(vbar, m, C_, e);
+    loss_[n_] = scale_ * accumulate_mixture(t, vbar, e, g);
+    if (dw_ != nullptr || dz_ != nullptr) {
+      const F sum_b = row_sum(g, C_);
+#pragma omp simd
+      for (int64_t c = 0; c < C_; ++c) g[c] -= (e[c] * t.inv_sum) * sum_b;
+    }
+    for (int64_t k = 0; dw_ != nullptr && k < K_; ++k)
+      dw_[n_ * K_ + k] = scale_ * dot_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, g);
+    for (int64_t k = 0; dz_ != nullptr && k < K_; ++k) {
+      if (first_[k] != k) continue;
+      const F gk = grad_scale_ * wsum_[k];
+      store_row(dz_row(teacher_[k]), p_.S, C_, p_.idx != nullptr,
+                [&](int64_t c) MMFAST_INLINE_LAMBDA { return gk * g[c]; });
+    }
+    write_dx();
+  }
+
+  // mix "probs": P = sum_k w_k p_k, L = D(P || q); with G = dD/dP: dw_k = sum(p_k G),
+  // dL/dv_k = w_k (p_k G - p_k sum(p_k G)).
+  MMFAST_INLINE void mix_probs() {
+    F* pbar = buffer(kFirstMixBuffer);  // P, then G
+    F* lpbar = buffer(kFirstMixBuffer + 1);
+    std::fill(pbar, pbar + C_, F(0));
+    for (int64_t k = 0; k < K_; ++k) {
+      if (first_[k] != k) continue;
+      F* lp = slot_logp(k);
+      F* pk = slot_prob(k);
+      const SoftmaxStats<F> t = load_softmax(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, lp, pk);
+      const F wk = wsum_[k];
+#pragma omp simd
+      for (int64_t c = 0; c < C_; ++c) {
+        lp[c] -= t.log_sum;
+        pk[c] *= t.inv_sum;
+        pbar[c] += wk * pk[c];
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C_; ++c) lpbar[c] = log_approx(pbar[c]);
+    // log P = logsumexp_k(log w_k + log p_k); log(sum_k w_k p_k) equals it wherever that sum is a
+    // normal float; elsewhere (underflow, NaN, inf) take the log-space value, as the reference.
+    for (int64_t c = 0; c < C_; ++c) {
+      const F P = pbar[c];
+      if (P >= std::numeric_limits<F>::min() && P <= std::numeric_limits<F>::max()) continue;
+      lpbar[c] = mixture_logp(c);
+      pbar[c] = std::exp(lpbar[c]);
+    }
+    F* G = pbar;
+    loss_[n_] = scale_ * accumulate_mixture_grad(lpbar, pbar, G);
+    if (dw_ != nullptr || dz_ != nullptr) {
+      const F* __restrict u = u_;
+      const F log_sum_q = q_.log_sum;
+      for (int64_t k = 0; k < K_; ++k) {
+        if (first_[k] != k) continue;
+        const F* __restrict pk = slot_prob(k);
+        F* __restrict pg = slot_logp(k);  // p_k G, over log p_k
+        double sum_pg = 0;
+#pragma omp simd reduction(+ : sum_pg)
+        for (int64_t c = 0; c < C_; ++c) {
+          const F v = prob_times_grad(pk[c], pg[c], G[c], lpbar[c], u[c] - log_sum_q);
+          pg[c] = v;
+          sum_pg += v;
+        }
+        const F pg_sum = F(sum_pg);
+        dval_[k] = pg_sum;
+        if (dz_ != nullptr) {
+          const F gk = grad_scale_ * wsum_[k];
+          store_row(dz_row(teacher_[k]), p_.S, C_, p_.idx != nullptr,
+                    [&](int64_t c) MMFAST_INLINE_LAMBDA { return gk * (pg[c] - pk[c] * pg_sum); });
+        }
+      }
+    }
+    for (int64_t k = 0; dw_ != nullptr && k < K_; ++k) dw_[n_ * K_ + k] = scale_ * dval_[first_[k]];
+    write_dx();
+  }
+
+ private:
+  MMFAST_INLINE F* buffer(int i) const { return ws_ + i * ld_; }
+  MMFAST_INLINE F* slot_logp(int64_t k) const { return buffer(5 + 2 * int(k)); }
+  MMFAST_INLINE F* slot_prob(int64_t k) const { return buffer(6 + 2 * int(k)); }
+
+  MMFAST_INLINE const T* z_row(int64_t e) const {
+    return z_ + e * p_.sz_e + b_ * p_.sz_b + s_ * p_.sz_s;
+  }
+  MMFAST_INLINE T* dx_row() const { return dx_ + b_ * C_ * p_.S + s_; }
+  MMFAST_INLINE T* dz_row(int64_t e) const { return dz_ + (e * p_.B + b_) * C_ * p_.S + s_; }
+
+  // The sums of A and B over a row are taken from the stored a and b afterwards (not accumulated
+  // alongside): fp-contraction could round them differently from the stored elements, and
+  // A - q sum(A) must cancel exactly where q is one-hot.
+
+  // Teacher k of mix "loss" (softmax stats t, shifted logits v, exp e): returns D_k; a += w_k A_k
+  // and, with kWithB, b = B_k for its dz.
+  template <bool kWithB>
+  MMFAST_INLINE F accumulate_teacher(std::integral_constant<bool, kWithB>, F wk,
+                                           const SoftmaxStats<F>& t, const F* __restrict v,
+                                           const F* __restrict e, F* __restrict b) {
+    const F* __restrict u = u_;
+    const F* __restrict eq = eq_;
+    F* __restrict a = a_;
+    const SoftmaxStats<F> q = q_;
+    double terms = 0;
+#pragma omp simd reduction(+ : terms)
+    for (int64_t c = 0; c < C_; ++c) {
+      const Pieces<F> pc = divergence_pieces<DIV>(v[c] - t.log_sum, u[c] - q.log_sum,
+                                                  e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
+      terms += pc.terms;
+      a[c] += wk * pc.A;
+      if constexpr (kWithB) b[c] = pc.B;
+    }
+    return F(terms);
+  }
+
+  // Mixture P with shifted logits v and exp e: returns D; a = A, b = B.
+  MMFAST_INLINE F accumulate_mixture(const SoftmaxStats<F>& t, const F* __restrict v,
+                                           const F* __restrict e, F* __restrict b) {
+    const F* __restrict u = u_;
+    const F* __restrict eq = eq_;
+    F* __restrict a = a_;
+    const SoftmaxStats<F> q = q_;
+    double terms = 0;
+#pragma omp simd reduction(+ : terms)
+    for (int64_t c = 0; c < C_; ++c) {
+      const Pieces<F> pc = divergence_pieces<DIV>(v[c] - t.log_sum, u[c] - q.log_sum,
+                                                  e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
+      terms += pc.terms;
+      a[c] = pc.A;
+      b[c] = pc.B;
+    }
+    return F(terms);
+  }
+
+  // Mixture P given as log P and P: returns D; a = A, G (may alias P: each element is read first).
+  MMFAST_INLINE F accumulate_mixture_grad(const F* lP, const F* P, F* G) {
+    const F* __restrict u = u_;
+    const F* __restrict eq = eq_;
+    F* __restrict a = a_;
+    const SoftmaxStats<F> q = q_;
+    double terms = 0;
+#pragma omp simd reduction(+ : terms)
+    for (int64_t c = 0; c < C_; ++c) {
+      const Pieces<F> pc =
+          divergence_pieces<DIV>(lP[c], u[c] - q.log_sum, P[c], eq[c] * q.inv_sum, js_);
+      terms += pc.terms;
+      a[c] = pc.A;
+      G[c] = pc.G;
+    }
+    return F(terms);
+  }
+
+  // p_k dD/dP at one class. For reverse KL, p_k G = -p_k q / P is formed in log space as
+  // -exp(log p_k + log q - log P), as the reference does (P may underflow where p_k q does not).
+  static MMFAST_INLINE F prob_times_grad(F pk, F lpk, F G, F lP, F lq) {
+    if constexpr (DIV == kReverseKL) {
+      return -exp_approx(lpk + lq - lP);
+    } else {
+      return pk * G;
+    }
+  }
+
+  // logsumexp_k(log w_k + log p_k[c]) over the row's distinct teachers (torch.logsumexp semantics).
+  MMFAST_INLINE F mixture_logp(int64_t c) const {
+    F hi = -kInf<F>;
+    bool nan = false;
+    for (int64_t k = 0; k < K_; ++k) {
+      if (first_[k] != k) continue;
+      const F t = std::log(wsum_[k]) + slot_logp(k)[c];
+      nan = nan || std::isnan(t);
+      hi = std::max(hi, t);
+    }
+    if (nan) return kNaN<F>;
+    if (std::isinf(hi)) return hi;
+    F sum = 0;
+    for (int64_t k = 0; k < K_; ++k) {
+      if (first_[k] == k) sum += std::exp(std::log(wsum_[k]) + slot_logp(k)[c] - hi);
+    }
+    return hi + std::log(sum);
+  }
+
+  // dx = scale / tau * (A - q sum(A))
+  MMFAST_INLINE void write_dx() {
+    if (dx_ == nullptr) return;
+    const F* __restrict a = a_;
+    const F sum_a = row_sum(a, C_);
+    const F* __restrict eq = eq_;
+    const F inv_sum = q_.inv_sum;
+    const F g = grad_scale_;
+    store_row(dx_row(), p_.S, C_, false, [=](int64_t c) MMFAST_INLINE_LAMBDA {
+      return (a[c] - (eq[c] * inv_sum) * sum_a) * g;
+    });
+  }
+
+  const RoutedKDParams& p_;
+  const T* x_;
+  const T* z_;
+  const F* w_;
+  F* loss_;
+  T* dx_;
+  F* dw_;
+  T* dz_;
+  int64_t C_, K_, ld_;
+  F inv_tau_, scale_, grad_scale_;
+  JSWeights<F> js_;
+  F* ws_;
+  F* u_;
+  F* eq_;
+  F* a_;
+  int64_t* teacher_;
+  int64_t* first_;
+  F* wsum_;
+  F* dval_;  // per slot: D_k (mix loss) or <p_k, G> (mix probs)
+  int64_t n_ = 0, b_ = 0, s_ = 0;
+  SoftmaxStats<F> q_{};
+};
+
+template <typename T, int MIX, int DIV>
+MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, int64_t begin, int64_t end,
+                                     compute_t<T>* workspace, int64_t* slot_ints) {
+  RoutedRow<T, DIV> row(p, workspace, slot_ints);
+  for (int64_t n = begin; n < end; ++n) {
+    row.set_row(n);
+    if (!row.route()) {  // a bad index wins over the mask, as in the reference
+      row.write_bad_row();
+      continue;
+    }
+    if (p.mask != nullptr && p.mask[n] == 0) {
+      row.write_masked_row();
+      continue;
+    }
+    row.load_student();
+    if constexpr (MIX == kMixLoss) {
+      row.mix_loss();
+    } else if constexpr (MIX == kMixLogits) {
+      row.mix_logits();
+    } else {
+      row.mix_probs();
+    }
+  }
+}
+
+template <typename T>
+using RowsFn = void (*)(const RoutedKDParams&, int64_t, int64_t, compute_t<T>*, int64_t*);
+
+template <typename T, int MIX>
+RowsFn<T> rows_fn_for_div(int32_t div) {
+  switch (div) {
+    case kKL:
+      return &routed_rows<T, MIX, kKL>;
+    case kReverseKL:
+      return &routed_rows<T, MIX, kReverseKL>;
+    case kJS:
+      return &routed_rows<T, MIX, kJS>;
+    case kTVD:
+      return &routed_rows<T, MIX, kTVD>;
+    default:
+      throw std::invalid_argument("routed_kd_cpu: unknown divergence code " + std::to_string(div));
+  }
+}
+
+template <typename T>
+RowsFn<T> rows_fn(int32_t mix, int32_t div) {
+  switch (mix) {
+    case kMixLoss:
+      return rows_fn_for_div<T, kMixLoss>(div);
+    case kMixLogits:
+      return rows_fn_for_div<T, kMixLogits>(div);
+    case kMixProbs:
+      return rows_fn_for_div<T, kMixProbs>(div);
+    default:
+      throw std::invalid_argument("routed_kd_cpu: unknown mix code " + std::to_string(mix));
+  }
+}
+
+template <typename T>
+void run_routed(const RoutedKDParams& p, int num_threads) {
+  using F = compute_t<T>;
+  const RowsFn<T> fn = rows_fn<T>(p.mix, p.div);
+  const int64_t rows = p.B * p.S;
+  const int threads = resolve_threads(num_threads, rows);
+  const int64_t buffers = RoutedRow<T, kKL>::num_buffers(p.mix, p.K);
+  Workspace<F> workspace(threads, buffers * Workspace<F>::leading_dim(p.C) + 2 * p.K);
+  std::vector<int64_t> slot_ints(static_cast<std::size_t>(threads) * 2 * p.K);
+  parallel_rows(rows, threads, [&](int64_t begin, int64_t end, int thread) {
+    fn(p, begin, end, workspace.slice(thread), slot_ints.data() + thread * 2 * p.K);
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+void routed_kd_cpu(const RoutedKDParams& p, int num_threads) {
+  if (p.B * p.S <= 0) return;
+  const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
+    cpu::run_routed<decltype(storage)>(p, num_threads);
+  });
+  if (!known)
+    throw std::invalid_argument("routed_kd_cpu: unknown dtype code " + std::to_string(p.dtype));
+}
+
+}  // namespace mmfast

@@ -1,0 +1,321 @@
+"""The fused C++ CPU kernels (``mmfast._C``) against the pure-PyTorch reference, row by row.
+
+Every output (loss, dx, dw, dz; mutual loss and grad) is compared to the reference on the same
+inputs: in float64 to ~1e-10, in float32 to fp32 rounding relative to each row's scale, and in
+bf16/fp16 by error against a float64 ground truth that must be no worse than the reference's own
+error at that precision. NaN and inf positions must match exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mmfast import _native
+from mmfast.reference.mutual_kd import mutual_kd_rows as ref_mutual
+from mmfast.reference.routed_kd import routed_kd_rows as ref_routed
+
+pytestmark = pytest.mark.skipif(
+    _native.load() is None, reason=f"mmfast._C not built: {_native.load_error()}"
+)
+
+RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+OUTPUTS = ("loss", "dx", "dw", "dz")
+# the class dimension of each output (None: compare against the whole tensor's scale)
+CLASS_DIM = {"loss": None, "dx": 1, "dw": None, "dz": 2}
+
+
+def assert_rows_close(got, ref, class_dim, rtol, what="", unit=0.0):
+    """|got - ref| <= rtol * max(max |ref| over the row, unit), with NaN/inf at exactly the same
+    places. ``unit`` is the size of the output for a divergence of order 1 (a row whose exact value
+    is 0, e.g. C == 1, holds rounding noise only)."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, f"{what}: {got.dtype}{tuple(got.shape)}"
+    if ref.numel() == 0:
+        return
+    g, r = got.double(), ref.double()
+    finite = torch.isfinite(r)
+    assert torch.equal(torch.isfinite(g), finite), f"{what}: non-finite entries differ"
+    assert torch.equal(g[~finite].nan_to_num(0.0), r[~finite].nan_to_num(0.0)), f"{what}: NaN/inf differ"
+    rf = torch.where(finite, r, 0.0)
+    gf = torch.where(finite, g, 0.0)
+    if class_dim is None:
+        scale = rf.abs().amax()
+    else:
+        scale = rf.abs().amax(dim=class_dim, keepdim=True)
+    scale = scale.clamp_min(unit)
+    err = (gf - rf).abs()
+    bound = rtol * scale + 1e-30
+    worst = (err / bound).amax().item()
+    assert worst <= 1.0, f"{what}: error {worst:.3g}x the bound rtol={rtol:g} x row scale"
+
+
+def run_routed(x, z, w, idx=None, mask=None, tau=2.0, mix=0, div=0, beta=0.3, scale=None,
+               needs=(True, True, True)):
+    args = (x, z, w, idx, mask, tau, mix, div, beta, tau * tau if scale is None else scale, *needs)
+    return ref_routed(*args), _native.routed_kd_rows("cpu", *args)
+
+
+def check_routed(*args, rtol=None, **kwargs):
+    x = args[0]
+    tau = kwargs.get("tau", 2.0)
+    scale = kwargs.get("scale") or tau * tau
+    ref, got = run_routed(*args, **kwargs)
+    for name, r, g in zip(OUTPUTS, ref, got):
+        unit = scale if name in ("loss", "dw") else scale / tau
+        assert_rows_close(g, r, CLASS_DIM[name], rtol or RTOL[x.dtype], name, unit)
+    return ref, got
+
+
+def make_inputs(B=5, C=37, E=3, S=1, K=None, sparse=False, dtype=torch.float64, seed=0, spread=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, C, S, generator=g, dtype=torch.float64) * spread).to(dtype)
+    z = (torch.randn(E, B, C, S, generator=g, dtype=torch.float64) * spread).to(dtype)
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    if sparse:
+        K = K or 2
+        idx = torch.randint(0, E, (B, K), generator=g)
+        if K > 1:
+            idx[0, 1] = idx[0, 0]  # a teacher selected twice: its gradients accumulate
+        w = torch.rand(B, K, generator=g, dtype=torch.float64).to(cdt)
+    else:
+        idx = None
+        w = torch.rand(B, E, generator=g, dtype=torch.float64).to(cdt)
+    return x, z, w, idx
+
+
+MIX_DIV = list(itertools.product(range(3), range(4)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "mask"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
+def test_routed_matches_reference(mix, div, sparse, masked, dtype):
+    x, z, w, idx = make_inputs(B=6, C=53, E=3, sparse=sparse, dtype=dtype, seed=mix * 8 + div)
+    mask = torch.tensor([[True], [False], [True], [True], [False], [True]]) if masked else None
+    check_routed(x, z, w, idx, mask, mix=mix, div=div)
+
+
+@pytest.mark.parametrize("needs", [(False, False, False), (True, False, False), (False, True, False),
+                                   (False, False, True)])
+@pytest.mark.parametrize("mix", range(3))
+def test_routed_optional_gradients(mix, needs):
+    x, z, w, idx = make_inputs(B=4, C=19, E=3, sparse=True, dtype=torch.float32)
+    check_routed(x, z, w, idx, mix=mix, div=0, needs=needs)
+
+
+@pytest.mark.parametrize(
+    "B,C,E,K,sparse",
+    [(1, 7, 2, None, False), (3, 1, 2, None, False), (3, 9, 1, None, False), (3, 9, 1, 1, True),
+     (41, 1271, 3, None, False), (41, 1271, 4, 2, True)],
+)
+@pytest.mark.parametrize("mix", range(3))
+def test_routed_odd_shapes(B, C, E, K, sparse, mix):
+    x, z, w, idx = make_inputs(B=B, C=C, E=E, K=K, sparse=sparse, dtype=torch.float32, seed=B + C)
+    for div in (0, 2, 3) if B * C < 1000 else (0,):
+        check_routed(x, z, w, idx, mix=mix, div=div)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("mix,div", [(0, 0), (1, 1), (2, 2), (0, 3)])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_routed_dense_logits_layout(layout, mix, div, sparse):
+    """class_dim=1 logits [B, C, H, W] viewed as [B, C, S] without a copy (S > 1)."""
+    g = torch.Generator().manual_seed(mix * 4 + div)
+    B, C, H, W, E = 2, 11, 3, 5, 3
+    if layout == "nchw":
+        x = torch.randn(B, C, H, W, generator=g).flatten(2)
+        z = torch.randn(E, B, C, H, W, generator=g).flatten(3)
+    else:  # channels last: class stride 1, pixel stride C
+        x = torch.randn(B, H, W, C, generator=g).permute(0, 3, 1, 2).flatten(2)
+        z = torch.randn(E, B, H, W, C, generator=g).permute(0, 1, 4, 2, 3).flatten(3)
+        assert x.stride(1) == 1 and z.stride(2) == 1
+    _, _, w, idx = make_inputs(B=B, E=E, sparse=sparse, dtype=torch.float32)
+    mask = torch.rand(B, H * W, generator=g) > 0.3
+    check_routed(x, z, w, idx, mask, mix=mix, div=div)
+
+
+def test_routed_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(3)
+    B, C, E = 6, 29, 3
+    x_t = torch.randn(C, B, generator=g).t().unsqueeze(-1)  # transposed: class stride B
+    z_t = torch.randn(B, E, C, generator=g).permute(1, 0, 2).unsqueeze(-1)
+    x_s = torch.randn(B, 2 * C, generator=g)[:, ::2].unsqueeze(-1)  # sliced: class stride 2
+    z_s = torch.randn(E, B, C, 3, generator=g)[..., 1:2]
+    w = torch.rand(B, E, generator=g)
+    for x, z in ((x_t, z_t), (x_s, z_s), (x_t, z_s)):
+        assert not x.is_contiguous()
+        for mix, div in ((0, 0), (1, 2), (2, 3)):
+            check_routed(x, z, w, mix=mix, div=div)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("mix,div", [(0, 0), (0, 1), (1, 2), (2, 3), (2, 1)])
+def test_routed_temperatures(tau, mix, div):
+    x, z, w, idx = make_inputs(B=5, C=40, E=3, sparse=True, K=3, dtype=torch.float32, seed=7)
+    check_routed(x, z, w, idx, tau=tau, mix=mix, div=div, scale=1.0 if tau == 1.0 else None)
+
+
+@pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
+def test_routed_zero_and_one_hot_weights(mix, div):
+    x, z, w, _ = make_inputs(B=4, C=23, E=3, dtype=torch.float32, seed=11)
+    w = torch.zeros_like(w)
+    w[1, 0] = 1.0  # one-hot row
+    w[2, 2] = 1.0
+    w[3] = torch.tensor([0.0, 0.5, 0.5])  # row 0 stays all-zero
+    check_routed(x, z, w, mix=mix, div=div)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("mix", range(3))
+def test_routed_all_rows_masked_reads_nothing(mix, sparse):
+    x, z, w, idx = make_inputs(B=3, C=8, E=2, S=4, sparse=sparse, dtype=torch.float32)
+    x.fill_(float("nan"))  # never read: outputs are exact zeros
+    z.fill_(float("nan"))
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=2)
+    for t in got:
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
+@pytest.mark.parametrize("mix,div", [(0, 0), (0, 1), (0, 3), (1, 2), (2, 0), (2, 3)])
+def test_routed_low_precision(dtype, mix, div):
+    """Error against a float64 ground truth no worse than the reference's at the same dtype."""
+    x, z, w, idx = make_inputs(B=8, C=301, E=3, sparse=True, K=3, dtype=dtype, seed=5, spread=2.0)
+    ref, got = run_routed(x, z, w, idx, mix=mix, div=div)
+    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, mix, div, 0.3, 4.0,
+                       True, True, True)
+    for name, r, g, t in zip(OUTPUTS, ref, got, truth):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        err_ref = (r.double() - t).abs().amax().item()
+        err_got = (g.double() - t).abs().amax().item()
+        tol = torch.finfo(dtype).eps * t.abs().amax().item()
+        assert err_got <= err_ref + tol, f"{name}: kernel error {err_got:.3g} vs reference {err_ref:.3g}"
+
+
+@pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
+def test_routed_nan_and_inf_inputs(mix, div):
+    x, z, w, idx = make_inputs(B=5, C=16, E=3, sparse=True, K=2, dtype=torch.float32, seed=13)
+    x[0, 3, 0] = float("nan")  # NaN student logit
+    z[:, 1, 5, 0] = float("nan")  # NaN teacher logit (every teacher)
+    x[2, :4, 0] = float("-inf")  # -inf logits: q == 0 entries
+    z[:, 3, 2:6, 0] = float("-inf")  # P == 0 entries: 0 * log 0 terms are 0, never NaN
+    x[4, 7, 0] = float("-inf")
+    z[:, 4, 7, 0] = float("-inf")  # both zero at the same class
+    check_routed(x, z, w, idx, mix=mix, div=div)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
+def test_routed_underflowing_probabilities(mix, div, dtype):
+    """Logits spread over hundreds: most probabilities underflow to 0 (P == 0 and q == 0 entries,
+    a mixture P that underflows where log P does not) and must give the reference's zeros/infs."""
+    x, z, w, idx = make_inputs(B=6, C=41, E=3, sparse=True, K=3, dtype=dtype, seed=31, spread=150.0)
+    if dtype == torch.float64:
+        check_routed(x, z, w, idx, tau=0.5, mix=mix, div=div)
+        return
+    # fp32: log-probabilities of size ~1e3 cancel down to outputs of size ~1, so rounding errors
+    # are ~eps * max|log p| relative to each output; the NaN/inf pattern must match exactly
+    ref, got = run_routed(x, z, w, idx, tau=0.5, mix=mix, div=div)
+    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 0.5, mix, div, 0.3, 0.25,
+                       True, True, True)
+    condition = 2 * max(x.abs().max().item(), z.abs().max().item()) / 0.5
+    for name, r, g, t in zip(OUTPUTS, ref, got, truth):
+        assert torch.equal(torch.isfinite(g), torch.isfinite(r)), name
+        finite = torch.isfinite(t) & torch.isfinite(r)
+        err = (g.double() - t).abs()[finite].amax().item()
+        unit = 0.25 if name in ("loss", "dw") else 0.25 / 0.5  # scale, scale / tau
+        tol = 8 * torch.finfo(torch.float32).eps * condition * max(t[finite].abs().amax().item(), unit)
+        assert err <= tol, f"{name}: error {err:.3g} > {tol:.3g}"
+
+
+@pytest.mark.parametrize("mix", range(3))
+def test_routed_bad_index_gives_nan_row(mix):
+    x, z, w, idx = make_inputs(B=4, C=12, E=3, sparse=True, K=2, dtype=torch.float32, seed=17)
+    idx[1, 0] = 3  # == E
+    idx[2, 1] = -1
+    idx[3, 0] = 10**12  # would crash if it were dereferenced
+    mask = torch.tensor([[True], [True], [False], [True]])  # a bad index wins over the mask
+    ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=0)
+    loss, dx, dw, dz = got
+    assert not loss[0].isnan().any() and loss[1:].isnan().all()
+    assert dx[1:].isnan().all() and dw[1:].isnan().all() and not dx[0].isnan().any()
+
+
+def test_routed_thread_count_does_not_change_results():
+    """Rows are independent: any partition over threads gives the same bits."""
+    from mmfast import _C
+
+    x, z, w, idx = make_inputs(B=37, C=300, E=3, sparse=True, K=2, dtype=torch.float32, seed=19)
+    results = []
+    for threads in (1, 2, 3, 0):
+        loss = torch.empty(37, 1)
+        dx = torch.empty_like(x)
+        dw = torch.empty(37, 1, 2)
+        dz = torch.zeros_like(z)
+        params = _native.routed_kd_params(x, z, w, idx, None, 2.0, 0, 0, 0.3, 4.0, loss, dx, dw, dz)
+        _C.routed_kd_cpu(params, threads)
+        results.append((loss, dx, dw, dz))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_routed_rejects_unknown_codes():
+    from mmfast import _C
+
+    x, z, w, _ = make_inputs(B=2, C=4, E=2, dtype=torch.float32)
+    loss = torch.empty(2, 1)
+    for mix, div in ((3, 0), (0, 4)):
+        params = _native.routed_kd_params(x, z, w, None, None, 1.0, mix, div, 0.5, 1.0, loss, None, None, None)
+        with pytest.raises(ValueError, match="unknown"):
+            _C.routed_kd_cpu(params, 1)
+
+
+def check_mutual(logits, tau=2.0, scale=None, need_grad=True, rtol=None):
+    scale = tau * tau if scale is None else scale
+    ref = ref_mutual(logits, tau, scale, need_grad)
+    got = _native.mutual_kd_rows("cpu", logits, tau, scale, need_grad)
+    assert_rows_close(got[0], ref[0], None, rtol or RTOL[logits.dtype], "loss", scale)
+    assert_rows_close(got[1], ref[1], 2, rtol or RTOL[logits.dtype], "grad", scale / tau)
+    return ref, got
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("M,N,C", [(1, 3, 5), (2, 7, 33), (3, 41, 1271), (4, 1, 1), (2, 5, 1)])
+@pytest.mark.parametrize("tau", [0.5, 1.0, 4.0])
+def test_mutual_matches_reference(M, N, C, tau, dtype):
+    g = torch.Generator().manual_seed(M * 100 + C)
+    logits = (torch.randn(M, N, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+    check_mutual(logits, tau=tau)
+    check_mutual(logits, tau=tau, need_grad=False)
+
+
+def test_mutual_strides_and_edge_values():
+    g = torch.Generator().manual_seed(23)
+    logits = torch.randn(6, 3, 40, generator=g).permute(1, 2, 0)[..., ::2]  # [3, 40, 3], strided
+    assert not logits.is_contiguous()
+    check_mutual(logits)
+    edge = torch.randn(3, 4, 9, generator=g)
+    edge[0, 0, 2] = float("nan")
+    edge[:, 1, :3] = float("-inf")  # p == 0 in every model
+    edge[1, 2, 4] = float("-inf")  # p == 0 in one model only: its loss is +inf
+    check_mutual(edge)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
+def test_mutual_low_precision(dtype):
+    g = torch.Generator().manual_seed(29)
+    logits = (torch.randn(3, 16, 257, generator=g, dtype=torch.float64) * 2).to(dtype)
+    ref = ref_mutual(logits, 2.0, 4.0, True)
+    got = _native.mutual_kd_rows("cpu", logits, 2.0, 4.0, True)
+    truth = ref_mutual(logits.double(), 2.0, 4.0, True)
+    for r, gt, t in zip(ref, got, truth):
+        assert gt.dtype == r.dtype and gt.shape == r.shape
+        err_ref = (r.double() - t).abs().amax().item()
+        err_got = (gt.double() - t).abs().amax().item()
+        assert err_got <= err_ref + torch.finfo(dtype).eps * t.abs().amax().item()
