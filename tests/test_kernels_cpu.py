@@ -17,9 +17,7 @@ from mmfast import _native
 from mmfast.reference.mutual_kd import mutual_kd_rows as ref_mutual
 from mmfast.reference.routed_kd import routed_kd_rows as ref_routed
 
-pytestmark = pytest.mark.skipif(
-    _native.load() is None, reason=f"mmfast._C not built: {_native.load_error()}"
-)
+pytestmark = pytest.mark.skipif(_native.load() is None, reason=f"mmfast._C not built: {_native.load_error()}")
 
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -52,8 +50,9 @@ def assert_rows_close(got, ref, class_dim, rtol, what="", unit=0.0):
     assert worst <= 1.0, f"{what}: error {worst:.3g}x the bound rtol={rtol:g} x row scale"
 
 
-def run_routed(x, z, w, idx=None, mask=None, tau=2.0, mix=0, div=0, beta=0.3, scale=None,
-               needs=(True, True, True)):
+def run_routed(
+    x, z, w, idx=None, mask=None, tau=2.0, mix=0, div=0, beta=0.3, scale=None, needs=(True, True, True)
+):
     args = (x, z, w, idx, mask, tau, mix, div, beta, tau * tau if scale is None else scale, *needs)
     return ref_routed(*args), _native.routed_kd_rows("cpu", *args)
 
@@ -63,7 +62,7 @@ def check_routed(*args, rtol=None, **kwargs):
     tau = kwargs.get("tau", 2.0)
     scale = kwargs.get("scale") or tau * tau
     ref, got = run_routed(*args, **kwargs)
-    for name, r, g in zip(OUTPUTS, ref, got):
+    for name, r, g in zip(OUTPUTS, ref, got, strict=True):
         unit = scale if name in ("loss", "dw") else scale / tau
         assert_rows_close(g, r, CLASS_DIM[name], rtol or RTOL[x.dtype], name, unit)
     return ref, got
@@ -99,8 +98,9 @@ def test_routed_matches_reference(mix, div, sparse, masked, dtype):
     check_routed(x, z, w, idx, mask, mix=mix, div=div)
 
 
-@pytest.mark.parametrize("needs", [(False, False, False), (True, False, False), (False, True, False),
-                                   (False, False, True)])
+@pytest.mark.parametrize(
+    "needs", [(False, False, False), (True, False, False), (False, True, False), (False, False, True)]
+)
 @pytest.mark.parametrize("mix", range(3))
 def test_routed_optional_gradients(mix, needs):
     x, z, w, idx = make_inputs(B=4, C=19, E=3, sparse=True, dtype=torch.float32)
@@ -109,8 +109,14 @@ def test_routed_optional_gradients(mix, needs):
 
 @pytest.mark.parametrize(
     "B,C,E,K,sparse",
-    [(1, 7, 2, None, False), (3, 1, 2, None, False), (3, 9, 1, None, False), (3, 9, 1, 1, True),
-     (41, 1271, 3, None, False), (41, 1271, 4, 2, True)],
+    [
+        (1, 7, 2, None, False),
+        (3, 1, 2, None, False),
+        (3, 9, 1, None, False),
+        (3, 9, 1, 1, True),
+        (41, 1271, 3, None, False),
+        (41, 1271, 4, 2, True),
+    ],
 )
 @pytest.mark.parametrize("mix", range(3))
 def test_routed_odd_shapes(B, C, E, K, sparse, mix):
@@ -187,9 +193,10 @@ def test_routed_low_precision(dtype, mix, div):
     """Error against a float64 ground truth no worse than the reference's at the same dtype."""
     x, z, w, idx = make_inputs(B=8, C=301, E=3, sparse=True, K=3, dtype=dtype, seed=5, spread=2.0)
     ref, got = run_routed(x, z, w, idx, mix=mix, div=div)
-    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, mix, div, 0.3, 4.0,
-                       True, True, True)
-    for name, r, g, t in zip(OUTPUTS, ref, got, truth):
+    truth = ref_routed(
+        x.double(), z.double(), w.double(), idx, None, 2.0, mix, div, 0.3, 4.0, True, True, True
+    )
+    for name, r, g, t in zip(OUTPUTS, ref, got, truth, strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape
         err_ref = (r.double() - t).abs().amax().item()
         err_got = (g.double() - t).abs().amax().item()
@@ -221,10 +228,11 @@ def test_routed_underflowing_probabilities(mix, div, dtype):
     # fp32: log-probabilities of size ~1e3 cancel down to outputs of size ~1, so rounding errors
     # are ~eps * max|log p| relative to each output; the NaN/inf pattern must match exactly
     ref, got = run_routed(x, z, w, idx, tau=0.5, mix=mix, div=div)
-    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 0.5, mix, div, 0.3, 0.25,
-                       True, True, True)
+    truth = ref_routed(
+        x.double(), z.double(), w.double(), idx, None, 0.5, mix, div, 0.3, 0.25, True, True, True
+    )
     condition = 2 * max(x.abs().max().item(), z.abs().max().item()) / 0.5
-    for name, r, g, t in zip(OUTPUTS, ref, got, truth):
+    for name, r, g, t in zip(OUTPUTS, ref, got, truth, strict=True):
         assert torch.equal(torch.isfinite(g), torch.isfinite(r)), name
         finite = torch.isfinite(t) & torch.isfinite(r)
         err = (g.double() - t).abs()[finite].amax().item()
@@ -261,7 +269,7 @@ def test_routed_thread_count_does_not_change_results():
         _C.routed_kd_cpu(params, threads)
         results.append((loss, dx, dw, dz))
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
 
 
@@ -271,7 +279,9 @@ def test_routed_rejects_unknown_codes():
     x, z, w, _ = make_inputs(B=2, C=4, E=2, dtype=torch.float32)
     loss = torch.empty(2, 1)
     for mix, div in ((3, 0), (0, 4)):
-        params = _native.routed_kd_params(x, z, w, None, None, 1.0, mix, div, 0.5, 1.0, loss, None, None, None)
+        params = _native.routed_kd_params(
+            x, z, w, None, None, 1.0, mix, div, 0.5, 1.0, loss, None, None, None
+        )
         with pytest.raises(ValueError, match="unknown"):
             _C.routed_kd_cpu(params, 1)
 
@@ -314,7 +324,7 @@ def test_mutual_low_precision(dtype):
     ref = ref_mutual(logits, 2.0, 4.0, True)
     got = _native.mutual_kd_rows("cpu", logits, 2.0, 4.0, True)
     truth = ref_mutual(logits.double(), 2.0, 4.0, True)
-    for r, gt, t in zip(ref, got, truth):
+    for r, gt, t in zip(ref, got, truth, strict=True):
         assert gt.dtype == r.dtype and gt.shape == r.shape
         err_ref = (r.double() - t).abs().amax().item()
         err_got = (gt.double() - t).abs().amax().item()

@@ -75,6 +75,7 @@ MMFAST_INLINE F dot_scaled(const T* __restrict src, int64_t stride, int64_t C, F
   });
 }
 
+// sum_c v[c]
 template <typename F>
 MMFAST_INLINE F row_sum(const F* __restrict v, int64_t C) {
   double acc = 0;
