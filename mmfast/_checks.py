@@ -62,7 +62,7 @@ def positive(name: str, value: float) -> float:
 
 
 def same_device(names: Sequence[str], tensors: Sequence[Tensor | None]) -> None:
-    pairs = [(n, t) for n, t in zip(names, tensors) if t is not None]
+    pairs = [(n, t) for n, t in zip(names, tensors, strict=True) if t is not None]
     first_name, first = pairs[0]
     for n, t in pairs[1:]:
         if t.device != first.device:

@@ -112,16 +112,16 @@ __device__ __forceinline__ RowSums row_sums(float S1, float S2, float mass, floa
 // Shared memory and row setup
 // ---------------------------------------------------------------------------------------------
 
-// Per-row tables in dynamic shared memory (K slots, nt threads).
+// Per-row tables in dynamic shared memory (K slots, nt threads), in this order.
 template <typename T>
 struct RoutedShared {
   const T** zrow;  // [K] teacher row of slot k (clamped index; never read for an invalid row)
   T** dzrow;       // [K] dz row slot k writes; nullptr when an earlier slot has the same teacher
+  RowLse2* lse;    // [K + 1] log2-sum-exp2 of the scaled student row (0) and teacher rows (1 + k)
   float* w;        // [K] routing weight
   float* wdz;      // [K] summed weight of the slots of slot k's teacher
   float* inf_nan;  // [K] 1 where those weights include a zero or both signs (see write_dz)
   float* lw2;      // [K] log2 w
-  RowLse2* lse;    // [K + 1] log2-sum-exp2 of the scaled student row (0) and teacher rows (1 + k)
   float* red;      // [2K + 2] column-reduction results
   float* W;        // [1] sum_k w_k
   float* part;     // [(2K + 2) * nt] per-thread partials, by column
@@ -139,12 +139,12 @@ __device__ __forceinline__ RoutedShared<T> carve_routed(unsigned char* smem, int
   RoutedShared<T> sh;
   sh.zrow = reinterpret_cast<const T**>(smem);
   sh.dzrow = reinterpret_cast<T**>(smem + K * sizeof(void*));
-  sh.w = reinterpret_cast<float*>(sh.dzrow + K);
+  sh.lse = reinterpret_cast<RowLse2*>(sh.dzrow + K);
+  sh.w = reinterpret_cast<float*>(sh.lse + K + 1);
   sh.wdz = sh.w + K;
   sh.inf_nan = sh.wdz + K;
   sh.lw2 = sh.inf_nan + K;
-  sh.lse = reinterpret_cast<RowLse2*>(sh.lw2 + K);
-  sh.red = reinterpret_cast<float*>(sh.lse + K + 1);
+  sh.red = sh.lw2 + K;
   sh.W = sh.red + routed_columns(K);
   sh.part = sh.W + 1;
   return sh;

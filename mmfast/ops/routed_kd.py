@@ -93,7 +93,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _gdx, _gdw, _gdz):
     dx, dw, dz = ctx.saved_tensors
-    for i, (name, flag) in enumerate(zip(("x", "z", "weights"), (ctx.need[0], ctx.need[2], ctx.need[1]))):
+    for i, (name, flag) in enumerate(zip(("x", "z", "weights"), (ctx.need[0], ctx.need[2], ctx.need[1]), strict=True)):
         if ctx.needs_input_grad[i] and not flag:
             raise RuntimeError(
                 f"mmfast::routed_kd_fwd: {name} requires grad but its gradient was not requested "
