@@ -86,8 +86,44 @@ def _run(kernel: str, fn_name: str, params, device: torch.device) -> None:
     if kernel == "cpu":
         getattr(C_, f"{fn_name}_cpu")(params, torch.get_num_threads())
     else:
-        stream = torch.cuda.current_stream(device).cuda_stream
-        getattr(C_, f"{fn_name}_cuda")(params, stream)
+        with torch.cuda.device(device):  # launch on the tensors' device, on its current stream
+            getattr(C_, f"{fn_name}_cuda")(params, torch.cuda.current_stream(device).cuda_stream)
+
+
+def routed_kd_outputs(
+    x: Tensor,
+    z: Tensor,
+    weights: Tensor,
+    indices: Tensor | None,
+    mask: Tensor | None,
+    need_dx: bool,
+    need_dw: bool,
+    need_dz: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor]:
+    """Kernel-ready inputs and fresh outputs of a routed-KD launch (shared by the cpu, cuda and triton
+    launchers): (w, idx, mask_u8, loss, dx, dw, dz).
+
+    Weights become contiguous in the compute dtype, indices contiguous int64, the mask contiguous
+    uint8. Unrequested gradients are distinct empty tensors (op outputs must not alias each other);
+    with sparse routing dz is zero-filled, because kernels add into the selected teachers only.
+    """
+    from mmfast.reference.routed_kd import compute_dtype
+
+    B, C, S = x.shape
+    E, K = z.shape[0], weights.shape[1]
+    cdt = compute_dtype(x.dtype)
+    w = weights.to(cdt).contiguous()
+    idx = None if indices is None else indices.to(torch.int64).contiguous()
+    m = None if mask is None else mask.to(torch.bool).contiguous().view(torch.uint8)
+    loss = torch.empty(B, S, dtype=cdt, device=x.device)
+    dx = torch.empty(B, C, S, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+    dw = torch.empty(B, S, K, dtype=cdt, device=x.device) if need_dw else x.new_empty(0)
+    if need_dz:
+        alloc = torch.zeros if idx is not None else torch.empty
+        dz = alloc(E, B, C, S, dtype=z.dtype, device=x.device)
+    else:
+        dz = x.new_empty(0)
+    return w, idx, m, loss, dx, dw, dz
 
 
 def routed_kd_rows(
@@ -107,22 +143,7 @@ def routed_kd_rows(
     need_dz: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Native routed KD (``kernel`` is "cpu" or "cuda"); same contract as the reference."""
-    from mmfast.reference.routed_kd import compute_dtype
-
-    B, C, S = x.shape
-    E, K = z.shape[0], weights.shape[1]
-    cdt = compute_dtype(x.dtype)
-    w = weights.to(cdt).contiguous()
-    idx = None if indices is None else indices.to(torch.int64).contiguous()
-    m = None if mask is None else mask.to(torch.bool).contiguous().view(torch.uint8)
-    loss = torch.empty(B, S, dtype=cdt, device=x.device)
-    dx = torch.empty(B, C, S, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
-    dw = torch.empty(B, S, K, dtype=cdt, device=x.device) if need_dw else x.new_empty(0)
-    if need_dz:
-        alloc = torch.zeros if idx is not None else torch.empty
-        dz = alloc(E, B, C, S, dtype=z.dtype, device=x.device)
-    else:
-        dz = x.new_empty(0)
+    w, idx, m, loss, dx, dw, dz = routed_kd_outputs(x, z, weights, indices, mask, need_dx, need_dw, need_dz)
     if loss.numel() > 0:
         params = routed_kd_params(
             x, z, w, idx, m, temperature, mix, divergence, beta, scale, loss, dx, dw, dz

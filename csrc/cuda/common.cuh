@@ -217,7 +217,6 @@ struct OnlineLse2 {
     s = s * exp2f(m - ref) + s2 * exp2f(m2 - ref);
     m = mn;
   }
-
 };
 
 // A row's log2-sum-exp2 kept as its max m and ls = log2 of the sum relative to it, so that a base-2

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mmfast._native import routed_kd_outputs
 from mmfast.reference.routed_kd import compute_dtype
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
@@ -513,19 +514,7 @@ def routed_kd_rows(
     launch; the reference's contract (``mmfast.reference.routed_kd.routed_kd_rows``)."""
     B, C, S = x.shape
     E, K = z.shape[0], weights.shape[1]
-    cdt = compute_dtype(x.dtype)
-    dev = x.device
-    w = weights.to(cdt).contiguous()
-    idx = None if indices is None else indices.to(torch.int64).contiguous()
-    m = None if mask is None else mask.to(torch.bool).contiguous().view(torch.uint8)
-    loss = torch.empty(B, S, dtype=cdt, device=dev)
-    # not-requested gradients: distinct empty tensors (op outputs must not alias each other)
-    dx = torch.empty(B, C, S, dtype=x.dtype, device=dev) if need_dx else x.new_empty(0)
-    dw = torch.empty(B, S, K, dtype=cdt, device=dev) if need_dw else x.new_empty(0)
-    if need_dz:  # sparse routing adds into the selected teachers only
-        dz = (torch.zeros if idx is not None else torch.empty)(E, B, C, S, dtype=z.dtype, device=dev)
-    else:
-        dz = x.new_empty(0)
+    w, idx, m, loss, dx, dw, dz = routed_kd_outputs(x, z, weights, indices, mask, need_dx, need_dw, need_dz)
     if loss.numel() == 0 or C == 0:
         loss.zero_()
         return loss, dx, dw, dz
