@@ -205,7 +205,7 @@ def load_balance_loss(probs: Tensor, mode: str = "kl", process_group=None) -> Te
         if E < 2:
             raise ValueError("mode='cv' needs at least two teachers (probs.shape[1] >= 2)")
         return col_sum.std() / col_sum.mean()
-    rows = _all_reduce_sum(p.new_tensor(float(p.shape[0])), process_group)
+    rows = _all_reduce_sum(p.new_full((), float(p.shape[0])), process_group)
     pbar = col_sum / rows
     log_u = -math.log(E)
     return (log_u - torch.log(pbar)).sum() / (E * E)

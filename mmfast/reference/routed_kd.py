@@ -147,7 +147,7 @@ def routed_kd_rows(
 
     du = A - q * A.sum(-1, keepdim=True)
     valid = ~bad if mask is None else (mask.reshape(N).bool() & ~bad)
-    nan = torch.tensor(float("nan"), dtype=cdt, device=dev)
+    nan = torch.full((), float("nan"), dtype=cdt, device=dev)  # a fill kernel: capturable in CUDA graphs
     zero = torch.zeros((), dtype=cdt, device=dev)
 
     def finish(t: Tensor, row_dim: int) -> Tensor:
