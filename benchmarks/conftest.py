@@ -32,7 +32,8 @@ def _params(cases):
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    for fixture, cases in (("routed_case", bench.ROUTED_CASES), ("mutual_case", bench.MUTUAL_CASES)):
+    for suite, cases in bench.SUITES.items():
+        fixture = f"{suite}_case"
         if fixture in metafunc.fixturenames:
             metafunc.parametrize((fixture, "dtype", "provider"), _params(cases))
 

@@ -10,9 +10,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmfast", description="mmfast command line")
     commands = parser.add_subparsers(dest="command", title="commands")
     bench_parser = commands.add_parser(
-        "bench", help="routed-KD forward+backward: mmfast backends vs eager vs torch.compile",
-        description="Time routed-KD forward+backward for every available mmfast backend against the eager "
-                    "PyTorch loss and its torch.compile, on the device present, and print the table.",
+        "bench", help="loss forward+backward: mmfast backends vs eager vs torch.compile",
+        description="Time each loss's forward+backward for every available mmfast backend against the eager "
+                    "PyTorch loss and its torch.compile, on the device present, and print a table per case.",
     )
     from mmfast import bench
 

@@ -8,9 +8,10 @@ Every loss provider is timed on a training step, forward + backward::
 Providers:
   ``eager``        the loss as a user writes it (``mmfast.reference.*_loss_autograd``), autograd backward
   ``compile``      ``torch.compile`` of that function (compiled and warmed up before timing)
-  ``mmfast-<b>``   ``mmfast.routed_kd_loss`` / ``mutual_kd_loss`` forced to backend ``b`` (every backend
-                   that can run on the device; Triton on CPU tensors runs in the interpreter and is left out)
-  ``exp-floor``    one ``torch.exp`` (fp32) over as many elements as the loss must exponentiate
+  ``mmfast-<b>``   the public mmfast loss forced to backend ``b`` (every backend that can run on the
+                   device; Triton on CPU tensors runs in the interpreter and is left out)
+  ``exp-floor``    one ``torch.exp`` (fp32) over as many elements as the loss must exponentiate (losses
+                   with exponentials only)
   ``copy``         (GPU) a device-to-device copy of a buffer of the loss's minimal bytes
 
 Minimal bytes of the fused loss that writes the gradient in its forward pass (each input read once,
@@ -18,6 +19,10 @@ each output written once): routed KD N*C*(s + R*s + g) + N*K*4 (+ N*K*8 with ind
 (E dense, K sparse), s / g bytes per logit / gradient element; mutual KD M*N*C*(s + g). GB/s divides the
 bytes a provider moves by its median time; a copy moves twice its buffer (read + write), so
 ``% copy`` = achieved bandwidth / copy bandwidth.
+
+Cases are grouped in suites (``SUITES``: one per op); a case class names its suite, its eager
+baseline and its mmfast function, its inputs and its minimal bytes. A new op adds a case class and
+one ``SUITES`` entry; the CLI and the pytest-benchmark suites pick it up.
 
 On a GPU each round starts with a cold L2 (a 256 MiB buffer is zeroed in the untimed setup), and
 mmfast's eager value checks (they synchronise with the host) are turned off in the benchmark process.
@@ -39,6 +44,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -57,6 +63,8 @@ LARGE_ENV = "MMFAST_BENCH_LARGE"
 class RoutedCase:
     """Routed teacher-mixture KD: student [N, C], teachers [E, N, C]; dense weights, or top-k indices."""
 
+    suite: ClassVar[str] = "routed_kd"
+    description: ClassVar[str] = "routed KD (mix=loss, kl, tau=4; student grad)"
     N: int
     C: int
     E: int
@@ -102,11 +110,21 @@ class RoutedCase:
         return dict(student_logits=x, teacher_logits=z, weights=weights, indices=indices,
                     temperature=self.temperature, mix=self.mix, divergence=self.divergence)
 
+    @staticmethod
+    def eager_loss() -> Callable[..., Tensor]:
+        return routed_kd_loss_autograd
+
+    @staticmethod
+    def mmfast_loss() -> Callable[..., Tensor]:
+        return mmfast.routed_kd_loss
+
 
 @dataclass(frozen=True)
 class MutualCase:
     """Mutual KD of M co-trained models: logits [M, N, C], gradients to all of them."""
 
+    suite: ClassVar[str] = "mutual_kd"
+    description: ClassVar[str] = "mutual KD (tau=4; grads to all models)"
     M: int
     N: int
     C: int
@@ -132,8 +150,32 @@ class MutualCase:
         logits = (2 * torch.randn(self.M, self.N, self.C, generator=gen)).to(device, dtype).requires_grad_()
         return dict(logits=logits, temperature=self.temperature)
 
+    @staticmethod
+    def eager_loss() -> Callable[..., Tensor]:
+        return mutual_kd_loss_autograd
 
-Case = RoutedCase | MutualCase
+    @staticmethod
+    def mmfast_loss() -> Callable[..., Tensor]:
+        return mmfast.mutual_kd_loss
+
+
+class Case(Protocol):
+    """What a benchmark case provides (see :class:`RoutedCase`)."""
+
+    suite: ClassVar[str]  # the op's suite name (a key of SUITES)
+    description: ClassVar[str]  # one line printed above the suite's tables
+    large: bool  # too big for a small CPU: run there only with MMFAST_BENCH_LARGE=1
+
+    @property
+    def name(self) -> str: ...
+    def label(self, dtype: torch.dtype) -> str: ...
+    def minimal_bytes(self, dtype: torch.dtype) -> int: ...
+    def exp_elements(self) -> int | None: ...  # None: the loss has no exponentials (no exp-floor row)
+    def inputs(self, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict: ...
+    @staticmethod
+    def eager_loss() -> Callable[..., Tensor]: ...
+    @staticmethod
+    def mmfast_loss() -> Callable[..., Tensor]: ...
 
 ROUTED_CASES = (
     RoutedCase(N=256, C=1000, E=4),
@@ -145,8 +187,13 @@ MUTUAL_CASES = (
     MutualCase(M=3, N=256, C=1000),
     MutualCase(M=3, N=256, C=8192),
 )
-QUICK_CASES = (ROUTED_CASES[0],)
-CASES = {case.name: case for case in (*ROUTED_CASES, *MUTUAL_CASES)}
+# one entry per op: the suite name -> its cases (the pytest-benchmark fixture is "<suite>_case")
+SUITES: dict[str, tuple[Case, ...]] = {
+    "routed_kd": ROUTED_CASES,
+    "mutual_kd": MUTUAL_CASES,
+}
+QUICK_CASES: tuple[Case, ...] = (ROUTED_CASES[0],)  # what ``--quick`` (CI) runs: cheap cases only
+CASES = {case.name: case for cases in SUITES.values() for case in cases}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
@@ -176,8 +223,10 @@ def mmfast_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     ]
 
 
-def providers(device: torch.device, dtype: torch.dtype) -> list[str]:
-    names = [*LOSS_BASELINES, *(f"mmfast-{b}" for b in mmfast_backends(device, dtype)), "exp-floor"]
+def providers(case: Case, device: torch.device, dtype: torch.dtype) -> list[str]:
+    names = [*LOSS_BASELINES, *(f"mmfast-{b}" for b in mmfast_backends(device, dtype))]
+    if case.exp_elements() is not None:
+        names.append("exp-floor")
     return [*names, "copy"] if device.type == "cuda" else names
 
 
@@ -185,7 +234,7 @@ def matrix(cases: Iterable[Case], device: torch.device) -> list[tuple[Case, torc
     """(case, dtype, provider, skip reason) for every benchmark on ``device``."""
     return [
         (case, dtype, provider, skip_reason(case, device))
-        for case in cases for dtype in bench_dtypes(device) for provider in providers(device, dtype)
+        for case in cases for dtype in bench_dtypes(device) for provider in providers(case, device, dtype)
     ]
 
 
@@ -216,15 +265,14 @@ def _compiled(fn: Callable) -> Callable:
 
 def _loss_fn(case: Case, provider: str) -> tuple[Callable[..., Tensor], Callable[[], ContextManager]]:
     """The loss function of ``provider`` and a factory of the context it runs in."""
-    eager = routed_kd_loss_autograd if isinstance(case, RoutedCase) else mutual_kd_loss_autograd
+    eager = case.eager_loss()
     if provider == "eager":
         return eager, contextlib.nullcontext
     if provider == "compile":
         return _compiled(eager), contextlib.nullcontext
     if provider.startswith("mmfast-"):
         mmfast.set_value_checks(False)  # host-synchronising checks are not part of the kernel's cost
-        fn = mmfast.routed_kd_loss if isinstance(case, RoutedCase) else mmfast.mutual_kd_loss
-        return fn, functools.partial(mmfast.use_backend, provider.removeprefix("mmfast-"))
+        return case.mmfast_loss(), functools.partial(mmfast.use_backend, provider.removeprefix("mmfast-"))
     raise ValueError(f"unknown loss provider {provider!r}")
 
 
@@ -507,7 +555,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device to benchmark on (default: cuda when present, else cpu)")
     parser.add_argument("--quick", action="store_true",
-                        help="one small shape, short timings (about 10 s on a small CPU)")
+                        help="a few small shapes, short timings (what CI runs)")
+    parser.add_argument("--suite", action="append", choices=sorted(SUITES), default=None, metavar="SUITE",
+                        help=f"only this op's cases (repeatable; default: all of {', '.join(SUITES)})")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the results as pytest-benchmark JSON (read by benchmarks/report.py)")
 
@@ -519,13 +569,14 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    cases = QUICK_CASES if args.quick else ROUTED_CASES
+    suites = args.suite or list(SUITES)
+    cases = [c for c in (QUICK_CASES if args.quick else CASES.values()) if c.suite in suites]
     budget_s = 0.1 if args.quick else (0.3 if device.type == "cuda" else 0.5)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info = machine_info(device)
     print(describe_machine(info, date))
     print(describe_backends(device))
-    print("routed KD, forward + backward (mix=loss, kl, tau=4; student grad; speedup = t_baseline / t)\n")
+    print("forward + backward per training step; speedup = t_baseline / t\n")
 
     plan = matrix(cases, device)
     skipped = {case.label(dtype): reason for case, dtype, _, reason in plan if reason}
@@ -536,7 +587,12 @@ def run(args: argparse.Namespace) -> int:
     results = []
     with tqdm(total=sum(map(len, groups.values())), desc="mmfast bench", unit="provider",
               delay=2.0, leave=False, disable=None, file=sys.stderr) as progress:
+        described = set()
         for (case, dtype), names in groups.items():
+            if case.suite not in described:
+                described.add(case.suite)
+                progress.clear()
+                print(f"## {case.description}\n", flush=True)
             group = measure_group(
                 case, dtype, names, device, budget_s=budget_s, warmup_rounds=2 if args.quick else 3,
                 min_rounds=3 if args.quick else 5, on_warm=progress.update,
