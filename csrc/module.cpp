@@ -86,6 +86,106 @@ PYBIND11_MODULE(_C, m) {
   m.def("mutual_kd_cpu", &mutual_kd_cpu, py::arg("params"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
 
+  // masked reconstruction
+  py::class_<MaskedReconParams> mr(m, "MaskedReconParams");
+  mr.def(py::init([]() { return MaskedReconParams{}; }))
+      .def_readwrite("A", &MaskedReconParams::A)
+      .def_readwrite("D", &MaskedReconParams::D)
+      .def_readwrite("S", &MaskedReconParams::S)
+      .def_readwrite("sp_a", &MaskedReconParams::sp_a)
+      .def_readwrite("sp_d", &MaskedReconParams::sp_d)
+      .def_readwrite("sp_s", &MaskedReconParams::sp_s)
+      .def_readwrite("sy_a", &MaskedReconParams::sy_a)
+      .def_readwrite("sy_d", &MaskedReconParams::sy_d)
+      .def_readwrite("sy_s", &MaskedReconParams::sy_s)
+      .def_readwrite("sm_a", &MaskedReconParams::sm_a)
+      .def_readwrite("sm_d", &MaskedReconParams::sm_d)
+      .def_readwrite("sm_s", &MaskedReconParams::sm_s)
+      .def_readwrite("mask_kind", &MaskedReconParams::mask_kind)
+      .def_readwrite("loss", &MaskedReconParams::loss)
+      .def_readwrite("normalize_target", &MaskedReconParams::normalize_target)
+      .def_readwrite("per_element", &MaskedReconParams::per_element)
+      .def_readwrite("dtype", &MaskedReconParams::dtype)
+      .def_readwrite("beta", &MaskedReconParams::beta)
+      .def_readwrite("eps", &MaskedReconParams::eps)
+      .def_readwrite("cos_eps", &MaskedReconParams::cos_eps);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, pred, const void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, target, const void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, mask, const void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, loss_out, void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, msum, void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, dp, void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, dy, void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, dm, void);
+  m.def("masked_reconstruction_cpu", &masked_reconstruction_cpu, py::arg("params"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+
+  // score distillation: f-distill, Uni-Instruct, fake score
+  m.attr("score_workspace_floats") = kScoreWorkspaceFloats;
+  py::class_<FDistillParams> fd(m, "FDistillParams");
+  fd.def(py::init([]() { return FDistillParams{}; }))
+      .def_readwrite("B", &FDistillParams::B)
+      .def_readwrite("D", &FDistillParams::D)
+      .def_readwrite("sx", &FDistillParams::sx)
+      .def_readwrite("sa", &FDistillParams::sa)
+      .def_readwrite("sb", &FDistillParams::sb)
+      .def_readwrite("scale", &FDistillParams::scale)
+      .def_readwrite("dtype", &FDistillParams::dtype)
+      .def_readwrite("workspace_floats", &FDistillParams::workspace_floats);
+  MMFAST_PTR_FIELD(fd, FDistillParams, x, const void);
+  MMFAST_PTR_FIELD(fd, FDistillParams, a, const void);
+  MMFAST_PTR_FIELD(fd, FDistillParams, b, const void);
+  MMFAST_PTR_FIELD(fd, FDistillParams, h, const void);
+  MMFAST_PTR_FIELD(fd, FDistillParams, loss, void);
+  MMFAST_PTR_FIELD(fd, FDistillParams, dx, void);
+  MMFAST_PTR_FIELD(fd, FDistillParams, workspace, void);
+  m.def("fdistill_cpu", &fdistill_cpu, py::arg("params"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+
+  py::class_<UniInstructParams> ui(m, "UniInstructParams");
+  ui.def(py::init([]() { return UniInstructParams{}; }))
+      .def_readwrite("B", &UniInstructParams::B)
+      .def_readwrite("D", &UniInstructParams::D)
+      .def_readwrite("sx", &UniInstructParams::sx)
+      .def_readwrite("sa", &UniInstructParams::sa)
+      .def_readwrite("sb", &UniInstructParams::sb)
+      .def_readwrite("alpha", &UniInstructParams::alpha)
+      .def_readwrite("scale", &UniInstructParams::scale)
+      .def_readwrite("fgm", &UniInstructParams::fgm)
+      .def_readwrite("di", &UniInstructParams::di)
+      .def_readwrite("dtype", &UniInstructParams::dtype)
+      .def_readwrite("workspace_floats", &UniInstructParams::workspace_floats);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, x, const void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, a, const void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, b, const void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, coef, const void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, di_norm, const void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, loss, void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, dx, void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, da, void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, db, void);
+  MMFAST_PTR_FIELD(ui, UniInstructParams, workspace, void);
+  m.def("uni_instruct_cpu", &uni_instruct_cpu, py::arg("params"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+
+  py::class_<FakeScoreParams> fs(m, "FakeScoreParams");
+  fs.def(py::init([]() { return FakeScoreParams{}; }))
+      .def_readwrite("B", &FakeScoreParams::B)
+      .def_readwrite("D", &FakeScoreParams::D)
+      .def_readwrite("sb", &FakeScoreParams::sb)
+      .def_readwrite("sx", &FakeScoreParams::sx)
+      .def_readwrite("scale", &FakeScoreParams::scale)
+      .def_readwrite("dtype", &FakeScoreParams::dtype)
+      .def_readwrite("workspace_floats", &FakeScoreParams::workspace_floats);
+  MMFAST_PTR_FIELD(fs, FakeScoreParams, b, const void);
+  MMFAST_PTR_FIELD(fs, FakeScoreParams, x, const void);
+  MMFAST_PTR_FIELD(fs, FakeScoreParams, lam, const void);
+  MMFAST_PTR_FIELD(fs, FakeScoreParams, loss, void);
+  MMFAST_PTR_FIELD(fs, FakeScoreParams, db, void);
+  MMFAST_PTR_FIELD(fs, FakeScoreParams, workspace, void);
+  m.def("fake_score_cpu", &fake_score_cpu, py::arg("params"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+
 #ifdef MMFAST_WITH_CUDA
   m.attr("with_cuda") = true;
   bind_cuda(m);

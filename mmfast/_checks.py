@@ -56,7 +56,9 @@ def positive(name: str, value: float) -> float:
     if isinstance(value, Tensor):
         raise TypeError(f"{name} must be a Python number, not a tensor")
     value = float(value)
-    if not (value > 0 and math.isfinite(value)):
+    # comparisons only (no math.isfinite): under torch.compile a changing float (e.g. a temperature
+    # schedule) becomes a symbolic float, which math.isfinite cannot take; NaN fails 0 < value
+    if not (0.0 < value < math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 

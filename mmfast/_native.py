@@ -164,3 +164,258 @@ def mutual_kd_rows(
     if loss.numel() > 0:
         _run(kernel, "mutual_kd", mutual_kd_params(logits, temperature, scale, loss, grad), logits.device)
     return loss, grad
+
+
+# ---- masked reconstruction ----------------------------------------------------------------------
+
+RECON_MASK_NONE, RECON_MASK_ROWS, RECON_MASK_FLOAT, RECON_MASK_BOOL = 0, 1, 2, 3
+
+
+def masked_reconstruction_outputs(
+    pred: Tensor,
+    mask_rows: Tensor | None,
+    mask: Tensor | None,
+    per_element: bool,
+    need_dp: bool,
+    need_dy: bool,
+    need_dm: bool,
+) -> tuple[int, Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Kernel-ready mask and fresh outputs of a masked-reconstruction launch (shared by the cpu, cuda
+    and triton launchers): (mask_kind, mask, loss, msum, dp, dy, dm).
+
+    The row mask stays [R] (made contiguous); an element mask keeps its strides (a bool one is
+    viewed as uint8, no copy). Unrequested outputs are distinct empty tensors.
+    """
+    from mmfast.ops.masked_reconstruction import output_shapes
+    from mmfast.reference.routed_kd import compute_dtype
+
+    cdt = compute_dtype(pred.dtype)
+    if mask_rows is not None:
+        kind, m = RECON_MASK_ROWS, mask_rows.contiguous()
+    elif mask is not None:
+        kind, m = (RECON_MASK_BOOL, mask.view(torch.uint8)) if mask.dtype == torch.bool else (RECON_MASK_FLOAT, mask)
+    else:
+        kind, m = RECON_MASK_NONE, None
+    s_loss, s_msum, s_dp, s_dy, s_dm = output_shapes(
+        tuple(pred.shape), mask_rows is not None, mask is not None, per_element, need_dp, need_dy, need_dm
+    )
+    dev = pred.device
+    loss = torch.empty(s_loss, dtype=pred.dtype if per_element else cdt, device=dev)
+    msum = torch.empty(s_msum, dtype=cdt, device=dev)
+    dp = torch.empty(s_dp, dtype=pred.dtype, device=dev)
+    dy = torch.empty(s_dy, dtype=pred.dtype, device=dev)
+    dm = torch.empty(s_dm, dtype=cdt, device=dev)
+    return kind, m, loss, msum, dp, dy, dm
+
+
+def masked_reconstruction_params(
+    pred: Tensor,
+    target: Tensor,
+    mask_kind: int,
+    mask: Tensor | None,
+    loss_kind: int,
+    beta: float,
+    normalize_target: bool,
+    eps: float,
+    per_element: bool,
+    loss: Tensor,
+    msum: Tensor,
+    dp: Tensor,
+    dy: Tensor,
+    dm: Tensor,
+):
+    """A ``_C.MaskedReconParams`` for pred/target [A, D, S] (any strides); empty outputs become nullptr."""
+    from mmfast.reference.masked_reconstruction import COSINE_EPS
+
+    C_ = load()
+    p = C_.MaskedReconParams()
+    p.A, p.D, p.S = pred.shape
+    p.sp_a, p.sp_d, p.sp_s = pred.stride()
+    p.sy_a, p.sy_d, p.sy_s = target.stride()
+    p.pred, p.target = _ptr(pred), _ptr(target)
+    p.mask_kind = mask_kind
+    p.mask = _ptr(mask)
+    if mask is not None and mask.dim() == 3:
+        p.sm_a, p.sm_d, p.sm_s = mask.stride()
+    p.loss, p.normalize_target, p.per_element = loss_kind, int(normalize_target), int(per_element)
+    p.dtype = DTYPE_CODES[pred.dtype]
+    p.beta, p.eps, p.cos_eps = beta, eps, COSINE_EPS
+    p.loss_out, p.msum, p.dp, p.dy, p.dm = _ptr(loss), _ptr(msum), _ptr(dp), _ptr(dy), _ptr(dm)
+    return p
+
+
+def masked_reconstruction_rows(
+    kernel: str,
+    pred: Tensor,
+    target: Tensor,
+    mask_rows: Tensor | None,
+    mask: Tensor | None,
+    loss_kind: int,
+    beta: float,
+    normalize_target: bool,
+    eps: float,
+    per_element: bool,
+    need_dp: bool,
+    need_dy: bool,
+    need_dm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Native masked reconstruction (``kernel`` is "cpu" or "cuda"); same contract as the reference."""
+    kind, m, loss, msum, dp, dy, dm = masked_reconstruction_outputs(
+        pred, mask_rows, mask, per_element, need_dp, need_dy, need_dm
+    )
+    A, D, S = pred.shape
+    if A * S > 0 and D > 0:
+        params = masked_reconstruction_params(
+            pred, target, kind, m, loss_kind, beta, normalize_target, eps, per_element, loss, msum, dp, dy, dm
+        )
+        _run(kernel, "masked_reconstruction", params, pred.device)
+    return loss, msum, dp, dy, dm
+
+
+# --- score distillation: f-distill, Uni-Instruct, fake score (row contract: reference/{fdistill,...}.py) ---
+
+
+def _score_rows(*tensors: Tensor) -> Tensor:
+    """Checks the kernels' layout contract on [B, D] row views: one shape, one dtype, one device, unit
+    element stride (any row stride). Returns the first tensor."""
+    first = tensors[0]
+    for t in tensors:
+        if t.dim() != 2 or t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(
+                f"score kernels need [B, D] rows of one shape, dtype and device, got {tuple(t.shape)} {t.dtype} "
+                f"{t.device} and {tuple(first.shape)} {first.dtype} {first.device}"
+            )
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"score kernels need unit element stride, got strides {t.stride()}")
+    if first.device.type == "cuda" and first.dtype == torch.float64:
+        raise TypeError("the cuda backend does not support float64 inputs (use float32, bfloat16 or float16)")
+    return first
+
+
+def _per_sample(t: Tensor, cdt: torch.dtype) -> Tensor:
+    return t.to(cdt).contiguous()
+
+
+def _score_workspace(x: Tensor, kernel: str) -> Tensor:
+    """Scratch of the CUDA kernels for rows split over several blocks (empty on the CPU)."""
+    if kernel != "cuda":
+        return x.new_empty(0, dtype=torch.float32)
+    return torch.empty(load().score_workspace_floats, dtype=torch.float32, device=x.device)
+
+
+def _row_stride(t: Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def fdistill_params(x: Tensor, a: Tensor, b: Tensor, h: Tensor, scale: float, loss: Tensor, dx: Tensor,
+                    workspace: Tensor):
+    """A ``_C.FDistillParams`` for [B, D] rows x, a, b (unit element stride) and h [B] contiguous."""
+    p = load().FDistillParams()
+    p.B, p.D = x.shape
+    p.x, p.a, p.b, p.h = _ptr(x), _ptr(a), _ptr(b), _ptr(h)
+    p.sx, p.sa, p.sb = _row_stride(x), _row_stride(a), _row_stride(b)
+    p.scale, p.dtype = scale, DTYPE_CODES[x.dtype]
+    p.loss, p.dx = _ptr(loss), _ptr(dx)
+    p.workspace, p.workspace_floats = _ptr(workspace), workspace.numel()
+    return p
+
+
+def fdistill_rows(
+    kernel: str, x: Tensor, a: Tensor, b: Tensor, h: Tensor, scale: float, need_dx: bool
+) -> tuple[Tensor, Tensor]:
+    """Native f-distill rows (``kernel`` is "cpu" or "cuda"); same contract as
+    ``mmfast.reference.fdistill.fdistill_rows``: (loss [B] in the compute dtype, dx [B, D] or empty)."""
+    from mmfast.reference.routed_kd import compute_dtype
+
+    _score_rows(x, a, b)
+    B, D = x.shape
+    cdt = compute_dtype(x.dtype)
+    loss = torch.empty(B, dtype=cdt, device=x.device)
+    dx = torch.empty(B, D, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+    if B > 0:
+        ws = _score_workspace(x, kernel)
+        _run(kernel, "fdistill", fdistill_params(x, a, b, _per_sample(h, cdt), scale, loss, dx, ws), x.device)
+    return loss, dx
+
+
+def uni_instruct_params(x: Tensor, a: Tensor, b: Tensor, coef: Tensor, di_norm: Tensor | None, alpha: float,
+                        scale: float, fgm: bool, di: bool, loss: Tensor, dx: Tensor, da: Tensor, db: Tensor,
+                        workspace: Tensor):
+    """A ``_C.UniInstructParams`` for [B, D] rows x, a, b, coef [B, 3] and di_norm [1] (or None) contiguous."""
+    p = load().UniInstructParams()
+    p.B, p.D = x.shape
+    p.x, p.a, p.b, p.coef, p.di_norm = _ptr(x), _ptr(a), _ptr(b), _ptr(coef), _ptr(di_norm)
+    p.sx, p.sa, p.sb = _row_stride(x), _row_stride(a), _row_stride(b)
+    p.alpha, p.scale, p.fgm, p.di = alpha, scale, int(fgm), int(di)
+    p.dtype = DTYPE_CODES[x.dtype]
+    p.loss, p.dx, p.da, p.db = _ptr(loss), _ptr(dx), _ptr(da), _ptr(db)
+    p.workspace, p.workspace_floats = _ptr(workspace), workspace.numel()
+    return p
+
+
+def uni_instruct_rows(
+    kernel: str,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor,
+    coef: Tensor,
+    di_norm: Tensor | None,
+    alpha: float,
+    scale: float,
+    fgm: bool,
+    di: bool,
+    need_dx: bool,
+    need_da: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Native Uni-Instruct rows (``kernel`` is "cpu" or "cuda"); same contract as
+    ``mmfast.reference.uni_instruct.uni_instruct_rows``: (loss [B], dx, da, db [B, D] or empty)."""
+    from mmfast.reference.routed_kd import compute_dtype
+
+    _score_rows(x, a, b)
+    B, D = x.shape
+    cdt = compute_dtype(x.dtype)
+    loss = torch.empty(B, dtype=cdt, device=x.device)
+
+    def grad(need: bool) -> Tensor:
+        return torch.empty(B, D, dtype=x.dtype, device=x.device) if need else x.new_empty(0)
+
+    dx, da, db = grad(need_dx), grad(need_da), grad(need_db)
+    if B > 0:
+        norm = None if di_norm is None or not di else _per_sample(di_norm, cdt).reshape(1)
+        params = uni_instruct_params(
+            x, a, b, _per_sample(coef, cdt), norm, alpha, scale, fgm, di, loss, dx, da, db,
+            _score_workspace(x, kernel),
+        )
+        _run(kernel, "uni_instruct", params, x.device)
+    return loss, dx, da, db
+
+
+def fake_score_params(b: Tensor, x: Tensor, lam: Tensor, scale: float, loss: Tensor, db: Tensor, workspace: Tensor):
+    """A ``_C.FakeScoreParams`` for [B, D] rows b, x (unit element stride) and lam [B] contiguous."""
+    p = load().FakeScoreParams()
+    p.B, p.D = b.shape
+    p.b, p.x, p.lam = _ptr(b), _ptr(x), _ptr(lam)
+    p.sb, p.sx = _row_stride(b), _row_stride(x)
+    p.scale, p.dtype = scale, DTYPE_CODES[b.dtype]
+    p.loss, p.db = _ptr(loss), _ptr(db)
+    p.workspace, p.workspace_floats = _ptr(workspace), workspace.numel()
+    return p
+
+
+def fake_score_rows(
+    kernel: str, b: Tensor, x: Tensor, lam: Tensor, scale: float, need_db: bool
+) -> tuple[Tensor, Tensor]:
+    """Native fake-score rows (``kernel`` is "cpu" or "cuda"); same contract as
+    ``mmfast.reference.fake_score.fake_score_rows``: (loss [B] in the compute dtype, db [B, D] or empty)."""
+    from mmfast.reference.routed_kd import compute_dtype
+
+    _score_rows(b, x)
+    B, D = b.shape
+    cdt = compute_dtype(b.dtype)
+    loss = torch.empty(B, dtype=cdt, device=b.device)
+    db = torch.empty(B, D, dtype=b.dtype, device=b.device) if need_db else b.new_empty(0)
+    if B > 0:
+        ws = _score_workspace(b, kernel)
+        _run(kernel, "fake_score", fake_score_params(b, x, _per_sample(lam, cdt), scale, loss, db, ws), b.device)
+    return loss, db

@@ -50,8 +50,11 @@ import torch
 from torch import Tensor
 
 import mmfast
+from mmfast.reference.fdistill import fdistill_loss_autograd
+from mmfast.reference.masked_reconstruction import masked_reconstruction_loss_autograd
 from mmfast.reference.mutual_kd import mutual_kd_loss_autograd
 from mmfast.reference.routed_kd import routed_kd_loss_autograd
+from mmfast.reference.uni_instruct import uni_instruct_loss_autograd
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 LOSS_BASELINES = ("eager", "compile")
@@ -159,6 +162,146 @@ class MutualCase:
         return mmfast.mutual_kd_loss
 
 
+@dataclass(frozen=True)
+class _ScoreCase:
+    """Score distillation on images [B, C, H, W]: generator sample x, teacher and fake-score x0-predictions."""
+
+    B: int
+    C: int
+    H: int
+    W: int
+    large: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.suite.replace('_', '-')} B={self.B} {self.C}x{self.H}x{self.W}"
+
+    def label(self, dtype: torch.dtype) -> str:
+        return f"{self.name} {DTYPE_NAMES[dtype]}"
+
+    def minimal_bytes(self, dtype: torch.dtype) -> int:
+        """Read x, teacher_x0, fake_x0 once; write each requested gradient once."""
+        s = g = torch.finfo(dtype).bits // 8
+        return self.B * self.C * self.H * self.W * (3 * s + len(self.grads) * g)
+
+    def exp_elements(self) -> None:
+        return None
+
+    def inputs(self, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        shape = (self.B, self.C, self.H, self.W)
+        x, a, b = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
+        ratio = torch.exp(torch.empty(self.B).uniform_(-2.3, 3.0, generator=gen)).to(device)
+        out = dict(x=x, teacher_x0=a, fake_x0=b, **self.weight(ratio))
+        for name in self.grads:
+            out[name].requires_grad_()
+        return out
+
+
+@dataclass(frozen=True)
+class FDistillCase(_ScoreCase):
+    suite: ClassVar[str] = "fdistill"
+    description: ClassVar[str] = "f-distill generator loss (h = js weight; grad to x)"
+    grads: ClassVar[tuple[str, ...]] = ("x",)
+
+    @staticmethod
+    def weight(ratio: Tensor) -> dict:
+        return dict(h=ratio / (1 + ratio))
+
+    @staticmethod
+    def eager_loss() -> Callable[..., Tensor]:
+        return fdistill_loss_autograd
+
+    @staticmethod
+    def mmfast_loss() -> Callable[..., Tensor]:
+        return mmfast.fdistill_loss
+
+
+@dataclass(frozen=True)
+class UniInstructCase(_ScoreCase):
+    suite: ClassVar[str] = "uni_instruct"
+    description: ClassVar[str] = "Uni-Instruct generator loss (jeffreys, fgm + di; grads to x, teacher_x0, fake_x0)"
+    grads: ClassVar[tuple[str, ...]] = ("x", "teacher_x0", "fake_x0")
+
+    @staticmethod
+    def weight(ratio: Tensor) -> dict:
+        return dict(ratio=ratio, divergence="jeffreys", fgm=True, di=True)
+
+    @staticmethod
+    def eager_loss() -> Callable[..., Tensor]:
+        return uni_instruct_loss_autograd
+
+    @staticmethod
+    def mmfast_loss() -> Callable[..., Tensor]:
+        return mmfast.uni_instruct_loss
+
+
+@dataclass(frozen=True)
+class MaskedReconCase:
+    """Masked reconstruction (mse, mean; grad to pred, target detached): pred and target [N, D] with no
+    mask, a bool row mask [N, 1] keeping ``keep`` of the rows (random rows), or a bool element mask
+    [N, D] keeping ``keep`` of the elements. Minimal bytes read only the rows a row mask keeps."""
+
+    suite: ClassVar[str] = "masked_reconstruction"
+    description: ClassVar[str] = (
+        "masked reconstruction (mse, mean; grad to pred); a row mask's excluded rows are not read"
+    )
+    N: int
+    D: int
+    mask: str = "none"  # "none", "row" or "element"
+    keep: float = 1.0
+    large: bool = False
+
+    @property
+    def kept_rows(self) -> int:
+        return round(self.N * self.keep) if self.mask == "row" else self.N
+
+    def skipped_bytes(self, dtype: torch.dtype) -> int:
+        """Reads of pred and target that row skipping saves."""
+        return (self.N - self.kept_rows) * self.D * 2 * (torch.finfo(dtype).bits // 8)
+
+    @property
+    def name(self) -> str:
+        base = f"masked-recon N={self.N} D={self.D}"
+        if self.mask == "row":
+            saved = self.skipped_bytes(torch.float32) / 2**20
+            return f"{base} row mask {100 * self.keep:.0f}% (skips {saved:.0f} MiB fp32 reads)"
+        return f"{base} element mask {100 * self.keep:.0f}%" if self.mask == "element" else f"{base} no mask"
+
+    def label(self, dtype: torch.dtype) -> str:
+        return f"{self.name} {DTYPE_NAMES[dtype]}"
+
+    def minimal_bytes(self, dtype: torch.dtype) -> int:
+        """Read the kept rows of pred and target and the mask; write the whole gradient."""
+        s = g = torch.finfo(dtype).bits // 8
+        mask_bytes = {"none": 0, "row": self.N, "element": self.N * self.D}[self.mask]
+        return self.kept_rows * self.D * 2 * s + self.N * self.D * g + mask_bytes
+
+    def exp_elements(self) -> None:
+        return None
+
+    def inputs(self, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        pred = torch.randn(self.N, self.D, generator=gen).to(device, dtype).requires_grad_()
+        target = torch.randn(self.N, self.D, generator=gen).to(device, dtype)
+        if self.mask == "row":
+            mask = torch.zeros(self.N, 1, dtype=torch.bool)
+            mask[torch.randperm(self.N, generator=gen)[: self.kept_rows]] = True
+        elif self.mask == "element":
+            mask = torch.rand(self.N, self.D, generator=gen) < self.keep
+        else:
+            mask = None
+        return dict(pred=pred, target=target, mask=None if mask is None else mask.to(device), loss="mse")
+
+    @staticmethod
+    def eager_loss() -> Callable[..., Tensor]:
+        return masked_reconstruction_loss_autograd
+
+    @staticmethod
+    def mmfast_loss() -> Callable[..., Tensor]:
+        return mmfast.masked_reconstruction_loss
+
+
 class Case(Protocol):
     """What a benchmark case provides (see :class:`RoutedCase`)."""
 
@@ -191,6 +334,14 @@ MUTUAL_CASES = (
 SUITES: dict[str, tuple[Case, ...]] = {
     "routed_kd": ROUTED_CASES,
     "mutual_kd": MUTUAL_CASES,
+    "fdistill": (FDistillCase(B=256, C=3, H=64, W=64), FDistillCase(B=32, C=4, H=128, W=128)),
+    "uni_instruct": (UniInstructCase(B=256, C=3, H=64, W=64), UniInstructCase(B=32, C=4, H=128, W=128)),
+    "masked_reconstruction": (
+        MaskedReconCase(N=8192, D=1024),
+        MaskedReconCase(N=8192, D=1024, mask="row", keep=0.25),
+        MaskedReconCase(N=8192, D=1024, mask="row", keep=0.75),
+        MaskedReconCase(N=8192, D=1024, mask="element", keep=0.5),
+    ),
 }
 QUICK_CASES: tuple[Case, ...] = (ROUTED_CASES[0],)  # what ``--quick`` (CI) runs: cheap cases only
 CASES = {case.name: case for cases in SUITES.values() for case in cases}

@@ -8,26 +8,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast import _checks
+from mmfast._distributed import all_reduce_sum, check_process_group, global_mean
 from mmfast.ops import mutual_kd as mutual_kd_ops
 from mmfast.ops import routed_kd as routed_kd_ops
 from mmfast.reference.routed_kd import DIVERGENCES, MIXES, compute_dtype
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 REDUCTIONS = ("batchmean", "sum", "none")
 LOAD_BALANCE_MODES = ("kl", "cv")
 
 
-def _reduce(loss_rows: Tensor, reduction: str, count: Tensor | int, out_shape, dtype) -> Tensor:
+def _reduce(
+    loss_rows: Tensor, reduction: str, count: Tensor | int, out_shape, dtype, process_group=None
+) -> Tensor:
+    """``none``: the rows; ``sum``; ``batchmean``: sum / count. With ``process_group`` the sum and the
+    count are taken over all ranks: every rank returns the same, global value."""
     if reduction == "none":
         return loss_rows.reshape(out_shape).to(dtype)
     total = loss_rows.sum()
     if reduction == "sum":
-        return total.to(dtype)
+        return all_reduce_sum(total, process_group).to(dtype)
+    if process_group is not None:
+        return global_mean(total, count, process_group).to(dtype)
     return (total / count).to(dtype)
 
 
@@ -45,6 +55,7 @@ def routed_kd_loss(
     class_dim: int = -1,
     mask: Tensor | None = None,
     reduction: str = "batchmean",
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Routed teacher-mixture KD loss (MST-Distill; SPEC section 1).
 
@@ -64,12 +75,17 @@ def routed_kd_loss(
         mask: bool, the student's shape without the class dim; False rows contribute nothing and are
             not counted.
         reduction: ``batchmean``, ``sum`` or ``none`` (per-row loss, [N] or [B, *spatial]).
+        process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``): the sum and the count
+            of valid rows are all-reduced, so every rank returns the loss of the concatenated batch
+            (a global batchmean), and DDP / FSDP, which average gradients over the ranks, give the
+            single-process gradients (docs/distributed.md). Not with ``reduction="none"``.
     """
     x = _checks.floating("student_logits", _checks.tensor("student_logits", student_logits))
     z = _checks.floating("teacher_logits", _checks.stack("teacher_logits", teacher_logits))
     _checks.choice("mix", mix, tuple(MIXES))
     _checks.choice("divergence", divergence, tuple(DIVERGENCES))
     _checks.choice("reduction", reduction, REDUCTIONS)
+    process_group = check_process_group(process_group, reduction)
     temperature = _checks.positive("temperature", temperature)
     if divergence == "js" and not (0.0 < float(beta) < 1.0):
         raise ValueError(f"beta must be in (0, 1) for divergence='js', got {beta}")
@@ -149,8 +165,11 @@ def routed_kd_loss(
         temperature**2 if t2_scale else 1.0,
         grad_on and x.requires_grad, grad_on and w.requires_grad, grad_on and z.requires_grad,
     )
-    count = mask2.sum().clamp_min(1) if mask2 is not None else B * S
-    return _reduce(loss_rows, reduction, count, row_shape, x.dtype)
+    if mask2 is None:
+        count = B * S
+    else:  # the global count is clamped after the all-reduce
+        count = mask2.sum() if process_group is not None else mask2.sum().clamp_min(1)
+    return _reduce(loss_rows, reduction, count, row_shape, x.dtype, process_group)
 
 
 def mutual_kd_loss(
@@ -158,6 +177,7 @@ def mutual_kd_loss(
     temperature: float = 1.0,
     t2_scale: bool = True,
     reduction: str = "batchmean",
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Mutual (co-training) KD of MST-Distill stage 1, nothing detached.
 
@@ -166,6 +186,8 @@ def mutual_kd_loss(
 
     Args:
         logits: [M, N, C] or a sequence of M tensors [N, C].
+        process_group: a ``torch.distributed`` group: sum and N over all ranks (the loss of the
+            concatenated batch on every rank, also for unequal per-rank batches; docs/distributed.md).
     """
     x = _checks.floating("logits", _checks.stack("logits", logits))
     if x.dim() != 3:
@@ -174,41 +196,37 @@ def mutual_kd_loss(
         raise ValueError(f"logits must have M, N, C >= 1, got shape {tuple(x.shape)}")
     temperature = _checks.positive("temperature", temperature)
     _checks.choice("reduction", reduction, REDUCTIONS)
+    process_group = check_process_group(process_group, reduction)
     need = torch.is_grad_enabled() and x.requires_grad
     loss_rows, _ = mutual_kd_ops.mutual_kd_fwd(x, temperature, temperature**2 if t2_scale else 1.0, need)
-    return _reduce(loss_rows, reduction, x.shape[1], (x.shape[1],), x.dtype)
+    return _reduce(loss_rows, reduction, x.shape[1], (x.shape[1],), x.dtype, process_group)
 
 
-def _all_reduce_sum(t: Tensor, process_group) -> Tensor:
-    """Differentiable sum over the ranks of ``process_group`` (identity without one)."""
-    if process_group is None:
-        return t
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t, group=process_group)
-
-
-def load_balance_loss(probs: Tensor, mode: str = "kl", process_group=None) -> Tensor:
+def load_balance_loss(probs: Tensor, mode: str = "kl", process_group: ProcessGroup | None = None) -> Tensor:
     """Load-balance loss of the teacher router (MST-Distill).
 
     With pbar = mean over rows of the router probabilities ``probs`` [N, E] (over all ranks of
-    ``process_group``): ``kl`` gives (1/E) * KL(u || pbar), u uniform; ``cv`` gives the coefficient
-    of variation std(sum_n pi_n) / mean(sum_n pi_n) (unbiased std).
+    ``process_group``, computed in fp32 for bf16/fp16 input): ``kl`` gives (1/E) * KL(u || pbar),
+    u uniform; ``cv`` gives the coefficient of variation std(sum_n pi_n) / mean(sum_n pi_n)
+    (unbiased std; equal to std(pbar) / mean(pbar)). With ``process_group`` every rank returns the
+    global value (docs/distributed.md).
     """
     p = _checks.floating("probs", _checks.tensor("probs", probs))
     _checks.choice("mode", mode, LOAD_BALANCE_MODES)
+    process_group = check_process_group(process_group)
     if p.dim() != 2 or p.shape[0] < 1 or p.shape[1] < 1:
         raise ValueError(f"probs must be [N, E] with N, E >= 1, got shape {tuple(p.shape)}")
-    E = p.shape[1]
-    col_sum = _all_reduce_sum(p.sum(0), process_group)
+    N, E = p.shape
+    if mode == "cv" and E < 2:
+        raise ValueError("mode='cv' needs at least two teachers (probs.shape[1] >= 2)")
+    cdt = compute_dtype(p.dtype)
+    col_sum = p.sum(0, dtype=cdt)
+    pbar = col_sum / N if process_group is None else global_mean(col_sum, N, process_group).to(cdt)
     if mode == "cv":
-        if E < 2:
-            raise ValueError("mode='cv' needs at least two teachers (probs.shape[1] >= 2)")
-        return col_sum.std() / col_sum.mean()
-    rows = _all_reduce_sum(p.new_full((), float(p.shape[0])), process_group)
-    pbar = col_sum / rows
-    log_u = -math.log(E)
-    return (log_u - torch.log(pbar)).sum() / (E * E)
+        out = pbar.std() / pbar.mean()
+    else:
+        out = (-math.log(E) - torch.log(pbar)).sum() / (E * E)
+    return out.to(p.dtype)
 
 
 def teacher_weights(
@@ -216,11 +234,14 @@ def teacher_weights(
     labels: Tensor,
     temperature: float = 1.0,
     per_sample: bool = True,
+    process_group: ProcessGroup | None = None,
 ) -> Tensor:
     """Teacher weights from the teachers' own losses (egocentric multimodal KD).
 
     l_ne = CE(z_e,n, y_n); w_n = softmin_e(l_ne / tau) per sample, or, with ``per_sample=False``,
-    one vector softmin_e(mean_n l_ne / tau) repeated for every row. Returns [N, E].
+    one vector softmin_e(mean_n l_ne / tau) repeated for every row; the mean is over all ranks of
+    ``process_group`` when one is given (``per_sample=True`` needs no communication). Computed in fp32
+    for bf16/fp16 logits; returns [N, E] in the logits' dtype.
     """
     z = _checks.floating("teacher_logits", _checks.stack("teacher_logits", teacher_logits))
     if z.dim() != 3:
@@ -232,10 +253,20 @@ def teacher_weights(
     if labels.shape != (N,):
         raise ValueError(f"labels must be [{N}] (one class id per row), got {tuple(labels.shape)}")
     temperature = _checks.positive("temperature", temperature)
+    process_group = check_process_group(process_group)
     _checks.same_device(("teacher_logits", "labels"), (z, labels))
     if _checks.value_checks_active(labels) and N and bool(((labels < 0) | (labels >= C)).any()):
         raise ValueError(f"labels must be in [0, {C}) (C = number of classes); found one out of range")
-    ce = F.cross_entropy(z.reshape(E * N, C), labels.repeat(E), reduction="none").reshape(E, N)
+    cdt = compute_dtype(z.dtype)
+    log_p = torch.log_softmax(z, dim=-1, dtype=cdt)
+    # with value checks off, a label out of range gives a NaN row (no out-of-bounds read, no device assert)
+    valid = (labels >= 0) & (labels < C)
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).reshape(1, N, 1).expand(E, N, 1)
+    ce = torch.where(valid, -log_p.gather(-1, safe).squeeze(-1), torch.full_like(log_p[..., 0], math.nan))
     if not per_sample:
-        ce = ce.mean(1, keepdim=True).expand(E, N)
-    return torch.softmax(-ce.t() / temperature, dim=1)
+        if process_group is None:
+            mean = ce.mean(1, keepdim=True)
+        else:
+            mean = global_mean(ce.sum(1, keepdim=True), N, process_group).to(cdt)
+        ce = mean.expand(E, N)
+    return torch.softmax(-ce.t() / temperature, dim=1).to(z.dtype)

@@ -172,3 +172,37 @@ def assert_scaled_close(actual: Tensor, expected: Tensor, rtol: float, atol: flo
     torch.testing.assert_close(
         a, e, rtol=rtol, atol=atol * scale, equal_nan=True, msg=lambda m: f"{what}: {m}"
     )
+
+
+def _tensors_in(obj) -> list[Tensor]:
+    """Every tensor in ``obj``, searching lists, tuples (named ones too) and dict values."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors_in(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors_in(item)]
+    return []
+
+
+def assert_inputs_unchanged(fn, *args, backward: bool = True, **kwargs):
+    """Run ``fn(*args, **kwargs)`` and, when ``backward``, back-propagate through every output that
+    requires grad; assert that no tensor given to it (nested in lists, tuples and dicts too) was written:
+    its version counter and its data are unchanged after the forward and after the backward.
+    Returns ``fn``'s output."""
+    watched = [(t, t._version, t.detach().clone()) for t in _tensors_in((args, kwargs))]
+
+    def check(when):
+        for i, (t, version, copy) in enumerate(watched):
+            assert t._version == version, f"{when}: input tensor {i} was written (version counter changed)"
+            torch.testing.assert_close(
+                t.detach(), copy, rtol=0, atol=0, equal_nan=True, msg=lambda m, i=i: f"{when}: input {i}: {m}"
+            )
+
+    out = fn(*args, **kwargs)
+    check("forward")
+    outputs = [o for o in _tensors_in(out) if o.requires_grad]
+    if backward and outputs:
+        torch.autograd.backward([o.float().sum() * 1.5 for o in outputs])
+        check("backward")
+    return out

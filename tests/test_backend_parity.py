@@ -1,4 +1,5 @@
-"""Every backend against the torch backend, through the public API (SPEC section 6).
+"""Every backend against the torch backend, through the public API (SPEC section 6; bf16 / fp16:
+tests/test_precision.py).
 
 The ground truth is the torch backend in float64 on the very values the backend under test sees
 (inputs cast to its dtype, then widened). ``torch`` itself at float32 is in the list: it shows the
@@ -7,8 +8,6 @@ fewer, tiny cases.
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -23,14 +22,13 @@ from _utils import (
     seed_of,
     value_and_grads,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import mmfast
 
 PARITY = backend_params(dtypes={"cpu": (torch.float32, torch.float64)})
 TOL = {torch.float32: (1e-4, 2e-5), torch.float64: (1e-9, 1e-11)}  # (rtol, atol relative to max|truth|)
-FUZZ_EXAMPLES = int(os.environ.get("MMFAST_FUZZ_EXAMPLES", "25"))
 
 
 def cases(full, interpreter=None):
@@ -45,8 +43,9 @@ def cases(full, interpreter=None):
     return out
 
 
-def _close(actual, expected, dtype, what):
-    assert_scaled_close(actual, expected, *TOL[dtype], what=what)
+def _close(actual, expected, dtype, what, tol_scale=1.0):
+    rtol, atol = TOL[dtype]
+    assert_scaled_close(actual, expected, rtol * tol_scale, atol * tol_scale, what=what)
 
 
 def _row_view(t, class_dim):
@@ -54,7 +53,7 @@ def _row_view(t, class_dim):
     return t if class_dim == -1 else t.movedim(1, -1)
 
 
-def check_routed(backend, device, dtype, inputs, *, grad_out="random", wrt=None, seed=0, **kw):
+def check_routed(backend, device, dtype, inputs, *, grad_out="random", wrt=None, seed=0, tol_scale=1.0, **kw):
     """Row losses and gradients on ``backend`` == the torch backend in float64, plus the exact zeros the
     contract demands (masked rows; teachers that sparse routing does not select)."""
     inputs = cast(inputs, dtype, device)
@@ -73,11 +72,11 @@ def check_routed(backend, device, dtype, inputs, *, grad_out="random", wrt=None,
             mmfast.routed_kd_loss, inputs, grad_out, wrt, reduction="none", **kw
         )
     assert rows_k.dtype == dtype and rows_k.device.type == device
-    _close(rows_k, rows_t, dtype, "row loss")
+    _close(rows_k, rows_t, dtype, "row loss", tol_scale)
     assert grads_k.keys() == grads_t.keys()
     for name in grads_k:
         assert grads_k[name].dtype == inputs[name].dtype, name
-        _close(grads_k[name], grads_t[name], dtype, f"grad {name}")
+        _close(grads_k[name], grads_t[name], dtype, f"grad {name}", tol_scale)
 
     cd, mask, idx = inputs["class_dim"], inputs["mask"], inputs["indices"]
     gx, gz = grads_k.get("student_logits"), grads_k.get("teacher_logits")
@@ -363,50 +362,7 @@ def test_mutual_kd(backend, device, dtype, M, N, C):
 
 
 # --------------------------------------------------------------------------------------------
-# bf16 / fp16: the backend's error against float64 is no worse than the reference's own
-
-LOW_PRECISION = backend_params(
-    ("cpu", "triton", "cuda"),
-    dtypes={
-        "cpu": (torch.bfloat16, torch.float16),
-        "triton": ()
-        if interpreted("triton")
-        else (torch.bfloat16, torch.float16),  # interpreter bf16 is wrong
-        "cuda": (torch.bfloat16, torch.float16),
-    },
-)
-
-
-@pytest.mark.parametrize("backend,device,dtype", LOW_PRECISION)
-@pytest.mark.parametrize("mix", MIXES)
-def test_low_precision_error_no_worse_than_reference(backend, device, dtype, mix):
-    for div, K in (("kl", None), ("js", 2), ("tvd", None), ("reverse_kl", 1)):
-        seed = seed_of(mix, div, K, str(dtype))
-        inputs = cast(make_routed(rows=9, C=300, E=3, K=K, mask="random", seed=seed), dtype, device)
-        truth_in = cast(inputs, torch.float64, "cpu")
-        go = torch.randn(9, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        kw = dict(temperature=2.0, mix=mix, divergence=div, reduction="none")
-        with mmfast.use_backend("torch"):
-            truth = value_and_grads(mmfast.routed_kd_loss, truth_in, go, **kw)
-            ref = value_and_grads(mmfast.routed_kd_loss, inputs, go, **kw)
-        with mmfast.use_backend(backend):
-            got = value_and_grads(mmfast.routed_kd_loss, inputs, go, **kw)
-        pairs = [("rows", got[0], ref[0], truth[0])] + [
-            (n, got[1][n], ref[1][n], truth[1][n]) for n in truth[1]
-        ]
-        for name, k, r, t in pairs:
-            assert k.dtype == r.dtype, name
-            t = t.cpu()
-            err_k = (k.double().cpu() - t).abs().max().item()
-            err_r = (r.double().cpu() - t).abs().max().item()
-            floor = 1e-5 * max(1.0, t.abs().max().item())
-            assert err_k <= 2 * err_r + floor, (
-                f"{div} K={K} {name}: error {err_k:.3g} vs reference {err_r:.3g}"
-            )
-
-
-# --------------------------------------------------------------------------------------------
-# fuzz
+# fuzz (cases per test: the hypothesis profile, "ci" or "nightly"; tests/conftest.py, tests/README.md)
 
 
 @st.composite
@@ -446,15 +402,22 @@ def routed_problems(draw, tiny):
 
 
 @pytest.mark.parametrize("backend,device,dtype", cases([()]))
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_routed_parity(backend, device, dtype, data):
     inputs, kw = data.draw(routed_problems(tiny=interpreted(backend)))
-    check_routed(backend, device, dtype, inputs, seed=data.draw(st.integers(0, 1000)), **kw)
+    # the rounding error of softmax(logits / tau) grows with max|logits| / tau (up to ~60 here)
+    spread = max(float(inputs[k].abs().max()) for k in ("student_logits", "teacher_logits")) / kw["temperature"]
+    tol_scale = max(1.0, spread / 8) if dtype == torch.float32 else 1.0
+    # tvd's gradient jumps where the mixture and the student tie (sign(0)); rounding decides such ties:
+    # one class with mix="probs" (the mixture is sum_e w_e ~ 1 against q = 1), and, past a spread of ~16,
+    # float32 softmax saturating to exact ties that float64 resolves. No well-defined gradient to compare.
+    one_class_probs = inputs["student_logits"].shape[1] == 1 and kw["mix"] == "probs"
+    saturated = dtype == torch.float32 and spread > 16
+    assume(not (kw["divergence"] == "tvd" and (one_class_probs or saturated)))
+    check_routed(backend, device, dtype, inputs, seed=data.draw(st.integers(0, 1000)), tol_scale=tol_scale, **kw)
 
 
 @pytest.mark.parametrize("backend,device,dtype", cases([()]))
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     M=st.integers(1, 4),
     N=st.integers(1, 6),
@@ -476,3 +439,165 @@ def test_fuzz_mutual_parity(backend, device, dtype, M, N, C, tau, seed):
     rows_k.backward(grad_out.to(device, dtype))
     _close(rows_k, rows_t, dtype, "rows")
     _close(b.grad, a.grad, dtype, "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz of the f-divergence losses and masked reconstruction (issues 3 and 4)
+
+
+def check_parity(fn, backend, device, dtype, inputs, wrt, grad_out=None, tol_scale=1.0, **kw):
+    """``fn(**inputs, **kw)`` and its gradients to ``wrt`` on ``backend`` == the torch backend in float64
+    on the same (rounded) inputs; the gradients keep their input's dtype and layout (strides)."""
+    inputs = cast(inputs, dtype, device)
+    with mmfast.use_backend("torch"):
+        value_t, grads_t = value_and_grads(fn, cast(inputs, torch.float64, "cpu"), grad_out, wrt, **kw)
+    with mmfast.use_backend(backend):
+        value_k, grads_k = value_and_grads(fn, inputs, grad_out, wrt, **kw)
+    assert value_k.dtype == dtype and value_k.device.type == device
+    _close(value_k, value_t, dtype, "value", tol_scale)
+    assert grads_k.keys() == grads_t.keys()
+    for name, grad in grads_k.items():
+        assert grad.dtype == dtype, name
+        if inputs[name].is_non_overlapping_and_dense():
+            assert grad.stride() == inputs[name].stride(), f"grad {name} is not in its input's layout"
+        _close(grad, grads_t[name], dtype, f"grad {name}", tol_scale)
+
+
+def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout: "channels_last" ([B, C, H, W] only) or "transposed"
+    (the last two dims swapped in memory: a dense, non-contiguous view)."""
+    if layout == "channels_last" and t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed" and t.dim() >= 3:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+@st.composite
+def sample_problems(draw, names, tiny):
+    """Same-shaped [B, ...] float64 tensors ``names`` (the first in a drawn layout; the others in it too or
+    contiguous), at a drawn scale; with ``tie`` the second equals the first in sample 0 (|x - a| = 0)."""
+    B = draw(st.integers(1, 3 if tiny else 6))
+    shape = draw(st.sampled_from([(1,), (5,), (2, 3), (2, 3, 2)] if tiny else [(1,), (37,), (3, 8), (3, 5, 6)]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = draw(st.sampled_from([0.05, 1.0, 20.0]))
+    out = {n: torch.randn(B, *shape, generator=g, dtype=torch.float64) * scale for n in names}
+    if draw(st.booleans()):
+        out[names[1]][0] = out[names[0]][0]
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "transposed"]))
+    all_in_layout = draw(st.booleans())
+    for i, n in enumerate(names):
+        if i == 0 or all_in_layout:
+            out[n] = _in_layout(out[n], layout)
+    return out, g
+
+
+def _positive_per_sample(g, B, low, high):
+    """B values log-uniform in [low, high]."""
+    u = torch.rand(B, generator=g, dtype=torch.float64)
+    return torch.exp(u * (torch.log(torch.tensor(high)) - torch.log(torch.tensor(low))) + torch.log(torch.tensor(low)))
+
+
+def _reduction_grad(draw, g, B, reductions):
+    reduction = draw(st.sampled_from(reductions))
+    grad_out = torch.randn(B, generator=g, dtype=torch.float64) if reduction == "none" else 0.7
+    return reduction, grad_out
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases([()]))
+@given(data=st.data())
+def test_fuzz_fdistill_parity(backend, device, dtype, data):
+    inputs, g = data.draw(sample_problems(("x", "teacher_x0", "fake_x0"), interpreted(backend)))
+    B = inputs["x"].shape[0]
+    inputs["h"] = _positive_per_sample(g, B, 0.05, 20.0)
+    reduction, grad_out = _reduction_grad(data.draw, g, B, ("mean", "sum", "none"))
+    check_parity(mmfast.fdistill_loss, backend, device, dtype, inputs, ("x",), grad_out, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases([()]))
+@given(data=st.data())
+def test_fuzz_uni_instruct_parity(backend, device, dtype, data):
+    inputs, g = data.draw(sample_problems(("x", "teacher_x0", "fake_x0"), interpreted(backend)))
+    B = inputs["x"].shape[0]
+    inputs["ratio"] = _positive_per_sample(g, B, 0.1, 20.0)
+    reduction, grad_out = _reduction_grad(data.draw, g, B, ("mean", "sum", "none"))
+    kw = dict(
+        divergence=data.draw(st.sampled_from(mmfast.fdiv.DIVERGENCES)),
+        alpha=data.draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 3.0)),
+        fgm=data.draw(st.booleans()),
+        di=data.draw(st.booleans()),
+        di_norm=data.draw(st.sampled_from(["sample", "batch"])),
+        reduction=reduction,
+    )
+    wrt = ("x", *data.draw(st.sampled_from([(), ("teacher_x0",), ("teacher_x0", "fake_x0")])))
+    check_parity(mmfast.uni_instruct_loss, backend, device, dtype, inputs, wrt, grad_out, **kw)
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases([()]))
+@given(data=st.data())
+def test_fuzz_fake_score_parity(backend, device, dtype, data):
+    inputs, g = data.draw(sample_problems(("fake_x0", "x"), interpreted(backend)))
+    B = inputs["x"].shape[0]
+    inputs["sigma"] = _positive_per_sample(g, B, 0.002, 80.0)
+    reduction, grad_out = _reduction_grad(data.draw, g, B, ("mean", "sum", "none"))
+    sigma_data = data.draw(st.sampled_from([0.5, 1.0]) | st.floats(0.05, 2.0))
+    check_parity(mmfast.fake_score_loss, backend, device, dtype, inputs, ("fake_x0",), grad_out,
+                 sigma_data=sigma_data, reduction=reduction)
+
+
+@st.composite
+def recon_problems(draw, tiny):
+    """masked_reconstruction_loss inputs and options: [N, D] or [B, D, S] (channel_dim 1) or [B, S, D];
+    no mask, or a row / channel / element mask, bool or float (exact zeros included)."""
+    loss = draw(st.sampled_from(["mse", "smooth_l1", "cosine"]))
+    layout = draw(st.sampled_from(["rows", "channels_first", "channels_last"]))
+    D = draw(st.integers(1, 8 if tiny else 300))
+    n, s = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+    shape, cd = {"rows": ((n, D), -1), "channels_first": ((n, D, s), 1), "channels_last": ((n, s, D), -1)}[layout]
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    scale = draw(st.sampled_from([0.1, 2.0]))
+    inputs = {k: torch.randn(shape, generator=g, dtype=torch.float64) * scale for k in ("pred", "target")}
+    kinds = ["none", "row"] if loss == "cosine" else ["none", "row", "channel", "element"]
+    mask_kind = draw(st.sampled_from(kinds))
+    if mask_kind != "none":
+        mask_shape = {
+            "row": tuple(1 if i == cd % len(shape) else n for i, n in enumerate(shape)),
+            "channel": (D,) if cd == -1 else (D, 1),
+            "element": shape,
+        }[mask_kind]
+        m = torch.rand(mask_shape, generator=g, dtype=torch.float64)
+        m[torch.rand(mask_shape, generator=g) < 0.3] = 0.0
+        inputs["mask"] = m > 0.5 if draw(st.booleans()) else m
+    kw = dict(
+        loss=loss,
+        beta=draw(st.sampled_from([1.0]) | st.floats(0.05, 3.0)),
+        normalize_target=draw(st.booleans()),
+        channel_dim=cd,
+        reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+    )
+    wrt = ["pred"]
+    if draw(st.booleans()):
+        wrt.append("target")
+    if "mask" in inputs and inputs["mask"].is_floating_point() and draw(st.booleans()):
+        wrt.append("mask")
+    return inputs, tuple(wrt), kw, g
+
+
+@pytest.mark.parametrize("backend,device,dtype", cases([()]))
+@given(data=st.data())
+def test_fuzz_masked_reconstruction_parity(backend, device, dtype, data):
+    inputs, wrt, kw, g = data.draw(recon_problems(interpreted(backend)))
+    shape = inputs["pred"].shape
+    if kw["reduction"] != "none":
+        grad_out = 0.7
+    elif kw["loss"] == "cosine":
+        grad_out = torch.randn(shape[:kw["channel_dim"] % len(shape)] + shape[kw["channel_dim"] % len(shape) + 1:],
+                               generator=g, dtype=torch.float64)
+    else:
+        grad_out = torch.randn(shape, generator=g, dtype=torch.float64)
+    tol_scale = 1.0
+    if kw["normalize_target"]:  # (y - mean) / std amplifies the rounding of y by max|y| / std of its row
+        y = cast(inputs, dtype)["target"].double()
+        var = y.var(dim=kw["channel_dim"], unbiased=False)
+        tol_scale = max(1.0, float(y.abs().max() / (var + 1e-6).sqrt().min()) / 4)
+    check_parity(mmfast.masked_reconstruction_loss, backend, device, dtype, inputs, wrt, grad_out, tol_scale, **kw)

@@ -1,5 +1,6 @@
-"""A whole training step (routed KD + mutual KD + router, forward and backward) captured in a CUDA
-graph and replayed on new data equals eager: no op synchronises with the host (value checks are skipped
+"""A whole training step (every public op: routed KD sparse / dense / class_dim=1 through RoutedKDLoss,
+mutual KD, the router with both load-balance modes, teacher weights; forward and backward) captured in a
+CUDA graph and replayed on new data equals eager: no op synchronises with the host (value checks are skipped
 during capture) and every launch is capturable. GPU only."""
 
 import pytest
@@ -26,7 +27,12 @@ def test_training_step_in_cuda_graph(backend):
     x = torch.randn(N, C, device=dev, requires_grad=True)
     z = torch.randn(E, N, C, device=dev)
     mask = torch.rand(N, device=dev) > 0.2
-    params = [x, *router.parameters()]
+    labels = torch.randint(0, C, (N,), device=dev)
+    xd = torch.randn(4, 16, 8, 8, device=dev, requires_grad=True)  # dense logits [B, C, H, W]
+    zd = torch.randn(E, 4, 16, 8, 8, device=dev)
+    pixel_mask = torch.rand(4, 8, 8, device=dev) > 0.3
+    seg = mmfast.nn.RoutedKDLoss(temperature=2.0, mix="logits", class_dim=1)
+    params = [x, xd, *router.parameters()]
 
     def step():
         r = router(x)
@@ -35,6 +41,10 @@ def test_training_step_in_cuda_graph(backend):
             + mmfast.routed_kd_loss(x, z, temperature=2.0, mix="probs", divergence="js")
             + mmfast.mutual_kd_loss(torch.stack([x, z[0]]), temperature=2.0)
             + r.load_balance_loss
+            + mmfast.load_balance_loss(r.probs, "cv")
+            + mmfast.routed_kd_loss(x, z, mmfast.teacher_weights(z, labels, per_sample=False), divergence="js")
+            + mmfast.routed_kd_loss(x, z, mmfast.teacher_weights(z, labels, temperature=0.5), mix="logits")
+            + seg(xd, zd, mask=pixel_mask)
         )
         loss.backward()
         return loss
@@ -57,6 +67,8 @@ def test_training_step_in_cuda_graph(backend):
         with torch.no_grad():
             x.copy_(torch.randn_like(x))
             z.copy_(torch.randn_like(z))
+            xd.copy_(torch.randn_like(xd))
+            labels.copy_(torch.randint_like(labels, C))
         graph.replay()
         torch.cuda.synchronize()
         replayed = (static_loss.clone(), [p.grad.clone() for p in params])

@@ -45,6 +45,34 @@ void bind_cuda(py::module_& m) {
       },
       py::arg("params"), py::arg("stream"),
       "Enqueue the mutual KD kernel on `stream` (a cudaStream_t as an int).");
+  m.def(
+      "masked_reconstruction_cuda",
+      [](const MaskedReconParams& params, std::uintptr_t stream) {
+        enqueue<MaskedReconParams, masked_reconstruction_cuda>("masked_reconstruction_cuda", params, stream);
+      },
+      py::arg("params"), py::arg("stream"),
+      "Enqueue the masked reconstruction kernel on `stream` (a cudaStream_t as an int).");
+  m.def(
+      "fdistill_cuda",
+      [](const FDistillParams& params, std::uintptr_t stream) {
+        enqueue<FDistillParams, fdistill_cuda>("fdistill_cuda", params, stream);
+      },
+      py::arg("params"), py::arg("stream"),
+      "Enqueue the f-distill kernels on `stream` (a cudaStream_t as an int).");
+  m.def(
+      "uni_instruct_cuda",
+      [](const UniInstructParams& params, std::uintptr_t stream) {
+        enqueue<UniInstructParams, uni_instruct_cuda>("uni_instruct_cuda", params, stream);
+      },
+      py::arg("params"), py::arg("stream"),
+      "Enqueue the Uni-Instruct kernels on `stream` (a cudaStream_t as an int).");
+  m.def(
+      "fake_score_cuda",
+      [](const FakeScoreParams& params, std::uintptr_t stream) {
+        enqueue<FakeScoreParams, fake_score_cuda>("fake_score_cuda", params, stream);
+      },
+      py::arg("params"), py::arg("stream"),
+      "Enqueue the fake-score kernels on `stream` (a cudaStream_t as an int).");
 }
 
 }  // namespace mmfast

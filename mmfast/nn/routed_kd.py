@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
+from mmfast import _checks
 from mmfast import functional as F
+from mmfast._distributed import check_process_group
+from mmfast.reference.routed_kd import DIVERGENCES, MIXES
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class RoutedKDLoss(nn.Module):
     """Module form of :func:`mmfast.routed_kd_loss` with the configuration fixed at construction.
 
     MST-Distill stage 3 is ``RoutedKDLoss(temperature=4.0)`` fed hard top-k routing from
-    :class:`mmfast.nn.TeacherRouter`.
+    :class:`mmfast.nn.TeacherRouter`. The configuration is validated here, at construction. With
+    ``process_group`` the reduction is global over the ranks (docs/distributed.md).
     """
 
     def __init__(
@@ -25,15 +34,21 @@ class RoutedKDLoss(nn.Module):
         t2_scale: bool = True,
         class_dim: int = -1,
         reduction: str = "batchmean",
+        process_group: ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        self.temperature = temperature
-        self.mix = mix
-        self.divergence = divergence
+        self.temperature = _checks.positive("temperature", temperature)
+        self.mix = _checks.choice("mix", mix, tuple(MIXES))
+        self.divergence = _checks.choice("divergence", divergence, tuple(DIVERGENCES))
+        if divergence == "js" and not (0.0 < float(beta) < 1.0):
+            raise ValueError(f"beta must be in (0, 1) for divergence='js', got {beta}")
+        if class_dim not in (-1, 1):
+            raise ValueError(f"class_dim must be -1 ([N, C] logits) or 1 ([B, C, *spatial] logits), got {class_dim}")
+        self.reduction = _checks.choice("reduction", reduction, F.REDUCTIONS)
+        self.process_group = check_process_group(process_group, reduction)
         self.beta = beta
         self.t2_scale = t2_scale
         self.class_dim = class_dim
-        self.reduction = reduction
 
     def forward(
         self,
@@ -46,8 +61,18 @@ class RoutedKDLoss(nn.Module):
         return F.routed_kd_loss(
             student_logits, teacher_logits, weights, indices=indices, temperature=self.temperature,
             mix=self.mix, divergence=self.divergence, beta=self.beta, t2_scale=self.t2_scale,
-            class_dim=self.class_dim, mask=mask, reduction=self.reduction,
+            class_dim=self.class_dim, mask=mask, reduction=self.reduction, process_group=self.process_group,
         )
+
+    def __deepcopy__(self, memo):
+        """Deep copy that shares ``process_group`` (a process-wide handle that cannot be copied)."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def extra_repr(self) -> str:
         return (

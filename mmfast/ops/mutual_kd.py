@@ -46,6 +46,8 @@ def _(grad_loss, grad):
 
 
 def _setup_context(ctx, inputs, output):
+    # the gradient outputs are non-differentiable: no zero-filled [B, D] grads for them in backward
+    ctx.set_materialize_grads(False)
     _, grad = output
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad)
@@ -53,6 +55,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _ggrad):
+    if grad_loss is None:  # no gradient reached the loss (materialize_grads is off)
+        return (None,) * len(ctx.needs_input_grad)
     (grad,) = ctx.saved_tensors
     if ctx.needs_input_grad[0] and not ctx.need_grad:
         raise RuntimeError("mmfast::mutual_kd_fwd: logits require grad but need_grad=False")

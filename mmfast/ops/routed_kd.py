@@ -82,6 +82,8 @@ def _(grad_loss, dx, dw, dz):
 
 
 def _setup_context(ctx, inputs, output):
+    # the gradient outputs are non-differentiable: no zero-filled [B, D] grads for them in backward
+    ctx.set_materialize_grads(False)
     x, z, weights = inputs[0], inputs[1], inputs[2]
     need_dx, need_dw, need_dz = inputs[10], inputs[11], inputs[12]
     _, dx, dw, dz = output
@@ -92,6 +94,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _gdx, _gdw, _gdz):
+    if grad_loss is None:  # no gradient reached the loss (materialize_grads is off)
+        return (None,) * len(ctx.needs_input_grad)
     dx, dw, dz = ctx.saved_tensors
     for i, (name, flag) in enumerate(zip(("x", "z", "weights"), (ctx.need[0], ctx.need[2], ctx.need[1]), strict=True)):
         if ctx.needs_input_grad[i] and not flag:

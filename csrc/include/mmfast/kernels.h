@@ -7,9 +7,17 @@ namespace mmfast {
 // CPU (OpenMP over rows; num_threads <= 0 means the OpenMP default).
 void routed_kd_cpu(const RoutedKDParams& p, int num_threads);
 void mutual_kd_cpu(const MutualKDParams& p, int num_threads);
+void masked_reconstruction_cpu(const MaskedReconParams& p, int num_threads);
+void fdistill_cpu(const FDistillParams& p, int num_threads);
+void uni_instruct_cpu(const UniInstructParams& p, int num_threads);
+void fake_score_cpu(const FakeScoreParams& p, int num_threads);
 
 // CUDA: enqueue on `stream` (a cudaStream_t); returns a cudaError_t code (0 = success).
 int routed_kd_cuda(const RoutedKDParams& p, void* stream);
 int mutual_kd_cuda(const MutualKDParams& p, void* stream);
+int masked_reconstruction_cuda(const MaskedReconParams& p, void* stream);
+int fdistill_cuda(const FDistillParams& p, void* stream);
+int uni_instruct_cuda(const UniInstructParams& p, void* stream);
+int fake_score_cuda(const FakeScoreParams& p, void* stream);
 
 }  // namespace mmfast

@@ -69,4 +69,122 @@ struct MutualKDParams {
   void* grad;
 };
 
+// Masked reconstruction loss (SPEC section 2; oracle: mmfast/reference/masked_reconstruction.py).
+enum ReconLoss : int32_t { kReconMSE = 0, kReconSmoothL1 = 1, kReconCosine = 2 };
+// How the mask is given: none, per row ([R] weights), or per element ([A, D, S], strided, possibly
+// with zero strides for a broadcast channel mask), as compute-type floats or as bytes (bool).
+enum ReconMask : int32_t { kReconMaskNone = 0, kReconMaskRows = 1, kReconMaskFloat = 2, kReconMaskBool = 3 };
+
+// Logical shapes (element strides; A outer positions, D channels, S inner positions; rows are
+// r = a * S + s, R = A * S):
+//   pred, target [A, D, S]        (dtype)
+//   mask         [R] contiguous compute type (kReconMaskRows) or [A, D, S] strided compute type /
+//                uint8 (kReconMaskFloat / kReconMaskBool); nullptr for kReconMaskNone
+// Yt = target, or (target - mean) / sqrt(var + eps) per row (normalize_target, biased variance).
+// Weights: w_r (row mask, else 1) and m_i (element mask, else 1). Outputs (contiguous):
+//   loss   [R] compute type: sum_c w_r m_i e_i (cosine: w_r (1 - cos_r)); or, per_element,
+//          [A, D, S] dtype: w_r m_i e_i
+//   msum   [R] compute type: sum_c m_i (element masks, !per_element), or nullptr
+//   dp, dy [A, D, S] dtype: d loss / d pred, d loss / d target (per row or per element), or nullptr
+//   dm     d loss / d weight, or nullptr: [R] compute type sum_c e_i (cosine: 1 - cos_r) for a row
+//          mask and !per_element; else [A, D, S] compute type e_i
+// Rows with w_r == 0 are excluded: loss and dp, dy are written as 0 and pred/target are NOT read,
+// unless dm != nullptr (then they are read for dm only). cosine: row masks only, !per_element.
+struct MaskedReconParams {
+  int64_t A, D, S;
+  const void* pred;
+  int64_t sp_a, sp_d, sp_s;
+  const void* target;
+  int64_t sy_a, sy_d, sy_s;
+  const void* mask;
+  int64_t sm_a, sm_d, sm_s;
+  int32_t mask_kind;         // ReconMask
+  int32_t loss;              // ReconLoss
+  int32_t normalize_target;  // 0 / 1
+  int32_t per_element;       // 0 / 1
+  int32_t dtype;             // DType of pred, target, dp, dy (and of a per-element loss)
+  double beta;               // smooth_l1 threshold, > 0
+  double eps;                // normalize_target: var + eps
+  double cos_eps;            // cosine: norms clamped below at cos_eps
+  void* loss_out;
+  void* msum;
+  void* dp;
+  void* dy;
+  void* dm;
+};
+
+// Score distillation (SPEC section 3; oracles: mmfast/reference/{fdistill,uni_instruct,fake_score}.py).
+// Rows are samples: every [B, D] input is a view with unit element stride and its own row stride
+// (element units, >= D). Per-sample inputs (h, coef, lam, di_norm) are contiguous compute-type
+// arrays (float32; float64 when dtype == kFloat64). Outputs: loss [B] compute type; gradients
+// [B, D] contiguous in dtype, or nullptr when not requested. All sums in float32 blocks added in
+// double on the CPU (double throughout for kFloat64); in float32 on CUDA.
+// workspace (CUDA only; nullptr on the CPU): float32 scratch of workspace_floats elements for the
+// per-row partial sums of rows split over several blocks; kScoreWorkspaceFloats always suffices
+// (with less, the kernels do not split rows).
+constexpr int64_t kScoreWorkspaceFloats = 8192;
+
+// f-distill: m = mean_j |x - a|, w = h / (m + 1e-6), g = (b - a) w;
+//   loss = scale * 0.5 * sum_j g^2, dx = scale * g.
+struct FDistillParams {
+  int64_t B, D;
+  const void* x;
+  int64_t sx;
+  const void* a;
+  int64_t sa;
+  const void* b;
+  int64_t sb;
+  const void* h;  // [B]
+  double scale;
+  int32_t dtype;  // DType of x, a, b, dx
+  void* loss;
+  void* dx;
+  void* workspace;
+  int64_t workspace_floats;
+};
+
+// Uni-Instruct: d = a - b, u = (a - x) - alpha d, wf = max(mean_j |x - a|, 1e-5), c = scale / wf,
+// n = sqrt(sum_j d^2) (or *di_norm when given); with (ls, lf, ld) = coef[b, 0:3]:
+//   loss = c (ls sum d u + [fgm] lf sum d^2 + [di] ld n sum x d)
+//   dx = c (-ls + [di] ld n) d, da = c ls (u + (1 - alpha) d) + [fgm] 2 c lf d,
+//   db = c ls (alpha d - u) - [fgm] 2 c lf d.  A switched-off term is not evaluated.
+struct UniInstructParams {
+  int64_t B, D;
+  const void* x;
+  int64_t sx;
+  const void* a;
+  int64_t sa;
+  const void* b;
+  int64_t sb;
+  const void* coef;     // [B, 3] contiguous
+  const void* di_norm;  // [1], or nullptr: per-sample norms
+  double alpha;
+  double scale;
+  int32_t fgm;    // 0 / 1
+  int32_t di;     // 0 / 1
+  int32_t dtype;  // DType of x, a, b, dx, da, db
+  void* loss;
+  void* dx;
+  void* da;
+  void* db;
+  void* workspace;
+  int64_t workspace_floats;
+};
+
+// Fake score: e = b - x; loss = scale * lam * sum_j e^2, db = scale * 2 * lam * e.
+struct FakeScoreParams {
+  int64_t B, D;
+  const void* b;
+  int64_t sb;
+  const void* x;
+  int64_t sx;
+  const void* lam;  // [B]
+  double scale;
+  int32_t dtype;  // DType of b, x, db
+  void* loss;
+  void* db;
+  void* workspace;
+  int64_t workspace_floats;
+};
+
 }  // namespace mmfast

@@ -1,0 +1,344 @@
+// Masked reconstruction loss on the CPU, one pass over pred and target per row (oracle:
+// mmfast/reference/masked_reconstruction.py; layout: MaskedReconParams in params.h).
+//
+// Per row r (D channels, stride sp_d / sy_d): P and Y are gathered once into per-thread buffers in
+// the compute type; with normalize_target Yt = (Y - mean) * rstd, rstd = 1 / sqrt(var + eps). Then
+//   mse / smooth_l1: e_c, g_c = w m_c de_c/dP (= dP), loss = sum_c w m_c e_c;
+//   cosine:          cos = P.Yt / (max|P| max|Yt|), loss = w (1 - cos),
+//                    dP = w (k_p P - Yt inv), dYt = w (k_y Yt - P inv);
+// dY = dYt, or through the normalisation rstd (dYt - mean dYt - Yt mean(dYt Yt)). Everything after
+// the gather runs on the L1-resident buffers. A row with w == 0 is not read unless dm is wanted:
+// its loss and gradients are written as 0. Sums accumulate in double (see row_ops.h).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "mmfast/kernels.h"
+#include "row_ops.h"
+
+namespace mmfast {
+namespace cpu {
+namespace {
+
+// Per-thread scratch buffers, leading_dim(D) apart: P, Yt, element mask, dP (g), e or dYt.
+constexpr int64_t kReconBuffers = 5;
+
+// Gathers src[c * stride] (storage T) into dst (compute F).
+template <typename T, typename F>
+MMFAST_INLINE void gather_row(const T* __restrict src, int64_t stride, int64_t D, F* __restrict dst) {
+  with_stride(stride, [&](auto s) MMFAST_INLINE_LAMBDA {
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) dst[c] = F(to_compute(src[c * s]));
+  });
+}
+
+// Prefetches a unit-stride row into the caches, one request per 64-byte line.
+template <typename T>
+MMFAST_INLINE void prefetch_row(const T* row, int64_t D) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t n = D * int64_t(sizeof(T));
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(bytes + off, 0, 3);
+}
+
+template <typename F>
+MMFAST_INLINE void gather_mask(const void* mask, int32_t kind, int64_t stride, int64_t D, F* __restrict dst) {
+  if (kind == kReconMaskBool) {
+    const uint8_t* __restrict src = static_cast<const uint8_t*>(mask);
+    with_stride(stride, [&](auto s) MMFAST_INLINE_LAMBDA {
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) dst[c] = F(src[c * s]);  // torch bools are stored as 0 / 1
+    });
+  } else {
+    gather_row(static_cast<const F*>(mask), stride, D, dst);
+  }
+}
+
+// Elementwise loss of d = P - Yt: returns e, writes de/dd (mse: 2d; smooth_l1: d / beta inside
+// |d| < beta, else sign(d) with NaN kept).
+template <int kLoss, typename F>
+MMFAST_INLINE F elementwise(F d, F beta, F inv_beta, F half_beta, F& de) {
+  if constexpr (kLoss == kReconMSE) {
+    de = d + d;
+    return d * d;
+  } else {
+    const F ad = std::fabs(d);
+    const bool quad = ad < beta;
+    const F sgn = d > F(0) ? F(1) : (d < F(0) ? F(-1) : d);
+    de = quad ? d * inv_beta : sgn;
+    return quad ? F(0.5) * d * d * inv_beta : ad - half_beta;
+  }
+}
+
+// The common case in one streaming loop, without the row buffers: an elementwise loss, unit
+// strides, no normalisation, dP wanted, no per-element outputs. M: void (no element mask; w is the
+// row weight), F (float mask) or uint8_t (bool mask).
+template <int kLoss, typename M, bool kDY, typename T, typename F = compute_t<T>>
+MMFAST_INLINE void stream_row(const T* __restrict prow, const T* __restrict yrow, const M* __restrict mrow,
+                              int64_t D, F w, F beta, F inv_beta, F half_beta, T* __restrict dprow,
+                              T* __restrict dyrow, double& loss, double& mask_sum) {
+  double acc = 0, macc = 0;
+#pragma omp simd reduction(+ : acc, macc)
+  for (int64_t c = 0; c < D; ++c) {
+    F de;
+    const F e = elementwise<kLoss>(to_compute(prow[c]) - to_compute(yrow[c]), beta, inv_beta, half_beta, de);
+    F m = F(1);
+    if constexpr (std::is_same_v<M, uint8_t>) {
+      m = F(mrow[c]);  // torch bools are stored as 0 / 1
+    } else if constexpr (!std::is_void_v<M>) {
+      m = mrow[c];
+    }
+    const F weight = w * m;
+    const F g = weight * de;
+    acc += weight * e;
+    macc += m;
+    dprow[c] = from_compute<T>(g);
+    if constexpr (kDY) dyrow[c] = from_compute<T>(-g);
+  }
+  loss = acc;
+  mask_sum = macc;
+}
+
+template <int kLoss, typename M, typename T, typename F = compute_t<T>>
+MMFAST_INLINE void stream_row_dy(const T* prow, const T* yrow, const M* mrow, int64_t D, F w, F beta,
+                                 F inv_beta, F half_beta, T* dprow, T* dyrow, double& loss, double& mask_sum) {
+  if (dyrow != nullptr) {
+    stream_row<kLoss, M, true>(prow, yrow, mrow, D, w, beta, inv_beta, half_beta, dprow, dyrow, loss, mask_sum);
+  } else {
+    stream_row<kLoss, M, false>(prow, yrow, mrow, D, w, beta, inv_beta, half_beta, dprow, dyrow, loss, mask_sum);
+  }
+}
+
+template <typename T, int kLoss, bool kElemMask>
+MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, int64_t end,
+                                    compute_t<T>* workspace) {
+  using F = compute_t<T>;
+  const int64_t D = p.D, S = p.S, ld = Workspace<F>::leading_dim(D);
+  const T* pred = static_cast<const T*>(p.pred);
+  const T* target = static_cast<const T*>(p.target);
+  const F* mask_rows = p.mask_kind == kReconMaskRows ? static_cast<const F*>(p.mask) : nullptr;
+  const bool per_element = p.per_element != 0, normalize = p.normalize_target != 0;
+  F* loss_rows = per_element ? nullptr : static_cast<F*>(p.loss_out);
+  T* loss_elems = per_element ? static_cast<T*>(p.loss_out) : nullptr;
+  F* msum = static_cast<F*>(p.msum);
+  T* dp = static_cast<T*>(p.dp);
+  T* dy = static_cast<T*>(p.dy);
+  F* dm = static_cast<F*>(p.dm);
+  const bool dm_rows = dm != nullptr && mask_rows != nullptr && !per_element;
+  const F beta = F(p.beta), inv_beta = F(1 / p.beta), half_beta = F(0.5 * p.beta);
+  const F eps = F(p.eps), cos_eps = F(p.cos_eps), inv_D = F(1.0 / double(D));
+  F* __restrict pb = workspace;
+  F* __restrict yb = pb + ld;
+  F* __restrict mb = yb + ld;
+  F* __restrict gb = mb + ld;
+  F* __restrict eb = gb + ld;
+  const bool stream = kLoss != kReconCosine && !normalize && !per_element && dm == nullptr && dp != nullptr &&
+                      p.sp_d == 1 && p.sy_d == 1 && S == 1 && (!kElemMask || p.sm_d == 1);
+
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t a = r / S, s = r - a * S;
+    const int64_t o = a * D * S + s;  // outputs: [A, D, S] contiguous, channel stride S
+    const F w = mask_rows != nullptr ? mask_rows[r] : F(1);
+    const bool excluded = w == F(0);
+    if (excluded && dm == nullptr) {  // not read
+      if (per_element) {
+        fill_row(loss_elems + o, S, D, F(0));
+      } else {
+        loss_rows[r] = F(0);
+      }
+      if (dp != nullptr) fill_row(dp + o, S, D, F(0));
+      if (dy != nullptr) fill_row(dy + o, S, D, F(0));
+      continue;
+    }
+    if (mask_rows != nullptr && p.sp_d == 1 && p.sy_d == 1) {
+      // the hardware prefetchers lose the stream where excluded rows are skipped: fetch the next
+      // kept row of P and Y, after a gap, while this one is computed
+      int64_t next = r + 1;
+      while (next < end && mask_rows[next] == F(0) && dm == nullptr) ++next;
+      if (next > r + 1 && next < end) {  // a contiguous run is left to the hardware prefetcher
+        const int64_t na = next / S, ns = next - na * S;
+        prefetch_row(pred + na * p.sp_a + ns * p.sp_s, D);
+        prefetch_row(target + na * p.sy_a + ns * p.sy_s, D);
+      }
+    }
+    if constexpr (kLoss != kReconCosine) {
+      if (stream) {
+        const T* prow = pred + a * p.sp_a + s * p.sp_s;
+        const T* yrow = target + a * p.sy_a + s * p.sy_s;
+        T* dyrow = dy != nullptr ? dy + o : nullptr;
+        double acc = 0, macc = 0;
+        if constexpr (kElemMask) {
+          const int64_t off = a * p.sm_a + s * p.sm_s;
+          if (p.mask_kind == kReconMaskBool) {
+            stream_row_dy<kLoss>(prow, yrow, static_cast<const uint8_t*>(p.mask) + off, D, w, beta, inv_beta,
+                                 half_beta, dp + o, dyrow, acc, macc);
+          } else {
+            stream_row_dy<kLoss>(prow, yrow, static_cast<const F*>(p.mask) + off, D, w, beta, inv_beta,
+                                 half_beta, dp + o, dyrow, acc, macc);
+          }
+          if (msum != nullptr) msum[r] = F(macc);
+        } else {
+          stream_row_dy<kLoss, void>(prow, yrow, nullptr, D, w, beta, inv_beta, half_beta, dp + o, dyrow, acc,
+                                     macc);
+        }
+        loss_rows[r] = F(acc);
+        continue;
+      }
+    }
+    gather_row(pred + a * p.sp_a + s * p.sp_s, p.sp_d, D, pb);
+    gather_row(target + a * p.sy_a + s * p.sy_s, p.sy_d, D, yb);
+    if constexpr (kElemMask) {
+      const int64_t esize = p.mask_kind == kReconMaskBool ? 1 : int64_t(sizeof(F));
+      const char* base = static_cast<const char*>(p.mask) + (a * p.sm_a + s * p.sm_s) * esize;
+      gather_mask(base, p.mask_kind, p.sm_d, D, mb);
+    }
+    F rstd = F(1);
+    if (normalize) {
+      double sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < D; ++c) sum += yb[c];
+      const F mean = F(sum / double(D));
+      double sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t c = 0; c < D; ++c) {
+        const F yc = yb[c] - mean;
+        yb[c] = yc;
+        sq += yc * yc;
+      }
+      rstd = F(1) / std::sqrt(F(sq / double(D)) + eps);
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) yb[c] *= rstd;
+    }
+
+    // gb = dP, eb = dYt (cosine) or e (elementwise)
+    F row_loss, row_raw = F(0);
+    if constexpr (kLoss == kReconCosine) {
+      double dot = 0, pp = 0, yy = 0;
+#pragma omp simd reduction(+ : dot, pp, yy)
+      for (int64_t c = 0; c < D; ++c) {
+        dot += pb[c] * yb[c];
+        pp += pb[c] * pb[c];
+        yy += yb[c] * yb[c];
+      }
+      const F norm_p = F(std::sqrt(pp)), norm_y = F(std::sqrt(yy));
+      const F den_p = norm_p < cos_eps ? cos_eps : norm_p;  // NaN stays NaN
+      const F den_y = norm_y < cos_eps ? cos_eps : norm_y;
+      const F inv = F(1) / (den_p * den_y);
+      const F cos = F(dot) * inv;
+      const F k_p = norm_p > cos_eps ? cos / (den_p * den_p) : F(0);
+      const F k_y = norm_y > cos_eps ? cos / (den_y * den_y) : F(0);
+      row_raw = F(1) - cos;
+      row_loss = w * row_raw;
+#pragma omp simd
+      for (int64_t c = 0; c < D; ++c) {
+        gb[c] = w * (k_p * pb[c] - yb[c] * inv);
+        eb[c] = w * (k_y * yb[c] - pb[c] * inv);
+      }
+    } else {
+      double acc = 0, raw = 0, macc = 0;
+#pragma omp simd reduction(+ : acc, raw, macc)
+      for (int64_t c = 0; c < D; ++c) {
+        F de;
+        const F e = elementwise<kLoss>(pb[c] - yb[c], beta, inv_beta, half_beta, de);
+        const F weight = kElemMask ? w * mb[c] : w;
+        eb[c] = e;
+        gb[c] = weight * de;
+        acc += weight * e;
+        raw += e;
+        if constexpr (kElemMask) macc += mb[c];
+      }
+      row_loss = F(acc);
+      row_raw = F(raw);
+      if constexpr (kElemMask) {
+        if (msum != nullptr) msum[r] = F(macc);
+      }
+      if (per_element) {
+        const F* __restrict mbc = mb;
+        store_row(loss_elems + o, S, D, false, [=](int64_t c) MMFAST_INLINE_LAMBDA {
+          return excluded ? F(0) : (kElemMask ? w * mbc[c] : w) * eb[c];
+        });
+      }
+    }
+    if (!per_element) loss_rows[r] = excluded ? F(0) : row_loss;
+    if (dm != nullptr) {
+      if (dm_rows) {
+        dm[r] = row_raw;
+      } else {
+        store_row(dm + o, S, D, false, [=](int64_t c) MMFAST_INLINE_LAMBDA { return eb[c]; });
+      }
+    }
+    if (dp != nullptr) {
+      store_row(dp + o, S, D, false,
+                [=](int64_t c) MMFAST_INLINE_LAMBDA { return excluded ? F(0) : gb[c]; });
+    }
+    if (dy != nullptr) {
+      // dYt: eb (cosine) or -gb (elementwise)
+      const F sign = kLoss == kReconCosine ? F(1) : F(-1);
+      const F* __restrict gyt = kLoss == kReconCosine ? eb : gb;
+      if (normalize) {
+        double sg = 0, sgy = 0;
+#pragma omp simd reduction(+ : sg, sgy)
+        for (int64_t c = 0; c < D; ++c) {
+          sg += gyt[c];
+          sgy += gyt[c] * yb[c];
+        }
+        const F mean_g = sign * F(sg) * inv_D, mean_gy = sign * F(sgy) * inv_D;
+        store_row(dy + o, S, D, false, [=](int64_t c) MMFAST_INLINE_LAMBDA {
+          return excluded ? F(0) : rstd * (sign * gyt[c] - mean_g - yb[c] * mean_gy);
+        });
+      } else {
+        store_row(dy + o, S, D, false,
+                  [=](int64_t c) MMFAST_INLINE_LAMBDA { return excluded ? F(0) : sign * gyt[c]; });
+      }
+    }
+  }
+}
+
+template <typename T>
+void run_recon(const MaskedReconParams& p, int num_threads) {
+  using F = compute_t<T>;
+  const int64_t R = p.A * p.S;
+  // a thread per kGrain elements at most: waking a second thread costs more than a small problem
+  constexpr int64_t kGrain = int64_t{1} << 14;
+  const int threads = resolve_threads(num_threads, std::min(R, (R * p.D + kGrain - 1) / kGrain));
+  Workspace<F> workspace(threads, kReconBuffers * Workspace<F>::leading_dim(p.D));
+  const bool elem = p.mask_kind == kReconMaskFloat || p.mask_kind == kReconMaskBool;
+  parallel_rows(R, threads, [&](int64_t begin, int64_t end, int thread) {
+    F* ws = workspace.slice(thread);
+    if (p.loss == kReconCosine) {
+      recon_rows<T, kReconCosine, false>(p, begin, end, ws);
+    } else if (p.loss == kReconSmoothL1) {
+      if (elem) {
+        recon_rows<T, kReconSmoothL1, true>(p, begin, end, ws);
+      } else {
+        recon_rows<T, kReconSmoothL1, false>(p, begin, end, ws);
+      }
+    } else if (elem) {
+      recon_rows<T, kReconMSE, true>(p, begin, end, ws);
+    } else {
+      recon_rows<T, kReconMSE, false>(p, begin, end, ws);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+void masked_reconstruction_cpu(const MaskedReconParams& p, int num_threads) {
+  if (p.A * p.S <= 0 || p.D <= 0) return;
+  if (p.loss != kReconMSE && p.loss != kReconSmoothL1 && p.loss != kReconCosine)
+    throw std::invalid_argument("masked_reconstruction_cpu: unknown loss code " + std::to_string(p.loss));
+  if (p.loss == kReconCosine && (p.per_element || p.mask_kind == kReconMaskFloat || p.mask_kind == kReconMaskBool))
+    throw std::invalid_argument("masked_reconstruction_cpu: the cosine loss takes row masks only, per row");
+  if (p.mask_kind < kReconMaskNone || p.mask_kind > kReconMaskBool)
+    throw std::invalid_argument("masked_reconstruction_cpu: unknown mask kind " + std::to_string(p.mask_kind));
+  const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
+    cpu::run_recon<decltype(storage)>(p, num_threads);
+  });
+  if (!known)
+    throw std::invalid_argument("masked_reconstruction_cpu: unknown dtype code " + std::to_string(p.dtype));
+}
+
+}  // namespace mmfast

@@ -1,0 +1,155 @@
+// Uni-Instruct (SiD-family) generator loss on the CPU (oracle: mmfast/reference/uni_instruct.py;
+// contract: UniInstructParams in params.h). Per sample row, with d = a - b, u = (a - x) - alpha d:
+//   pass 1: S_abs = sum |x - a|, S_dd = sum d^2, S_du = sum d u, S_xd = sum x d
+//           wf = max(S_abs / D, 1e-5), c = scale / wf, n = sqrt(S_dd) (or the given norm),
+//           loss = c (ls S_du + [fgm] lf S_dd + [di] (ld n) S_xd)
+//   pass 2: dx = d (k c) with k = -ls (+ ld n with di), da = (ls c)(u + (1 - alpha) d) [+ (2 lf c) d],
+//           db = (ls c)(alpha d - u) [- (2 lf c) d]; each requested output in its own loop over
+//           blocks of kGradBlock elements (the block's inputs stay in L1 between the loops).
+// A switched-off term (fgm, di) is not evaluated, as in the reference. Scheduling: score_rows.h.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "mmfast/kernels.h"
+#include "score_rows.h"
+
+namespace mmfast {
+namespace cpu {
+namespace {
+
+constexpr double kWfMin = 1e-5;
+constexpr int64_t kGradBlock = 1024;
+
+template <typename T>
+MMFAST_MULTIVERSION void uni_sums(const UniInstructParams& p, int64_t r, int64_t begin, int64_t end,
+                                  double* out) {
+  using F = compute_t<T>;
+  const T* __restrict x = static_cast<const T*>(p.x) + r * p.sx;
+  const T* __restrict a = static_cast<const T*>(p.a) + r * p.sa;
+  const T* __restrict b = static_cast<const T*>(p.b) + r * p.sb;
+  const F alpha = F(p.alpha);
+  blocked_sums<F>(begin, end, out, [=](int64_t j, F& t0, F& t1, F& t2, F& t3) MMFAST_INLINE_LAMBDA {
+    const F xv = to_compute(x[j]), av = to_compute(a[j]);
+    const F d = av - to_compute(b[j]);
+    const F u = (av - xv) - alpha * d;
+    t0 = std::abs(xv - av);
+    t1 = d * d;
+    t2 = d * u;
+    t3 = xv * d;
+  });
+}
+
+// Per-row coefficients of the loss and of the gradients.
+template <typename F>
+struct UniRow {
+  F c;        // scale / wf
+  F lam_sim;  // ls
+  F lam_fgm;  // lf (fgm only)
+  F di_coef;  // ld * n (di only)
+};
+
+template <typename F>
+MMFAST_INLINE UniRow<F> uni_row(const UniInstructParams& p, int64_t r, const double* totals) {
+  const F* coef = static_cast<const F*>(p.coef) + 3 * r;
+  const F wf = std::max(F(totals[0] / double(p.D)), F(kWfMin));  // a NaN mean stays NaN
+  UniRow<F> row{F(p.scale) / wf, coef[0], coef[1], F(0)};
+  if (p.di) {
+    const F n = p.di_norm != nullptr ? static_cast<const F*>(p.di_norm)[0] : F(std::sqrt(totals[1]));
+    row.di_coef = coef[2] * n;
+  }
+  return row;
+}
+
+template <typename Body>
+MMFAST_INLINE void with_flag(bool flag, Body&& body) {
+  if (flag) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+template <typename T>
+MMFAST_MULTIVERSION void uni_finish(const UniInstructParams& p, int64_t r, int64_t begin, int64_t end,
+                                    const double* totals, bool first) {
+  using F = compute_t<T>;
+  const UniRow<F> row = uni_row<F>(p, r, totals);
+  if (first) {
+    double inner = double(row.lam_sim) * totals[2];
+    if (p.fgm) inner += double(row.lam_fgm) * totals[1];
+    if (p.di) inner += double(row.di_coef) * totals[3];
+    static_cast<F*>(p.loss)[r] = F(double(row.c) * inner);
+  }
+  const T* __restrict x = static_cast<const T*>(p.x) + r * p.sx;
+  const T* __restrict a = static_cast<const T*>(p.a) + r * p.sa;
+  const T* __restrict b = static_cast<const T*>(p.b) + r * p.sb;
+  T* __restrict dx = p.dx != nullptr ? static_cast<T*>(p.dx) + r * p.D : nullptr;
+  T* __restrict da = p.da != nullptr ? static_cast<T*>(p.da) + r * p.D : nullptr;
+  T* __restrict db = p.db != nullptr ? static_cast<T*>(p.db) + r * p.D : nullptr;
+  const F alpha = F(p.alpha), one_minus_alpha = F(1.0 - p.alpha);
+  const F dx_coef = (p.di ? row.di_coef - row.lam_sim : -row.lam_sim) * row.c;
+  const F cs = row.lam_sim * row.c;
+  const F f2 = p.fgm ? F(2.0) * row.lam_fgm * row.c : F(0);
+  for (int64_t j0 = begin; j0 < end; j0 += kGradBlock) {
+    const int64_t j1 = std::min(end, j0 + kGradBlock);
+    if (dx != nullptr) {
+#pragma omp simd
+      for (int64_t j = j0; j < j1; ++j) {
+        const F d = to_compute(a[j]) - to_compute(b[j]);
+        dx[j] = from_compute<T>(d * dx_coef);
+      }
+    }
+    with_flag(p.fgm != 0, [&](auto fgm) MMFAST_INLINE_LAMBDA {
+      if (da != nullptr) {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const F xv = to_compute(x[j]), av = to_compute(a[j]);
+          const F d = av - to_compute(b[j]);
+          const F u = (av - xv) - alpha * d;
+          F g = cs * (u + one_minus_alpha * d);
+          if constexpr (decltype(fgm)::value) g = g + f2 * d;
+          da[j] = from_compute<T>(g);
+        }
+      }
+      if (db != nullptr) {
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) {
+          const F xv = to_compute(x[j]), av = to_compute(a[j]);
+          const F d = av - to_compute(b[j]);
+          const F u = (av - xv) - alpha * d;
+          F g = cs * (alpha * d - u);
+          if constexpr (decltype(fgm)::value) g = g - f2 * d;
+          db[j] = from_compute<T>(g);
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+struct UniInstructRows {
+  static constexpr int kSums = 4;
+  const UniInstructParams& p;
+  void sums(int64_t r, int64_t begin, int64_t end, double* out) const { uni_sums<T>(p, r, begin, end, out); }
+  void finish(int64_t r, int64_t begin, int64_t end, const double* totals, bool first) const {
+    uni_finish<T>(p, r, begin, end, totals, first);
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+
+void uni_instruct_cpu(const UniInstructParams& p, int num_threads) {
+  if (p.B <= 0) return;
+  const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
+    using T = decltype(storage);
+    cpu::run_score_rows(cpu::UniInstructRows<T>{p}, p.B, p.D, 3 * int64_t{sizeof(T)}, num_threads);
+  });
+  if (!known) throw std::invalid_argument("uni_instruct_cpu: unknown dtype code " + std::to_string(p.dtype));
+}
+
+}  // namespace mmfast

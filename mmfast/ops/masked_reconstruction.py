@@ -1,0 +1,237 @@
+"""Custom ops ``mmfast::masked_reconstruction_fwd`` / ``mmfast::masked_reconstruction_bwd``.
+
+The forward op returns the per-row loss sums (or the per-element loss), the per-row mask sums and,
+in the same pass over pred and target, the gradients dP, dY, dM that the caller asked for (contract:
+``mmfast.reference.masked_reconstruction``). The backward op only scales them by the incoming
+gradient g (per row [R], or per element [A, D, S]) and adds the mask-sum gradient h [R] (in an eager
+backward that frees the graph, the saved gradients are scaled in place instead: no new buffers):
+  grad_P = g * dP;  grad_Y = g * dY;
+  grad_mask_rows = g * dM (per row) or sum_c g * dM (per element);
+  grad_mask = g * dM + h (broadcast over the channels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmfast import _backend, _native
+from mmfast.reference import masked_reconstruction as reference
+from mmfast.reference.routed_kd import compute_dtype
+
+
+def _run_backend(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "torch":
+        return reference.masked_reconstruction_rows(*args)
+    if backend in ("cpu", "cuda"):
+        return _native.masked_reconstruction_rows(backend, *args)
+    if backend == "triton":
+        from mmfast.triton import masked_reconstruction as triton_masked_reconstruction
+
+        return triton_masked_reconstruction.masked_reconstruction_rows(*args)
+    raise AssertionError(backend)
+
+
+def _check_args(pred: Tensor, target: Tensor, mask_rows: Tensor | None, mask: Tensor | None, loss: int,
+                per_element: bool) -> None:
+    if pred.dim() != 3 or target.shape != pred.shape or target.dtype != pred.dtype:
+        raise ValueError("masked_reconstruction_fwd: pred and target must be [A, D, S] tensors of one shape and dtype")
+    A, _, S = pred.shape
+    if mask_rows is not None and mask is not None:
+        raise ValueError("masked_reconstruction_fwd: pass mask_rows or mask, not both")
+    if mask_rows is not None and (mask_rows.shape != (A * S,) or mask_rows.dtype != compute_dtype(pred.dtype)):
+        raise ValueError("masked_reconstruction_fwd: mask_rows must be [A * S] in the compute dtype")
+    if mask is not None and (
+        mask.shape != pred.shape or (mask.dtype != torch.bool and mask.dtype != compute_dtype(pred.dtype))
+    ):
+        raise ValueError("masked_reconstruction_fwd: mask must be [A, D, S], bool or in the compute dtype")
+    if loss not in (reference.MSE, reference.SMOOTH_L1, reference.COSINE):
+        raise ValueError(f"masked_reconstruction_fwd: unknown loss code {loss}")
+    if loss == reference.COSINE and (mask is not None or per_element):
+        raise ValueError("masked_reconstruction_fwd: the cosine loss is per row (row masks only, not per_element)")
+
+
+@torch.library.custom_op("mmfast::masked_reconstruction_fwd", mutates_args=())
+def masked_reconstruction_fwd(
+    pred: Tensor,
+    target: Tensor,
+    mask_rows: Tensor | None,
+    mask: Tensor | None,
+    loss: int,
+    beta: float,
+    normalize_target: bool,
+    eps: float,
+    per_element: bool,
+    need_dp: bool,
+    need_dy: bool,
+    need_dm: bool,
+    consume_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss [R] or [A, D, S], msum [R], dP [A, D, S], dY [A, D, S], dM [R] or [A, D, S]) for pred and
+    target [A, D, S]; unrequested outputs are empty.
+
+    ``consume_grads``: the caller discards dP, dY, dM, so an eager backward that frees the graph may
+    scale them in place (``masked_reconstruction_loss`` passes True; the values returned are the same).
+    """
+    _check_args(pred, target, mask_rows, mask, loss, per_element)
+    backend = _backend.resolve(pred.device, pred.dtype)
+    return _run_backend(
+        backend, pred, target, mask_rows, mask, loss, beta, normalize_target, eps, per_element,
+        need_dp, need_dy, need_dm and (mask_rows is not None or mask is not None),
+    )
+
+
+def output_shapes(pred_shape, row_mask: bool, elem_mask: bool, per_element: bool, need_dp: bool, need_dy: bool,
+                  need_dm: bool) -> tuple[tuple, tuple, tuple, tuple, tuple]:
+    """Shapes of the forward op's five outputs ((0,) when absent)."""
+    A, D, S = pred_shape
+    full, rows = (A, D, S), (A * S,)
+    loss = full if per_element else rows
+    msum = rows if (elem_mask and not per_element) else (0,)
+    need_dm = need_dm and (row_mask or elem_mask)
+    dm = (rows if (row_mask and not per_element) else full) if need_dm else (0,)
+    return loss, msum, full if need_dp else (0,), full if need_dy else (0,), dm
+
+
+@masked_reconstruction_fwd.register_fake
+def _(pred, target, mask_rows, mask, loss, beta, normalize_target, eps, per_element, need_dp, need_dy, need_dm,
+      consume_grads):
+    _check_args(pred, target, mask_rows, mask, loss, per_element)
+    cdt = compute_dtype(pred.dtype)
+    s_loss, s_msum, s_dp, s_dy, s_dm = output_shapes(
+        pred.shape, mask_rows is not None, mask is not None, per_element, need_dp, need_dy, need_dm
+    )
+    return (
+        pred.new_empty(s_loss, dtype=pred.dtype if per_element else cdt),
+        pred.new_empty(s_msum, dtype=cdt),
+        pred.new_empty(s_dp),
+        pred.new_empty(s_dy),
+        pred.new_empty(s_dm, dtype=cdt),
+    )
+
+
+def _present(t: Tensor) -> bool:
+    return t.dim() > 1 or t.numel() > 0
+
+
+@torch.library.custom_op("mmfast::masked_reconstruction_bwd", mutates_args=())
+def masked_reconstruction_bwd(
+    grad_loss: Tensor, grad_msum: Tensor, dp: Tensor, dy: Tensor, dm: Tensor, shape: list[int], row_mask: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_pred, grad_target, grad_mask) from the forward's saved gradients; empty in, empty out.
+
+    ``shape`` is [A, D, S]; ``grad_loss`` is [R] (per row) or [A, D, S] (per element); ``row_mask``
+    says whether dM belongs to a row mask (its gradient is then [R]).
+    """
+    A, D, S = shape
+    per_element = grad_loss.dim() == 3
+    cdt = grad_loss.dtype if grad_loss.is_floating_point() else torch.float32
+    if _present(dp):
+        cdt = compute_dtype(dp.dtype)
+    g = grad_loss.to(cdt)
+    g3 = g if per_element else g.reshape(A, 1, S)
+    gp = (dp * g3).to(dp.dtype) if _present(dp) else dp.new_empty(0)
+    gy = (dy * g3).to(dy.dtype) if _present(dy) else dy.new_empty(0)
+    if not _present(dm):
+        gm = dm.new_empty(0)
+    elif row_mask:
+        gm = (dm * g.to(dm.dtype)) if not per_element else (dm * g3.to(dm.dtype)).sum(1).reshape(A * S)
+    else:
+        gm = dm * g3.to(dm.dtype)
+        if not per_element and grad_msum.numel() > 0:
+            gm = gm + grad_msum.to(dm.dtype).reshape(A, 1, S)
+    return gp, gy, gm
+
+
+@masked_reconstruction_bwd.register_fake
+def _(grad_loss, grad_msum, dp, dy, dm, shape, row_mask):
+    A, D, S = shape
+    if not _present(dm):
+        gm_shape = (0,)
+    elif row_mask:
+        gm_shape = (A * S,)
+    else:
+        gm_shape = (A, D, S)
+    return dp.new_empty(dp.shape), dy.new_empty(dy.shape), dm.new_empty(gm_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, _, mask_rows = inputs[0], inputs[1], inputs[2]
+    need_dp, need_dy, need_dm = inputs[9], inputs[10], inputs[11]
+    _, _, dp, dy, dm = output
+    ctx.mark_non_differentiable(dp, dy, dm)
+    ctx.set_materialize_grads(False)  # no [A, D, S] zero tensors for the unused gradient outputs
+    ctx.save_for_backward(dp, dy, dm)
+    ctx.need = (need_dp, need_dy, need_dm)
+    ctx.shape = list(pred.shape)
+    ctx.row_mask = mask_rows is not None
+    ctx.consume_grads = inputs[12]
+
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _scale_in_place(*saved: Tensor) -> bool:
+    """True when the saved gradients may be scaled in place (no new [A, D, S] buffers): an eager
+    backward on plain tensors (no compile or tracing) that frees the graph afterwards (no
+    ``retain_graph``, no ``create_graph``). The caller must have discarded them (``consume_grads``)."""
+    return (
+        _keep_graph is not None
+        and not torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(type(t) is Tensor for t in saved)
+        and not _keep_graph()
+    )
+
+
+def _bwd_in_place(grad_loss: Tensor, grad_msum: Tensor, dp: Tensor, dy: Tensor, dm: Tensor, shape: list[int],
+                  row_mask: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``masked_reconstruction_bwd`` writing into the saved gradients."""
+    A, D, S = shape
+    per_element = grad_loss.dim() == 3
+    g3 = grad_loss if per_element else grad_loss.reshape(A, 1, S)
+    gp = dp.mul_(g3) if _present(dp) else dp
+    gy = dy.mul_(g3) if _present(dy) else dy
+    if not _present(dm):
+        gm = dm
+    elif row_mask:
+        gm = dm.mul_(grad_loss) if not per_element else (dm * g3).sum(1).reshape(A * S)
+    else:
+        gm = dm.mul_(g3)
+        if not per_element and grad_msum.numel() > 0:
+            gm = gm.add_(grad_msum.reshape(A, 1, S))
+    return gp, gy, gm
+
+
+def _backward(ctx, grad_loss, grad_msum, _gdp, _gdy, _gdm):
+    dp, dy, dm = ctx.saved_tensors
+    names = ("pred", "target", "mask_rows", "mask")
+    flags = (ctx.need[0], ctx.need[1], ctx.need[2], ctx.need[2])
+    for i, (name, flag) in enumerate(zip(names, flags, strict=True)):
+        if ctx.needs_input_grad[i] and not flag:
+            raise RuntimeError(
+                f"mmfast::masked_reconstruction_fwd: {name} requires grad but its gradient was not requested; "
+                "call mmfast.masked_reconstruction_loss, which sets the flags"
+            )
+    if grad_loss is None:  # only the mask sums were used: just the mask gets a gradient
+        A, D, S = ctx.shape
+        gm = None
+        if ctx.need[2] and grad_msum is not None and not ctx.row_mask:
+            gm = grad_msum.reshape(A, 1, S).expand(A, D, S).to(dm.dtype)
+        return (None, None, None, gm, None, None, None, None, None, None, None, None, None)
+    if grad_msum is None:
+        grad_msum = dm.new_empty(0)
+    in_place = ctx.consume_grads and _scale_in_place(grad_loss, dp, dy, dm)
+    bwd = _bwd_in_place if in_place else masked_reconstruction_bwd
+    gp, gy, gm = bwd(grad_loss, grad_msum, dp, dy, dm, ctx.shape, ctx.row_mask)
+    return (
+        gp if ctx.need[0] else None,
+        gy if ctx.need[1] else None,
+        gm if (ctx.need[2] and ctx.row_mask) else None,
+        gm if (ctx.need[2] and not ctx.row_mask) else None,
+        None, None, None, None, None, None, None, None, None,
+    )
+
+
+masked_reconstruction_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,221 @@
+"""torch.compile(fullgraph=True) of a training step that uses every public op == eager, on every backend
+that runs here; value checks are skipped under compile; no op synchronises with the host outside the
+eager-mode value checks (SPEC section 5).
+
+``fullgraph=True`` turns any graph break (a ``.item()``, a data-dependent Python branch, an untraceable
+call) into an error, so the compile test is also the no-graph-break test. The host-sync test runs the same
+step eagerly with every host read of a tensor (``item``, ``tolist``, ``bool``, ``float``, ``int``,
+``__index__``, ``numpy``) from mmfast's own code turned into an error; that also covers the ops'
+implementations, which the compiler does not trace (they are opaque custom ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+from _utils import backend_params
+
+import mmfast
+
+N, C, E = 8, 6, 3
+# float64 where the backend has it; Triton (interpreter here) runs float32
+COMPILE_BACKENDS = backend_params(dtypes={"torch": (torch.float64,), "cpu": (torch.float64,)})
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=1e-6)}
+
+
+def make_step_inputs(device, dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=2.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    mask = torch.rand(N, generator=g) < 0.7
+    mask[0] = True
+    return dict(
+        x=randn(N, C),
+        z=randn(E, N, C),
+        w=(torch.rand(N, E, generator=g, dtype=torch.float64) + 0.05).to(device, dtype),
+        xd=randn(2, C, 3, 2, scale=1.0),
+        zd=randn(E, 2, C, 3, 2, scale=1.0),
+        mask=mask.to(device),
+        labels=torch.randint(0, C, (N,), generator=g).to(device),
+        row_grad=randn(N, scale=1.0),
+    )
+
+
+DIFFERENTIABLE = ("x", "z", "w", "xd", "zd")
+
+
+def make_modules(device, dtype):
+    torch.manual_seed(0)
+    soft = mmfast.nn.TeacherRouter(C, E, top_k=2, weighting="soft").to(device, dtype)
+    hard = mmfast.nn.TeacherRouter(C, E, top_k=1, weighting="hard", load_balance="cv").to(device, dtype)
+    seg = mmfast.nn.RoutedKDLoss(class_dim=1, mix="probs", divergence="tvd", reduction="sum")
+    return soft, hard, seg
+
+
+def training_step(soft, hard, seg, x, z, w, xd, zd, mask, labels, row_grad):
+    """Every public function and module; returns one scalar."""
+    r = soft(x)
+    h = hard(x)
+    sparse = mmfast.routed_kd_loss(x, z, r.weights, indices=r.indices, temperature=4.0)
+    top1 = mmfast.routed_kd_loss(x, z, h.weights, indices=h.indices, mix="logits", divergence="reverse_kl")
+    dense = mmfast.routed_kd_loss(x, z, w, temperature=2.0, mix="logits", divergence="js", beta=0.3, mask=mask)
+    rows = mmfast.routed_kd_loss(x, list(z), mix="probs", divergence="kl", reduction="none", t2_scale=False)
+    dense_seg = seg(xd, list(zd))
+    mutual = mmfast.mutual_kd_loss([x, z[0], z[2]], temperature=2.0)
+    mutual_rows = mmfast.mutual_kd_loss(torch.stack([x, z[1]]), reduction="none")
+    w_global = mmfast.teacher_weights(z, labels, temperature=2.0, per_sample=False)
+    w_row = mmfast.teacher_weights(list(z), labels, temperature=0.5)
+    weighted = mmfast.routed_kd_loss(x, z, w_global * w_row, temperature=1.5, reduction="sum")
+    balance = mmfast.load_balance_loss(r.probs, "kl") + mmfast.load_balance_loss(h.probs, "cv")
+    return (
+        sparse + top1 + dense + (rows * row_grad).sum() + 0.1 * dense_seg + mutual
+        + (mutual_rows * row_grad).sum() + weighted + r.load_balance_loss + h.load_balance_loss + balance
+    )
+
+
+def run_step(step, modules, inputs):
+    """The loss and its gradients to the floating inputs and to every router parameter."""
+    leaves = {k: (v.clone().requires_grad_(True) if k in DIFFERENTIABLE else v) for k, v in inputs.items()}
+    loss = step(*modules, **leaves)
+    params = [p for m in modules for p in m.parameters()]
+    grads = torch.autograd.grad(loss, [*(leaves[k] for k in DIFFERENTIABLE), *params])
+    return loss.detach(), grads
+
+
+# Inductor (the default) compiles the float64 graph, shared by the torch and cpu backends (the ops are
+# opaque: the backend is chosen when they run); the float32 graph of the interpreted Triton backend goes
+# through AOTAutograd only (aot_eager: the same tracing, without Inductor's C++ build of a second graph).
+compiled_training_step = {
+    torch.float64: torch.compile(training_step, fullgraph=True),
+    torch.float32: torch.compile(training_step, fullgraph=True, backend="aot_eager"),
+}
+
+
+@pytest.mark.parametrize("backend,device,dtype", COMPILE_BACKENDS)
+def test_compiled_training_step_matches_eager(backend, device, dtype):
+    modules = make_modules(device, dtype)
+    inputs = make_step_inputs(device, dtype)
+    with mmfast.use_backend(backend):
+        loss_eager, grads_eager = run_step(training_step, modules, inputs)
+        loss_compiled, grads_compiled = run_step(compiled_training_step[dtype], modules, inputs)
+    torch.testing.assert_close(loss_compiled, loss_eager, **TOL[dtype])
+    assert len(grads_eager) == len(DIFFERENTIABLE) + 8  # 5 inputs, 2 routers x 2 Linear x (weight, bias)
+    for i, (ge, gc) in enumerate(zip(grads_eager, grads_compiled, strict=True)):
+        torch.testing.assert_close(gc, ge, **TOL[dtype], msg=lambda m, i=i: f"gradient {i}: {m}")
+        assert ge.abs().sum() > 0, f"gradient {i} is zero: an op lost its gradient"
+
+
+def _scheduled(x, z, labels, tau):
+    w = mmfast.teacher_weights(z, labels, temperature=tau)
+    module = mmfast.nn.RoutedKDLoss(temperature=tau, mix="probs")
+    return (
+        mmfast.routed_kd_loss(x, z, w, temperature=tau) + module(x, z)
+        + mmfast.mutual_kd_loss(torch.stack([x, z[0]]), temperature=tau)
+    )
+
+
+def test_temperature_schedule_under_compile():
+    """A temperature that changes between calls becomes a symbolic float after the first recompile:
+    the argument checks must still trace in one graph (math.isfinite on it would break the graph)."""
+    inputs = make_step_inputs("cpu", torch.float64)
+    x, z, labels = inputs["x"], inputs["z"], inputs["labels"]
+    compiled = torch.compile(_scheduled, fullgraph=True, backend="aot_eager")
+    for tau in (1.0, 2.0, 3.5):
+        xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        loss_c, loss_e = compiled(xc, z, labels, tau), _scheduled(xe, z, labels, tau)
+        loss_c.backward()
+        loss_e.backward()
+        torch.testing.assert_close(loss_c, loss_e, **TOL[torch.float64])
+        torch.testing.assert_close(xc.grad, xe.grad, **TOL[torch.float64])
+
+
+# --------------------------------------------------------------------------------------------
+# value checks: skipped under compile
+
+
+def _unchecked_inputs():
+    """Inputs that only the value checks reject: a negative weight, an index out of range."""
+    inputs = make_step_inputs("cpu", torch.float64)
+    w = inputs["w"].clone()
+    w[1, 0] = -0.5
+    idx = torch.tensor([[0, 2]] * N)
+    idx[3, 1] = E  # out of range
+    return inputs["x"], inputs["z"], w, idx
+
+
+def _value_checked(x, z, w, idx):
+    return (
+        mmfast.routed_kd_loss(x, z, w, reduction="none"),
+        mmfast.routed_kd_loss(x, z, w[:, :2].abs(), indices=idx, reduction="none"),
+    )
+
+
+def test_value_checks_run_in_eager_and_are_skipped_under_compile():
+    x, z, w, idx = _unchecked_inputs()
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        _value_checked(x, z, w, idx)
+    compiled = torch.compile(_value_checked, fullgraph=True, backend="aot_eager")
+    negative, out_of_range = compiled(x, z, w, idx)  # no exception: the checks read data, compile skips them
+    mmfast.set_value_checks(False)
+    try:
+        want_negative, want_out_of_range = _value_checked(x, z, w, idx)
+    finally:
+        mmfast.set_value_checks(True)
+    torch.testing.assert_close(negative, want_negative, **TOL[torch.float64])
+    torch.testing.assert_close(out_of_range, want_out_of_range, equal_nan=True, **TOL[torch.float64])
+    assert out_of_range[3].isnan() and torch.isfinite(out_of_range[[0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# no host synchronisation outside the value checks
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class HostSyncError(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_reads_from_mmfast():
+    """Within the block, reading a tensor's data on the host from a module of the ``mmfast`` package
+    raises :class:`HostSyncError` (other callers, e.g. the Triton interpreter, are let through)."""
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def guard(name, original):
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller == "mmfast" or caller.startswith("mmfast."):
+                raise HostSyncError(f"Tensor.{name} called from {caller}: a host synchronisation")
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, guard(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("backend,device,dtype", COMPILE_BACKENDS)
+def test_no_host_sync_outside_value_checks(backend, device, dtype):
+    modules = make_modules(device, dtype)
+    inputs = make_step_inputs(device, dtype)
+    mmfast.set_value_checks(False)
+    try:
+        with mmfast.use_backend(backend), no_host_reads_from_mmfast():
+            loss, grads = run_step(training_step, modules, inputs)
+    finally:
+        mmfast.set_value_checks(True)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    # the detector works: with value checks on, their host reads are caught
+    with mmfast.use_backend(backend), no_host_reads_from_mmfast(), pytest.raises(HostSyncError, match="bool"):
+        run_step(training_step, modules, inputs)
