@@ -319,3 +319,58 @@ def test_compile_distillation_step_matches_eager():
         torch.testing.assert_close(gc, ge, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(compiled[2], eager[2])
     assert all(g_.abs().sum() > 0 for g_ in eager[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# the backward that scales the forward-written gradient in place (mmfast/ops/_grad_scaling.py)
+
+
+def _score_losses(x, a, b, r, sigma):
+    return {
+        "fdistill": lambda: mmfast.fdistill_loss(x, a, b, mmfast.fdiv_weight(r, "jeffreys")),
+        "uni_instruct": lambda: mmfast.uni_instruct_loss(x, a, b, r, "js", alpha=0.5, fgm=True),
+        "fake_score": lambda: mmfast.fake_score_loss(b, x.detach(), sigma),
+    }
+
+
+_OP_MODULES = {"fdistill": fdistill_ops, "uni_instruct": uni_instruct_ops, "fake_score": fake_score_ops}
+
+
+@pytest.mark.parametrize("name", ["fdistill", "uni_instruct", "fake_score"])
+@pytest.mark.parametrize("backend,device,dtype", backend_params(("torch", "cpu")))
+def test_in_place_backward_scaling_equals_out_of_place(backend, device, dtype, name, monkeypatch):
+    """A graph-freeing eager backward scales the saved gradient in place; with retain_graph the
+    out-of-place op runs and leaves the saved gradient untouched: all give the same gradients."""
+    g = torch.Generator().manual_seed(seed_of("in-place", name))
+    B, D = 5, 37
+    x, a, b = (_t(g, B, D).to(dtype).requires_grad_() for _ in range(3))
+    r, sigma = _ratio(g, B).to(dtype), torch.rand(B, generator=g, dtype=F64).to(dtype) + 0.1
+    leaves = (x, a, b)
+    module = _OP_MODULES[name]
+    in_place_calls = []
+    scale_rows_ = module.scale_rows_
+    monkeypatch.setattr(module, "scale_rows_", lambda *args: in_place_calls.append(1) or scale_rows_(*args))
+
+    def grads():
+        out = [None if t.grad is None else t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return out
+
+    with mmfast.use_backend(backend):
+        loss_fn = _score_losses(x, a, b, r, sigma)[name]
+        loss = loss_fn()
+        (loss * 3).backward(retain_graph=True)  # graph kept: out of place
+        first = grads()
+        assert not in_place_calls
+        (loss * 3).backward()  # the saved gradient is still unscaled; the graph is freed now: in place
+        second = grads()
+        assert in_place_calls
+        (loss_fn() * 3).backward()  # a fresh graph, freed: in place
+        third = grads()
+    assert any(t is not None for t in first)
+    for f, s, t in zip(first, second, third, strict=True):
+        assert (f is None) == (s is None) == (t is None)
+        if f is not None:
+            torch.testing.assert_close(s, f, rtol=0, atol=0)
+            torch.testing.assert_close(t, f, rtol=0, atol=0)

@@ -10,13 +10,19 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
 from mmfast.reference import fake_score as reference
 from mmfast.reference.routed_kd import compute_dtype
 
 
 @torch.library.custom_op("mmfast::fake_score_fwd", mutates_args=())
-def fake_score_fwd(b: Tensor, x: Tensor, lam: Tensor, scale: float, need_db: bool) -> tuple[Tensor, Tensor]:
-    """(loss [B], db [B, D]) for b, x [B, D] (stride(1) == 1) and lam [B]; db is empty when not requested."""
+def fake_score_fwd(
+    b: Tensor, x: Tensor, lam: Tensor, scale: float, need_db: bool, consume_grads: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(loss [B], db [B, D]) for b, x [B, D] (stride(1) == 1) and lam [B]; db is empty when not requested.
+    ``consume_grads``: the caller discards db, so an eager backward that frees the graph may scale it in place
+    (mmfast/ops/_grad_scaling.py).
+    """
     backend = _backend.resolve(b.device, b.dtype)
     if backend == "torch":
         return reference.fake_score_rows(b, x, lam, scale, need_db)
@@ -28,7 +34,7 @@ def fake_score_fwd(b: Tensor, x: Tensor, lam: Tensor, scale: float, need_db: boo
 
 
 @fake_score_fwd.register_fake
-def _(b, x, lam, scale, need_db):
+def _(b, x, lam, scale, need_db, consume_grads=False):
     B, D = b.shape
     return b.new_empty((B,), dtype=compute_dtype(b.dtype)), b.new_empty((B, D) if need_db else (0,))
 
@@ -52,6 +58,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(db)
     ctx.save_for_backward(db)
     ctx.need_db = inputs[4]
+    ctx.consume_grads = inputs[5] if len(inputs) > 5 else False
 
 
 def _backward(ctx, grad_loss, _gdb):
@@ -60,7 +67,13 @@ def _backward(ctx, grad_loss, _gdb):
     (db,) = ctx.saved_tensors
     if ctx.needs_input_grad[0] and not ctx.need_db:
         raise RuntimeError("mmfast::fake_score_fwd: fake_x0 requires grad but need_db=False")
-    return (fake_score_bwd(grad_loss, db) if ctx.need_db else None), None, None, None, None
+    if not ctx.need_db:
+        gb = None
+    elif ctx.consume_grads and may_scale_in_place(grad_loss, db):
+        gb = scale_rows_(db, grad_loss)
+    else:
+        gb = fake_score_bwd(grad_loss, db)
+    return (gb,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 fake_score_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -10,13 +10,19 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
 from mmfast.reference import fdistill as reference
 from mmfast.reference.routed_kd import compute_dtype
 
 
 @torch.library.custom_op("mmfast::fdistill_fwd", mutates_args=())
-def fdistill_fwd(x: Tensor, a: Tensor, b: Tensor, h: Tensor, scale: float, need_dx: bool) -> tuple[Tensor, Tensor]:
-    """(loss [B], dx [B, D]) for x, a, b [B, D] (stride(1) == 1) and h [B]; dx is empty when not requested."""
+def fdistill_fwd(
+    x: Tensor, a: Tensor, b: Tensor, h: Tensor, scale: float, need_dx: bool, consume_grads: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(loss [B], dx [B, D]) for x, a, b [B, D] (stride(1) == 1) and h [B]; dx is empty when not requested.
+    ``consume_grads``: the caller discards dx, so an eager backward that frees the graph may scale it in place
+    (mmfast/ops/_grad_scaling.py).
+    """
     backend = _backend.resolve(x.device, x.dtype)
     if backend == "torch":
         return reference.fdistill_rows(x, a, b, h, scale, need_dx)
@@ -28,7 +34,7 @@ def fdistill_fwd(x: Tensor, a: Tensor, b: Tensor, h: Tensor, scale: float, need_
 
 
 @fdistill_fwd.register_fake
-def _(x, a, b, h, scale, need_dx):
+def _(x, a, b, h, scale, need_dx, consume_grads=False):
     B, D = x.shape
     return x.new_empty((B,), dtype=compute_dtype(x.dtype)), x.new_empty((B, D) if need_dx else (0,))
 
@@ -52,6 +58,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dx)
     ctx.save_for_backward(dx)
     ctx.need_dx = inputs[5]
+    ctx.consume_grads = inputs[6] if len(inputs) > 6 else False
 
 
 def _backward(ctx, grad_loss, _gdx):
@@ -60,7 +67,13 @@ def _backward(ctx, grad_loss, _gdx):
     (dx,) = ctx.saved_tensors
     if ctx.needs_input_grad[0] and not ctx.need_dx:
         raise RuntimeError("mmfast::fdistill_fwd: x requires grad but need_dx=False")
-    return (fdistill_bwd(grad_loss, dx) if ctx.need_dx else None), None, None, None, None, None
+    if not ctx.need_dx:
+        gx = None
+    elif ctx.consume_grads and may_scale_in_place(grad_loss, dx):
+        gx = scale_rows_(dx, grad_loss)
+    else:
+        gx = fdistill_bwd(grad_loss, dx)
+    return (gx,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 fdistill_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._grad_scaling import may_scale_in_place
 from mmfast.reference import masked_reconstruction as reference
 from mmfast.reference.routed_kd import compute_dtype
 
@@ -168,23 +169,6 @@ def _setup_context(ctx, inputs, output):
     ctx.consume_grads = inputs[12]
 
 
-_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-
-
-def _scale_in_place(*saved: Tensor) -> bool:
-    """True when the saved gradients may be scaled in place (no new [A, D, S] buffers): an eager
-    backward on plain tensors (no compile or tracing) that frees the graph afterwards (no
-    ``retain_graph``, no ``create_graph``). The caller must have discarded them (``consume_grads``)."""
-    return (
-        _keep_graph is not None
-        and not torch.compiler.is_compiling()
-        and not torch.is_grad_enabled()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and all(type(t) is Tensor for t in saved)
-        and not _keep_graph()
-    )
-
-
 def _bwd_in_place(grad_loss: Tensor, grad_msum: Tensor, dp: Tensor, dy: Tensor, dm: Tensor, shape: list[int],
                   row_mask: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``masked_reconstruction_bwd`` writing into the saved gradients."""
@@ -222,7 +206,7 @@ def _backward(ctx, grad_loss, grad_msum, _gdp, _gdy, _gdm):
         return (None, None, None, gm, None, None, None, None, None, None, None, None, None)
     if grad_msum is None:
         grad_msum = dm.new_empty(0)
-    in_place = ctx.consume_grads and _scale_in_place(grad_loss, dp, dy, dm)
+    in_place = ctx.consume_grads and may_scale_in_place(grad_loss, dp, dy, dm)
     bwd = _bwd_in_place if in_place else masked_reconstruction_bwd
     gp, gy, gm = bwd(grad_loss, grad_msum, dp, dy, dm, ctx.shape, ctx.row_mask)
     return (

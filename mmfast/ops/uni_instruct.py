@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
 from mmfast.reference import uni_instruct as reference
 from mmfast.reference.routed_kd import compute_dtype
 
@@ -29,9 +30,12 @@ def uni_instruct_fwd(
     need_dx: bool,
     need_da: bool,
     need_db: bool,
+    consume_grads: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss [B], dx, da, db [B, D]) for x, a, b [B, D] (stride(1) == 1), coef [B, 3] and di_norm None
-    (per-sample norms) or [1]; each gradient is empty when not requested."""
+    (per-sample norms) or [1]; each gradient is empty when not requested. ``consume_grads``: the caller
+    discards dx, da, db, so an eager backward that frees the graph may scale them in place
+    (mmfast/ops/_grad_scaling.py)."""
     args = (x, a, b, coef, di_norm, alpha, scale, fgm, di, need_dx, need_da, need_db)
     backend = _backend.resolve(x.device, x.dtype)
     if backend == "torch":
@@ -44,7 +48,7 @@ def uni_instruct_fwd(
 
 
 @uni_instruct_fwd.register_fake
-def _(x, a, b, coef, di_norm, alpha, scale, fgm, di, need_dx, need_da, need_db):
+def _(x, a, b, coef, di_norm, alpha, scale, fgm, di, need_dx, need_da, need_db, consume_grads=False):
     B, D = x.shape
     loss = x.new_empty((B,), dtype=compute_dtype(x.dtype))
     return (
@@ -74,18 +78,23 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dx, da, db)
     ctx.save_for_backward(dx, da, db)
     ctx.need = inputs[9:12]
+    ctx.consume_grads = inputs[12] if len(inputs) > 12 else False
 
 
 def _backward(ctx, grad_loss, _gdx, _gda, _gdb):
     if grad_loss is None:  # no gradient reached the loss (materialize_grads is off)
         return (None,) * len(ctx.needs_input_grad)
     grads = ctx.saved_tensors
+    in_place = ctx.consume_grads and may_scale_in_place(grad_loss, *grads)
     out = []
     for i, (name, need, g) in enumerate(zip(("x", "a", "b"), ctx.need, grads, strict=True)):
         if ctx.needs_input_grad[i] and not need:
             raise RuntimeError(f"mmfast::uni_instruct_fwd: {name} requires grad but need_d{name}=False")
-        out.append(uni_instruct_bwd(grad_loss, g) if need else None)
-    return (*out, None, None, None, None, None, None, None, None, None)
+        if not need:
+            out.append(None)
+        else:
+            out.append(scale_rows_(g, grad_loss) if in_place else uni_instruct_bwd(grad_loss, g))
+    return (*out,) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 uni_instruct_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,42 @@
+"""When the backward op may scale a forward-written gradient in place.
+
+The forward ops write d loss / d input in their forward pass and save it; the backward scales it by
+the incoming gradient. Scaling into the saved buffer instead of a fresh one saves an allocation (and,
+on a CPU, the page faults of first touching it) plus one write of the gradient's size per step. That
+is safe only when nothing else can see the buffer afterwards:
+
+- the public function discarded the op's gradient outputs (the op's ``consume_grads`` argument);
+- the backward runs eagerly on plain tensors (no compile, tracing or dispatch mode);
+- the graph is freed after this backward (no ``retain_graph``, no ``create_graph``), so the saved
+  buffer is never read again.
+
+Otherwise the out-of-place backward op runs. The check reads autograd's graph-task state, which
+older torch builds may not expose; there it always answers False.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def may_scale_in_place(*saved: Tensor) -> bool:
+    """True when the saved gradients ``saved`` may be scaled in place (see the module docstring);
+    the caller must also know that its op's gradient outputs were discarded."""
+    return (
+        _keep_graph is not None
+        and _dispatch_stack_len is not None
+        and not torch.compiler.is_compiling()
+        and not torch.is_grad_enabled()
+        and _dispatch_stack_len() == 0
+        and all(type(t) is Tensor for t in saved)
+        and not _keep_graph()
+    )
+
+
+def scale_rows_(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    """grad[b, :] *= grad_loss[b], in place (computed in fp32 for bf16/fp16 gradients)."""
+    return grad.mul_(grad_loss[:, None])
