@@ -1,0 +1,1 @@
+"""Runnable experiments built on the mmfast losses (``python -m mmfast.recipes.<name>``)."""
