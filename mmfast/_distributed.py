@@ -8,6 +8,7 @@ gradients over the ranks.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,3 +75,17 @@ def global_mean(sums: Tensor, count: Tensor | int, process_group: ProcessGroup |
     n = count.double().reshape(1) if isinstance(count, Tensor) else flat.new_full((1,), float(count))
     packed = all_reduce_sum(torch.cat([flat, n]), process_group)
     return (packed[:-1] / packed[-1].clamp_min(1)).reshape(sums.shape)
+
+
+def deepcopy_sharing_group(module, memo: dict):
+    """``copy.deepcopy`` of a module holding ``process_group``: the copy shares the group (a process-wide
+    handle, which can be neither copied nor pickled); everything else is copied as usual. Use as the
+    class's ``__deepcopy__``."""
+    group = getattr(module, "process_group", None)
+    if group is not None:
+        memo[id(group)] = group
+    new = module.__class__.__new__(module.__class__)
+    memo[id(module)] = new
+    for key, value in module.__dict__.items():
+        new.__dict__[key] = copy.deepcopy(value, memo)
+    return new

@@ -445,22 +445,41 @@ def test_fuzz_mutual_parity(backend, device, dtype, M, N, C, tau, seed):
 # fuzz of the f-divergence losses and masked reconstruction (issues 3 and 4)
 
 
-def check_parity(fn, backend, device, dtype, inputs, wrt, grad_out=None, tol_scale=1.0, **kw):
+def _no_worse_than_reference(actual, reference, truth, dtype, what):
+    """Flash-attention's rule for ill-conditioned problems: max|actual - truth| <= 2 max|reference - truth|
+    + atol * max(1, max|truth|), the reference being the torch backend at the same dtype."""
+    t = truth.detach().double().cpu()
+    err = float((actual.detach().double().cpu() - t).abs().max()) if t.numel() else 0.0
+    err_ref = float((reference.detach().double().cpu() - t).abs().max()) if t.numel() else 0.0
+    floor = TOL[dtype][1] * max(1.0, float(t.abs().max()) if t.numel() else 1.0)
+    assert err <= 2 * err_ref + floor, f"{what}: error {err:.3g} vs the reference's {err_ref:.3g} at {dtype}"
+
+
+def check_parity(fn, backend, device, dtype, inputs, wrt, grad_out=None, layout_of=(), ill_conditioned=False, **kw):
     """``fn(**inputs, **kw)`` and its gradients to ``wrt`` on ``backend`` == the torch backend in float64
-    on the same (rounded) inputs; the gradients keep their input's dtype and layout (strides)."""
+    on the same (rounded) inputs; the gradients keep their input's dtype, and the layout (strides) for the
+    inputs named in ``layout_of`` (dense inputs whose layout the op documents to keep). ``ill_conditioned``:
+    the error may be as large as twice the torch backend's own at ``dtype`` (_no_worse_than_reference)."""
     inputs = cast(inputs, dtype, device)
     with mmfast.use_backend("torch"):
         value_t, grads_t = value_and_grads(fn, cast(inputs, torch.float64, "cpu"), grad_out, wrt, **kw)
+        if ill_conditioned:
+            value_r, grads_r = value_and_grads(fn, inputs, grad_out, wrt, **kw)
     with mmfast.use_backend(backend):
         value_k, grads_k = value_and_grads(fn, inputs, grad_out, wrt, **kw)
     assert value_k.dtype == dtype and value_k.device.type == device
-    _close(value_k, value_t, dtype, "value", tol_scale)
     assert grads_k.keys() == grads_t.keys()
     for name, grad in grads_k.items():
         assert grad.dtype == dtype, name
-        if inputs[name].is_non_overlapping_and_dense():
+        if name in layout_of and inputs[name].numel() > 1:
             assert grad.stride() == inputs[name].stride(), f"grad {name} is not in its input's layout"
-        _close(grad, grads_t[name], dtype, f"grad {name}", tol_scale)
+    for what, k, t, r in [("value", value_k, value_t, value_r if ill_conditioned else None)] + [
+        (f"grad {n}", grads_k[n], grads_t[n], grads_r[n] if ill_conditioned else None) for n in grads_t
+    ]:
+        if ill_conditioned:
+            _no_worse_than_reference(k, r, t, dtype, what)
+        else:
+            _close(k, t, dtype, what)
 
 
 def _in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -511,7 +530,8 @@ def test_fuzz_fdistill_parity(backend, device, dtype, data):
     B = inputs["x"].shape[0]
     inputs["h"] = _positive_per_sample(g, B, 0.05, 20.0)
     reduction, grad_out = _reduction_grad(data.draw, g, B, ("mean", "sum", "none"))
-    check_parity(mmfast.fdistill_loss, backend, device, dtype, inputs, ("x",), grad_out, reduction=reduction)
+    check_parity(mmfast.fdistill_loss, backend, device, dtype, inputs, ("x",), grad_out, layout_of=("x",),
+                 reduction=reduction)
 
 
 @pytest.mark.parametrize("backend,device,dtype", cases([()]))
@@ -530,7 +550,7 @@ def test_fuzz_uni_instruct_parity(backend, device, dtype, data):
         reduction=reduction,
     )
     wrt = ("x", *data.draw(st.sampled_from([(), ("teacher_x0",), ("teacher_x0", "fake_x0")])))
-    check_parity(mmfast.uni_instruct_loss, backend, device, dtype, inputs, wrt, grad_out, **kw)
+    check_parity(mmfast.uni_instruct_loss, backend, device, dtype, inputs, wrt, grad_out, layout_of=("x",), **kw)
 
 
 @pytest.mark.parametrize("backend,device,dtype", cases([()]))
@@ -542,7 +562,7 @@ def test_fuzz_fake_score_parity(backend, device, dtype, data):
     reduction, grad_out = _reduction_grad(data.draw, g, B, ("mean", "sum", "none"))
     sigma_data = data.draw(st.sampled_from([0.5, 1.0]) | st.floats(0.05, 2.0))
     check_parity(mmfast.fake_score_loss, backend, device, dtype, inputs, ("fake_x0",), grad_out,
-                 sigma_data=sigma_data, reduction=reduction)
+                 layout_of=("fake_x0",), sigma_data=sigma_data, reduction=reduction)
 
 
 @st.composite
@@ -595,9 +615,7 @@ def test_fuzz_masked_reconstruction_parity(backend, device, dtype, data):
                                generator=g, dtype=torch.float64)
     else:
         grad_out = torch.randn(shape, generator=g, dtype=torch.float64)
-    tol_scale = 1.0
-    if kw["normalize_target"]:  # (y - mean) / std amplifies the rounding of y by max|y| / std of its row
-        y = cast(inputs, dtype)["target"].double()
-        var = y.var(dim=kw["channel_dim"], unbiased=False)
-        tol_scale = max(1.0, float(y.abs().max() / (var + 1e-6).sqrt().min()) / 4)
-    check_parity(mmfast.masked_reconstruction_loss, backend, device, dtype, inputs, wrt, grad_out, tol_scale, **kw)
+    # (y - mean) / sqrt(var + eps) amplifies rounding by up to 1 / sqrt(eps) on rows of small variance; the
+    # cosine's gradient cancels terms of size 1 / |p| (exactly 0 for D = 1): both ill-conditioned
+    check_parity(mmfast.masked_reconstruction_loss, backend, device, dtype, inputs, wrt, grad_out,
+                 ill_conditioned=kw["normalize_target"] or kw["loss"] == "cosine", **kw)

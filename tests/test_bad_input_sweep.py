@@ -6,7 +6,10 @@
 * value checks (which read data: negative weights, ids out of range) raise in eager mode, can be turned
   off (``mmfast.set_value_checks(False)``, ``MMFAST_CHECK_VALUES=0``) and are skipped under compile;
 * no mutation: each entry's valid call, on every backend, leaves its inputs' version counters and data
-  unchanged (forward and backward; ``assert_inputs_unchanged``).
+  unchanged (forward and backward; ``assert_inputs_unchanged``), and the backward reaches exactly the
+  floating inputs that the contract differentiates (``grad_free``: stop-gradient inputs).
+
+Messages must name the argument as a word of its own (``x`` in "x is on meta", not in "teacher_x0").
 
 A new public function adds one :class:`Api` entry to ``APIS``. Hand-written cases with exact messages for
 the KD losses live in tests/test_bad_input.py.
@@ -19,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -348,6 +352,10 @@ def _recon_mask_value(value):
     return change
 
 
+def _ragged_logits(kw):
+    kw["logits_list"] = [t[: 2 + i] for i, t in enumerate(kw["logits_list"])]
+
+
 def _labels(device):
     return torch.tensor([0, 4, 2, 1], device=device)
 
@@ -392,6 +400,14 @@ def _attach_call(feature, module="linear", mask="channel_mask"):
         out = module(feature)
     assert not handle.attached and not module._forward_hooks, "the hook must be removed"
     return out
+
+
+def _reliability_call(source, labels=None, n_bins=15, suffix=".png"):
+    """mmfast.plot.reliability_diagram into a temporary file (removed after)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mmfast.plot.reliability_diagram(source, os.path.join(tmp, "diagram" + suffix), labels, n_bins=n_bins)
+        assert path.stat().st_size > 0
+    return path
 
 
 def _label_value(name, value):
@@ -571,8 +587,7 @@ APIS.update({
             Bad("weights-negative", _non_positive("weights", -0.5), ValueError, "weights", value_check=True),
             Bad("weights-all-zero", lambda kw: kw.update(weights=kw["weights"].detach() * 0), ValueError, "weights",
                 value_check=True, when_unchecked="nan"),
-            Bad("logits_list-shapes", lambda kw: kw.update(logits_list=[kw["logits_list"][0][:2], kw["logits_list"][1]]),
-                ValueError, "logits_list"),
+            Bad("logits_list-shapes", _ragged_logits, ValueError, "logits_list"),
             Bad("logits_list-empty", _set("logits_list", []), TypeError, "logits_list"),
         ),
         # [M, N, C] -> [1, M, N, C] is one model of another shape (weights then mismatch in length);
@@ -607,6 +622,20 @@ APIS.update({
             Bad("dim-0", _set("dim", 0), ValueError, "dim"),
             Bad("heads-bool", _set("heads", True), ValueError, "heads"),
             Bad("hidden-not-multiple-of-heads", _set("hidden", 3), ValueError, "hidden"),
+        ),
+    ),
+    "reliability_diagram": Api(
+        _reliability_call,
+        lambda device, dtype: dict(source=_randn(device, dtype, N, C, seed=92), labels=_labels(device), n_bins=4),
+        dict(labels="int"),
+        (
+            Bad("source-list", _set("source", [[0.5, 0.5]]), TypeError, "source"),
+            Bad("labels-missing", _set("labels", None), ValueError, "labels"),
+            Bad("labels-with-stats", lambda kw: kw.update(source=mmfast.calibration.CalibrationStats.from_logits(
+                kw["source"], kw["labels"], 4)), ValueError, "labels"),
+            Bad("path-pdf", _set("suffix", ".pdf"), ValueError, "path"),
+            # (labels out of range: the ECE entries' value check; a plot is drawn on the host, never compiled)
+            Bad("n_bins-0", _set("n_bins", 0), ValueError, "n_bins"),
         ),
     ),
     "attach_channel_mask": Api(
@@ -686,6 +715,18 @@ def _bad_kwargs(api: Api, bad: Bad) -> dict:
     return kw
 
 
+NOT_SWEPT = {  # public names without tensor arguments to check (configuration, results, handles)
+    "BACKENDS", "BackendUnavailableError", "backend_info", "use_backend", "set_value_checks", "nn", "plot",
+    "LateFusionChoice", "RouterOutput", "UMTLoss", "ChannelMaskHandle",
+}
+
+
+def test_every_public_entry_point_is_swept():
+    public = {*mmfast.__all__, *mmfast.nn.__all__, "reliability_diagram"} - NOT_SWEPT
+    swept = {name.split("-")[0] for name in APIS}
+    assert not public - swept, f"public entry points without an Api entry: {sorted(public - swept)}"
+
+
 def names_argument(message: str, name: str) -> bool:
     """``name`` occurs in ``message`` as a word of its own ("x" in "x is on meta", not in "teacher_x0")."""
     return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", message) is not None
@@ -702,6 +743,8 @@ def test_bad_input_names_the_argument(api_name, bad):
 def _outputs(out) -> list[torch.Tensor]:
     if isinstance(out, mmfast.LateFusionChoice):
         assert out.choice in ("ume", "umt")
+        return []
+    if isinstance(out, os.PathLike):  # a written file
         return []
     return list(out) if isinstance(out, tuple) else [out]
 

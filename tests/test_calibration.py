@@ -1,16 +1,13 @@
-"""Expected calibration error, its accumulator (also over a 2-process gloo group) and the reliability diagram."""
+"""Expected calibration error, its accumulator and the reliability diagram (the accumulator over a 2-process
+gloo group: tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import mmfast
 from mmfast.calibration import CalibrationStats, bin_stats, confidences
@@ -137,41 +134,6 @@ def test_accumulator_equals_one_shot_over_the_concatenation():
         acc.compute()
     acc.update_confidences(torch.tensor([0.9, 0.6]), torch.tensor([False, True]))
     assert float(acc.compute()) == pytest.approx((0.9 + 0.4) / 2, abs=1e-6)
-
-
-def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        g = torch.Generator().manual_seed(100 + rank)
-        acc = mmfast.CalibrationAccumulator(n_bins=5)
-        for n in (9 + rank, 4):
-            acc.update(torch.randn(n, 4, generator=g) * 2, torch.randint(0, 4, (n,), generator=g))
-        torch.save(
-            {"local": acc.compute(), "global": acc.compute(dist.group.WORLD),
-             "stats": acc.stats(dist.group.WORLD).counts},
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-def test_accumulator_all_reduces_over_a_two_process_gloo_group():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, "init")
-        mp.spawn(_gloo_worker, args=(2, init_file, tmp), nprocs=2, join=True)
-        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
-    logits, labels = [], []
-    for rank in range(2):
-        g = torch.Generator().manual_seed(100 + rank)
-        for n in (9 + rank, 4):
-            logits.append(torch.randn(n, 4, generator=g) * 2)
-            labels.append(torch.randint(0, 4, (n,), generator=g))
-    want = mmfast.expected_calibration_error(torch.cat(logits), torch.cat(labels), n_bins=5)
-    want_local0 = mmfast.expected_calibration_error(torch.cat(logits[:2]), torch.cat(labels[:2]), n_bins=5)
-    for r in results:
-        torch.testing.assert_close(r["global"].float(), want)
-        assert float(r["stats"].sum()) == 9 + 4 + 10 + 4
-    torch.testing.assert_close(results[0]["local"].float(), want_local0)
 
 
 def _is_png(path) -> bool:

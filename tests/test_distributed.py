@@ -48,7 +48,12 @@ class DistCase:
     step(model, batch, process_group) -> loss; ``model`` is the DDP-wrapped model with this rank's
     shard and the group, or the plain model with the whole batch and ``None``.
     batch_dims: the batch dimension of each tensor of ``data`` (default 0).
+    split: the per-rank batch sizes (losses whose reduction is a local mean need equal ones).
+    global_value: each rank's loss is the global one; False: it is a local mean (its statistics, e.g. the
+    normalisation of h, are global), and the mean of the ranks' losses is the global loss (equal split).
     equal: False for a control case whose gradients must differ (shows the comparison can fail).
+    Every parameter that requires grad must get one; the model's buffers (e.g. running statistics) must
+    end equal to the single-process ones.
     """
 
     build: Callable[[object], nn.Module]
@@ -56,6 +61,8 @@ class DistCase:
     step: Callable[[nn.Module, dict[str, Tensor], object], Tensor]
     batch_dims: dict[str, int] = field(default_factory=dict)
     equal: bool = True
+    split: tuple[int, ...] = SPLIT
+    global_value: bool = True
 
 
 class Student(nn.Module):
@@ -170,6 +177,86 @@ def _compiled_step(model, b, pg):
     return torch.compile(losses, fullgraph=True, backend="aot_eager")(x, b["z"], b["w"], b["mask"])
 
 
+# f-divergence score distillation: h = fdiv_weight(ratio) normalised by its batch mean over all ranks, and
+# the per-noise-level ratio normaliser's bins. The losses' "mean" is local (each rank's mean over its own
+# samples): with equal per-rank batches, DDP's average of the rank means is the global mean.
+EQUAL = (N // 2, N // 2)
+SAMPLE = (2, 3)
+
+
+class Generator(nn.Module):
+    """features -> one-step generator sample x; x0-predictions of a frozen teacher and of a fake-score
+    network, both depending on x (their gradients flow back into the generator); a density-ratio normaliser."""
+
+    def __init__(self, process_group) -> None:
+        super().__init__()
+        self.gen = nn.Linear(D, 6)
+        self.teacher = nn.Linear(6, 6).requires_grad_(False)
+        self.fake = nn.Linear(6, 6)
+        self.normalizer = mmfast.nn.DensityRatioNormalizer(num_bins=3, momentum=0.3, process_group=process_group)
+
+    def forward(self, feat: Tensor, ratio: Tensor, t: Tensor, ratio_prev: Tensor, t_prev: Tensor):
+        x = self.gen(feat)
+        a, b = self.teacher(torch.tanh(x)), self.fake(torch.sin(x))
+        self.normalizer(ratio_prev, t_prev)  # a previous step: the EMA below blends two global batches
+        shape = (-1, *SAMPLE)
+        return x.reshape(shape), a.reshape(shape), b.reshape(shape), self.normalizer(ratio, t)
+
+
+def _fdiv_data() -> dict[str, Tensor]:
+    g = _gen(13)
+    return {
+        "feat": torch.randn(N, D, generator=g, dtype=torch.float64),
+        "ratio": torch.rand(N, generator=g, dtype=torch.float64) * 5 + 0.1,
+        "t": torch.rand(N, generator=g, dtype=torch.float64),
+        "ratio_prev": torch.rand(N, generator=g, dtype=torch.float64) * 5 + 0.1,
+        "t_prev": torch.rand(N, generator=g, dtype=torch.float64),
+        "sigma": torch.rand(N, generator=g, dtype=torch.float64) * 3 + 0.05,
+    }
+
+
+def _fake_score(x, f, b):
+    """The fake-score network's loss on the generator's samples (a local mean over the batch)."""
+    return mmfast.fake_score_loss(f, x.detach(), b["sigma"], sigma_data=0.5)
+
+
+def _fdistill_step(model, b, pg):
+    x, a, f, _ = model(b["feat"], b["ratio"], b["t"], b["ratio_prev"], b["t_prev"])
+    loss = copy.deepcopy(mmfast.nn.FDistillLoss("js", normalize=True, process_group=pg))  # shares the group
+    return loss(x, a.detach(), f.detach(), b["ratio"]) + _fake_score(x, f, b)
+
+
+def _fdistill_local_step(model, b, pg):
+    x, a, f, _ = model(b["feat"], b["ratio"], b["t"], b["ratio_prev"], b["t_prev"])
+    h_local = mmfast.nn.FDistillLoss("js", normalize=True)  # h normalised by each rank's own mean
+    return h_local(x, a.detach(), f.detach(), b["ratio"]) + _fake_score(x, f, b)
+
+
+def _uni_instruct_step(model, b, pg):
+    x, a, f, _ = model(b["feat"], b["ratio"], b["t"], b["ratio_prev"], b["t_prev"])
+    loss = mmfast.nn.UniInstructLoss("jeffreys", alpha=0.7, fgm=True, normalize=True, process_group=pg)
+    return loss(x, a, f, b["ratio"])
+
+
+def _normalizer_step(model, b, pg):
+    """The normalised ratio (global bins, two EMA steps) weights both losses (no h normalisation)."""
+    x, a, f, r = model(b["feat"], b["ratio"], b["t"], b["ratio_prev"], b["t_prev"])
+    fdistill = mmfast.nn.FDistillLoss("kl", normalize=False)(x, a.detach(), f.detach(), r)
+    return fdistill + mmfast.nn.UniInstructLoss("js", normalize=False)(x, a, f, r) + _fake_score(x, f, b)
+
+
+def _compiled_fdiv_step(model, b, pg):
+    """The f-divergence modules with a group inside torch.compile(fullgraph=True) (aot_eager)."""
+    x, a, f, r = model(b["feat"], b["ratio"], b["t"], b["ratio_prev"], b["t_prev"])
+    fdistill = mmfast.nn.FDistillLoss("reverse_kl", normalize=True, process_group=pg)
+    uni_instruct = mmfast.nn.UniInstructLoss("kl", normalize=True, process_group=pg)
+
+    def losses(x, a, f, ratio, r):
+        return fdistill(x, a.detach(), f.detach(), ratio) + uni_instruct(x, a, f, r)
+
+    return torch.compile(losses, fullgraph=True, backend="aot_eager")(x, a, f, b["ratio"], r)
+
+
 CASES: dict[str, DistCase] = {
     "routed_kd-global-batchmean": DistCase(lambda pg: Student(), _flat_data, _routed_step, {"z": 1}),
     "RoutedKDLoss-class_dim1-batchmean-and-sum": DistCase(
@@ -185,6 +272,22 @@ CASES: dict[str, DistCase] = {
     "control-local-batchmean-differs": DistCase(
         lambda pg: Student(), _flat_data, _routed_local_step, {"z": 1}, equal=False
     ),
+    **{
+        name: DistCase(Generator, _fdiv_data, step, split=EQUAL, global_value=False)
+        for name, step in (
+            ("FDistillLoss-normalize-global-mean-of-h", _fdistill_step),
+            ("UniInstructLoss-normalize-global-mean-of-h", _uni_instruct_step),
+            ("DensityRatioNormalizer-global-bins", _normalizer_step),
+            ("compiled-fullgraph-fdiv-modules", _compiled_fdiv_step),
+        )
+    },
+    # control: h normalised by each rank's own mean is not the global normalisation
+    "control-FDistillLoss-local-normalisation-differs": DistCase(
+        lambda pg: Generator(None), _fdiv_data, _fdistill_local_step, split=EQUAL, global_value=False, equal=False
+    ),
+    "control-DensityRatioNormalizer-local-bins-differ": DistCase(
+        lambda pg: Generator(None), _fdiv_data, _normalizer_step, split=EQUAL, global_value=False, equal=False
+    ),
 }
 
 
@@ -193,7 +296,7 @@ CASES: dict[str, DistCase] = {
 
 
 def _shard(case: DistCase, batch: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
-    return {k: v.split(SPLIT, dim=case.batch_dims.get(k, 0))[rank] for k, v in batch.items()}
+    return {k: v.split(case.split, dim=case.batch_dims.get(k, 0))[rank] for k, v in batch.items()}
 
 
 def _max_rel_err(a: Tensor, b: Tensor) -> float:
@@ -218,9 +321,81 @@ def ddp_vs_single_process(case: DistCase, rank: int, pg) -> dict:
     grad_err = {
         name: _max_rel_err(p.grad, q.grad)
         for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True)
+        if q.requires_grad
     }
-    assert all(q.grad.abs().sum() > 0 for q in ref_model.parameters()), "a parameter gets no gradient"
-    return {"loss": float(loss.detach()), "ref_loss": float(ref_loss.detach()), "grad_err": grad_err}
+    trained = [q for q in ref_model.parameters() if q.requires_grad]
+    assert trained and all(q.grad is not None and q.grad.abs().sum() > 0 for q in trained), (
+        "a parameter gets no gradient"
+    )
+    buffer_err = {
+        name: float((b.double() - q.double()).abs().max())
+        for (name, b), q in zip(model.named_buffers(), ref_model.buffers(), strict=True)
+    }
+    return {"loss": float(loss.detach()), "ref_loss": float(ref_loss.detach()), "grad_err": grad_err,
+            "buffer_err": buffer_err}
+
+
+def calibration_over_ranks(rank: int, pg) -> dict:
+    """CalibrationAccumulator.compute / stats with the group: every rank gets the ECE of all ranks'
+    samples (unequal per-rank counts), its local ECE stays local, and computing twice does not double count."""
+    g = _gen(100 + rank)
+    acc = mmfast.CalibrationAccumulator(n_bins=5)
+    for n in (9 + rank, 4):
+        acc.update(torch.randn(n, 4, generator=g) * 2, torch.randint(0, 4, (n,), generator=g))
+    return {
+        "local": float(acc.compute()),
+        "global": float(acc.compute(pg)),
+        "global-again": float(acc.compute(pg)),
+        "counts": acc.stats(pg).counts.tolist(),
+    }
+
+
+def calibration_single_process() -> tuple[float, float, list[float]]:
+    """The ECE of both ranks' samples (one process), rank 0's local ECE and the bin counts."""
+    logits, labels = [], []
+    for rank in range(WORLD):
+        g = _gen(100 + rank)
+        for n in (9 + rank, 4):
+            logits.append(torch.randn(n, 4, generator=g) * 2)
+            labels.append(torch.randint(0, 4, (n,), generator=g))
+    ece = mmfast.expected_calibration_error
+    stats = mmfast.calibration.CalibrationStats.from_logits(torch.cat(logits), torch.cat(labels), 5)
+    return (float(ece(torch.cat(logits), torch.cat(labels), 5)), float(ece(torch.cat(logits[:2]),
+            torch.cat(labels[:2]), 5)), stats.counts.tolist())
+
+
+def deepcopy_checks(pg) -> dict:
+    """copy.deepcopy of every module that holds a group (alone and inside a model, e.g. into an EMA copy)
+    shares the group and copies everything else (parameters, buffers)."""
+    modules = {
+        "RoutedKDLoss": mmfast.nn.RoutedKDLoss(process_group=pg),
+        "TeacherRouter": mmfast.nn.TeacherRouter(C, E, process_group=pg),
+        "FDistillLoss": mmfast.nn.FDistillLoss(process_group=pg),
+        "UniInstructLoss": mmfast.nn.UniInstructLoss(process_group=pg),
+        "DensityRatioNormalizer": mmfast.nn.DensityRatioNormalizer(process_group=pg),
+        "model-with-normalizer": Generator(pg),
+    }
+    out = {}
+    for label, module in modules.items():
+        try:
+            copied = copy.deepcopy(module)
+            holders = [m for m in copied.modules() if hasattr(m, "process_group")]
+            states = zip(module.state_dict().values(), copied.state_dict().values(), strict=True)
+            if not holders or any(m.process_group is not pg for m in holders):
+                out[label] = "the copy does not share the group"
+            elif any(a.data_ptr() == b.data_ptr() or not torch.equal(a, b) for a, b in states):
+                out[label] = "parameters or buffers are shared with, or differ from, the original"
+            else:
+                out[label] = "ok"
+        except Exception as e:
+            out[label] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _accumulator_with_samples() -> mmfast.CalibrationAccumulator:
+    acc = mmfast.CalibrationAccumulator()
+    acc.update(torch.randn(3, C), torch.tensor([0, 1, 2]))
+    return acc
 
 
 def process_group_argument_checks(pg) -> dict:
@@ -234,6 +409,10 @@ def process_group_argument_checks(pg) -> dict:
         "not-a-group": (lambda: mmfast.load_balance_loss(x.softmax(-1), process_group=0), TypeError),
         "ranks-list": (lambda: mmfast.teacher_weights(z, torch.zeros(2, dtype=torch.long), process_group=[0, 1]),
                        TypeError),
+        "FDistillLoss-int": (lambda: mmfast.nn.FDistillLoss(process_group=0), TypeError),
+        "UniInstructLoss-str": (lambda: mmfast.nn.UniInstructLoss(process_group="world"), TypeError),
+        "DensityRatioNormalizer-list": (lambda: mmfast.nn.DensityRatioNormalizer(process_group=[0, 1]), TypeError),
+        "CalibrationAccumulator-str": (lambda: _accumulator_with_samples().compute(process_group="world"), TypeError),
     }
     out = {}
     for label, (fn, exc) in bad.items():
@@ -259,6 +438,11 @@ def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str) ->
             except Exception:  # reported per case by the test; the other rank may then time out
                 results[name] = {"error": traceback.format_exc()}
         results["argument-checks"] = process_group_argument_checks(dist.group.WORLD)
+        results["deepcopy"] = deepcopy_checks(dist.group.WORLD)
+        try:
+            results["calibration"] = calibration_over_ranks(rank, dist.group.WORLD)
+        except Exception:
+            results["calibration"] = {"error": traceback.format_exc()}
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -299,16 +483,41 @@ def test_ddp_step_equals_single_process(results, name):
     case = CASES[name]
     worst = max(max(res["grad_err"].values()) for res in per_rank)
     if case.equal:
+        if not case.global_value:  # local means: their mean over the (equal) ranks is the global loss
+            mean_loss = sum(res["loss"] for res in per_rank) / len(per_rank)
+            assert mean_loss == pytest.approx(per_rank[0]["ref_loss"], rel=1e-12, abs=1e-12), "mean of rank losses"
         for rank, res in enumerate(per_rank):
-            assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-12, abs=1e-12), f"rank {rank} loss"
+            if case.global_value:
+                assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-12, abs=1e-12), f"rank {rank} loss"
             bad = {k: v for k, v in res["grad_err"].items() if v > 1e-10}
             assert not bad, f"rank {rank}: DDP gradients differ from the single-process ones: {bad}"
+            bad = {k: v for k, v in res["buffer_err"].items() if v > 1e-12}
+            assert not bad, f"rank {rank}: buffers differ from the single-process ones: {bad}"
     else:
-        assert per_rank[0]["loss"] != pytest.approx(per_rank[0]["ref_loss"], rel=1e-6)
+        loss = per_rank[0]["loss"] if case.global_value else sum(r["loss"] for r in per_rank) / len(per_rank)
+        assert loss != pytest.approx(per_rank[0]["ref_loss"], rel=1e-6)
         assert worst > 1e-3, "the control case should give different gradients under DDP"
 
 
 def test_process_group_argument_checks(results):
     for rank, res in enumerate(results):
         assert res["argument-checks"] == {k: "ok" for k in res["argument-checks"]}, f"rank {rank}"
-        assert len(res["argument-checks"]) == 5
+        assert len(res["argument-checks"]) == 9
+
+
+def test_calibration_accumulator_over_ranks(results):
+    want, want_local0, want_counts = calibration_single_process()
+    for rank, res in enumerate(results):
+        res = res["calibration"]
+        assert "error" not in res, f"rank {rank}:\n{res.get('error')}"
+        assert res["global"] == pytest.approx(want, rel=1e-6, abs=1e-7), f"rank {rank}"
+        assert res["global-again"] == res["global"], f"rank {rank}: compute(group) changed the local sums"
+        assert res["counts"] == want_counts and sum(want_counts) == 9 + 4 + 10 + 4
+    assert results[0]["calibration"]["local"] == pytest.approx(want_local0, rel=1e-6, abs=1e-7)
+    assert want_local0 != pytest.approx(want, rel=1e-3), "the test needs the local and global ECE to differ"
+
+
+def test_deepcopy_of_modules_holding_a_group(results):
+    for rank, res in enumerate(results):
+        assert res["deepcopy"] == {k: "ok" for k in res["deepcopy"]}, f"rank {rank}"
+        assert len(res["deepcopy"]) == 6

@@ -336,9 +336,10 @@ def _score_losses(x, a, b, r, sigma):
 _OP_MODULES = {"fdistill": fdistill_ops, "uni_instruct": uni_instruct_ops, "fake_score": fake_score_ops}
 
 
+@pytest.mark.parametrize("factor", [1.0, 3.0])  # 1: the CPU path that returns the saved buffer as is
 @pytest.mark.parametrize("name", ["fdistill", "uni_instruct", "fake_score"])
 @pytest.mark.parametrize("backend,device,dtype", backend_params(("torch", "cpu")))
-def test_in_place_backward_scaling_equals_out_of_place(backend, device, dtype, name, monkeypatch):
+def test_in_place_backward_scaling_equals_out_of_place(backend, device, dtype, name, factor, monkeypatch):
     """A graph-freeing eager backward scales the saved gradient in place; with retain_graph the
     out-of-place op runs and leaves the saved gradient untouched: all give the same gradients."""
     g = torch.Generator().manual_seed(seed_of("in-place", name))
@@ -360,13 +361,13 @@ def test_in_place_backward_scaling_equals_out_of_place(backend, device, dtype, n
     with mmfast.use_backend(backend):
         loss_fn = _score_losses(x, a, b, r, sigma)[name]
         loss = loss_fn()
-        (loss * 3).backward(retain_graph=True)  # graph kept: out of place
+        (loss * factor).backward(retain_graph=True)  # graph kept: out of place
         first = grads()
         assert not in_place_calls
-        (loss * 3).backward()  # the saved gradient is still unscaled; the graph is freed now: in place
+        (loss * factor).backward()  # the saved gradient is still unscaled; the graph is freed now: in place
         second = grads()
         assert in_place_calls
-        (loss_fn() * 3).backward()  # a fresh graph, freed: in place
+        (loss_fn() * factor).backward()  # a fresh graph, freed: in place
         third = grads()
     assert any(t is not None for t in first)
     for f, s, t in zip(first, second, third, strict=True):

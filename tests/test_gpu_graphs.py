@@ -1,7 +1,9 @@
 """A whole training step (every public op: routed KD sparse / dense / class_dim=1 through RoutedKDLoss,
-mutual KD, the router with both load-balance modes, teacher weights; forward and backward) captured in a
-CUDA graph and replayed on new data equals eager: no op synchronises with the host (value checks are skipped
-during capture) and every launch is capturable. GPU only."""
+mutual KD, the router with both load-balance modes, teacher weights; the f-divergence losses and modules with
+the density ratio and its per-noise-level normaliser; masked reconstruction, UMT, the channel mask, the
+uni-modal ensemble and ECE; forward and backward) captured in a CUDA graph and replayed on new data equals
+eager: no op synchronises with the host (value checks are skipped during capture) and every launch is
+capturable. GPU only."""
 
 import pytest
 import torch
@@ -32,9 +34,49 @@ def test_training_step_in_cuda_graph(backend):
     zd = torch.randn(E, 4, 16, 8, 8, device=dev)
     pixel_mask = torch.rand(4, 8, 8, device=dev) > 0.3
     seg = mmfast.nn.RoutedKDLoss(temperature=2.0, mix="logits", class_dim=1)
-    params = [x, xd, *router.parameters()]
+    # f-divergence score distillation: generator samples [B, 3, 16, 16], discriminator logits, noise levels
+    B = 8
+    gen_x = torch.randn(B, 3, 16, 16, device=dev, requires_grad=True)
+    teacher_x0 = torch.randn(B, 3, 16, 16, device=dev, requires_grad=True)
+    fake_x0 = torch.randn(B, 3, 16, 16, device=dev, requires_grad=True)
+    disc_real = torch.randn(B, 4, device=dev, requires_grad=True)
+    disc_fake = torch.randn(B, 4, device=dev, requires_grad=True)
+    t = torch.rand(B, device=dev)
+    sigma = torch.rand(B, device=dev) * 10 + 0.01
+    normalizer = mmfast.nn.DensityRatioNormalizer(num_bins=4).to(dev)
+    fdistill = mmfast.nn.FDistillLoss("js")
+    uni_instruct = mmfast.nn.UniInstructLoss("jeffreys", alpha=0.5, fgm=True, di_norm="batch")
+    # reconstruction, UMT, channel mask
+    feat = torch.randn(N, 96, device=dev, requires_grad=True)
+    feat_teacher = torch.randn(N, 96, device=dev)
+    row_mask = (torch.rand(N, 1, device=dev) > 0.25).float()
+    umt = mmfast.nn.UniModalTeacherLoss(weight=5.0)
+    channel_mask = mmfast.nn.ChannelMask(16, heads=2).to(dev)
+    params = [x, xd, *router.parameters(), gen_x, teacher_x0, fake_x0, disc_real, disc_fake, feat,
+              *channel_mask.parameters()]
+    metrics = {}
 
     def step():
+        ratio = mmfast.density_ratio(disc_fake)
+        ratio_t = normalizer(ratio, t)
+        fdiv = (
+            fdistill(gen_x, teacher_x0, fake_x0, ratio_t)
+            + uni_instruct(gen_x, teacher_x0, fake_x0, ratio)
+            + mmfast.uni_instruct_loss(gen_x, teacher_x0, fake_x0, ratio_t, "kl", di_norm="sample")
+            + mmfast.fdistill_loss(gen_x, teacher_x0, fake_x0, mmfast.fdiv_weight(ratio, "squared_hellinger"))
+            + mmfast.fake_score_loss(fake_x0, gen_x, sigma)
+            + mmfast.discriminator_loss(disc_real, disc_fake)
+            + 0.01 * sum(c.mean() for c in mmfast.fdiv_coefficients(ratio, "js"))
+        )
+        recon = (
+            mmfast.masked_reconstruction_loss(feat, feat_teacher, row_mask, loss="smooth_l1")
+            + mmfast.masked_reconstruction_loss(channel_mask(xd), zd[0], loss="cosine", channel_dim=1,
+                                                mask=pixel_mask[:, None].float())
+            + umt(x, labels, [feat, x], [feat_teacher, z[1]])
+            + mmfast.unimodal_teacher_loss(x, labels, [feat], [feat_teacher], weight=2.0)
+        )
+        ensemble = mmfast.unimodal_ensemble([x, z[0], z[1]], combine="probs")
+        metrics["ece"] = mmfast.expected_calibration_error(ensemble.detach(), labels)
         r = router(x)
         loss = (
             mmfast.routed_kd_loss(x, z, r.weights, indices=r.indices, temperature=4.0, mask=mask)
@@ -45,6 +87,9 @@ def test_training_step_in_cuda_graph(backend):
             + mmfast.routed_kd_loss(x, z, mmfast.teacher_weights(z, labels, per_sample=False), divergence="js")
             + mmfast.routed_kd_loss(x, z, mmfast.teacher_weights(z, labels, temperature=0.5), mix="logits")
             + seg(xd, zd, mask=pixel_mask)
+            + fdiv
+            + recon
+            + 0.1 * torch.nn.functional.nll_loss(ensemble, labels)  # UME's cross-entropy (log-probabilities)
         )
         loss.backward()
         return loss
@@ -63,19 +108,26 @@ def test_training_step_in_cuda_graph(backend):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_loss = step()
+        static_ece = metrics["ece"]
 
         with torch.no_grad():
-            x.copy_(torch.randn_like(x))
-            z.copy_(torch.randn_like(z))
-            xd.copy_(torch.randn_like(xd))
+            for inp in (x, z, xd, gen_x, teacher_x0, fake_x0, disc_fake, feat, feat_teacher):
+                inp.copy_(torch.randn_like(inp))
             labels.copy_(torch.randint_like(labels, C))
+            t.copy_(torch.rand_like(t))
+        # the step updates the normaliser's running means: replay and eager start from the same state
+        state = {k: v.clone() for k, v in normalizer.state_dict().items()}
         graph.replay()
         torch.cuda.synchronize()
-        replayed = (static_loss.clone(), [p.grad.clone() for p in params])
+        replayed = (static_loss.clone(), static_ece.clone(), [p.grad.clone() for p in params],
+                    normalizer.bin_mean.clone())
 
+        normalizer.load_state_dict(state)
         for p in params:
             p.grad = None
         eager_loss = step()
     torch.testing.assert_close(replayed[0], eager_loss, rtol=1e-5, atol=1e-6)
-    for got, p in zip(replayed[1], params, strict=True):
+    torch.testing.assert_close(replayed[1], metrics["ece"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(replayed[3], normalizer.bin_mean, rtol=1e-6, atol=1e-7)
+    for got, p in zip(replayed[2], params, strict=True):
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)

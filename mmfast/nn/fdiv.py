@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from mmfast import _checks
 from mmfast import fdiv as F
-from mmfast._distributed import all_reduce_sum, check_process_group, global_mean
+from mmfast._distributed import all_reduce_sum, check_process_group, deepcopy_sharing_group, global_mean
 from mmfast.reference import fdiv as fdiv_math
 from mmfast.reference.routed_kd import compute_dtype
 
@@ -36,6 +36,8 @@ class DensityRatioNormalizer(nn.Module):
 
     bin_mean: Tensor
     bin_seen: Tensor
+
+    __deepcopy__ = deepcopy_sharing_group  # the copy shares process_group
 
     def __init__(
         self,
@@ -115,6 +117,8 @@ class FDistillLoss(nn.Module):
     of ``process_group`` when given; constant factors of h cancel), then :func:`mmfast.fdistill_loss`.
     """
 
+    __deepcopy__ = deepcopy_sharing_group  # the copy shares process_group
+
     def __init__(
         self, divergence: str = "reverse_kl", normalize: bool = True, reduction: str = "mean", process_group=None
     ) -> None:
@@ -145,6 +149,8 @@ class UniInstructLoss(nn.Module):
     ``normalize`` the coefficients (lambda_sim, lambda_fgm, lambda_di) of the divergence are divided by the
     batch mean of h = lambda_sim (over all ranks of ``process_group`` when given).
     """
+
+    __deepcopy__ = deepcopy_sharing_group  # the copy shares process_group
 
     def __init__(
         self,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -10,7 +9,7 @@ from torch import Tensor, nn
 
 from mmfast import _checks
 from mmfast import functional as F
-from mmfast._distributed import check_process_group
+from mmfast._distributed import check_process_group, deepcopy_sharing_group
 from mmfast.reference.routed_kd import DIVERGENCES, MIXES
 
 if TYPE_CHECKING:
@@ -64,15 +63,7 @@ class RoutedKDLoss(nn.Module):
             class_dim=self.class_dim, mask=mask, reduction=self.reduction, process_group=self.process_group,
         )
 
-    def __deepcopy__(self, memo):
-        """Deep copy that shares ``process_group`` (a process-wide handle that cannot be copied)."""
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
+    __deepcopy__ = deepcopy_sharing_group  # the copy shares process_group
 
     def extra_repr(self) -> str:
         return (

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from mmfast import _checks
 from mmfast import functional as F
+from mmfast._distributed import deepcopy_sharing_group
 
 
 class RouterOutput(NamedTuple):
@@ -27,6 +28,8 @@ class TeacherRouter(nn.Module):
     probabilities, so the router also learns from the KD loss. The output plugs into
     :func:`mmfast.routed_kd_loss` as ``weights=out.weights, indices=out.indices``.
     """
+
+    __deepcopy__ = deepcopy_sharing_group  # the copy shares process_group
 
     def __init__(
         self,

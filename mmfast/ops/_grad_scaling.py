@@ -37,6 +37,18 @@ def may_scale_in_place(*saved: Tensor) -> bool:
     )
 
 
+def scale_(grad: Tensor, factor: Tensor) -> Tensor:
+    """grad *= factor (broadcast), in place (computed in fp32 for bf16/fp16 gradients).
+
+    On a CPU, where reading a value costs no device synchronisation, a factor of all ones (the
+    incoming gradient of ``loss.backward()`` on a plain mean or sum) leaves the buffer as it is: no
+    pass over the gradient at all.
+    """
+    if grad.device.type == "cpu" and bool((factor == 1).all()):
+        return grad
+    return grad.mul_(factor)
+
+
 def scale_rows_(grad: Tensor, grad_loss: Tensor) -> Tensor:
-    """grad[b, :] *= grad_loss[b], in place (computed in fp32 for bf16/fp16 gradients)."""
-    return grad.mul_(grad_loss[:, None])
+    """grad[b, :] *= grad_loss[b], in place (see :func:`scale_`)."""
+    return scale_(grad, grad_loss[:, None])
