@@ -18,9 +18,12 @@ OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 # A short lease can run a subset: GPU_CHECK_STEPS (comma-separated, default all), the test paths
-# (GPU_CHECK_TESTS) and extra pytest arguments (GPU_CHECK_PYTEST_ARGS, e.g. "-n 16" with xdist).
+# (GPU_CHECK_TESTS), a -k filter (GPU_CHECK_TESTS_K, default: the GPU backends' tests) and extra pytest
+# arguments (GPU_CHECK_PYTEST_ARGS, e.g. "-n 16" with xdist).
 STEPS=",${GPU_CHECK_STEPS:-env,build,import,tests,cli,bench,report},"  # ptxas: CI prints it already
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
+# only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
+TESTS_K=${GPU_CHECK_TESTS_K-cuda or triton or gpu}
 # tests in parallel when pytest-xdist is there (the lent image has it)
 if [[ -z ${GPU_CHECK_PYTEST_ARGS+x} ]] && $PY -c "import xdist" 2>/dev/null; then
   PYTEST_ARGS="-n 16"
@@ -104,7 +107,7 @@ else
 fi
 
 # (d) tests (GPU tests are selected automatically when CUDA is present)
-run_step tests "${GPU_CHECK_TESTS_CAP:-170}" "$OUT/tests.txt" "cd /tmp && $PYTEST --maxfail=50 $PYTEST_ARGS $TESTS"
+run_step tests "${GPU_CHECK_TESTS_CAP:-170}" "$OUT/tests.txt" "cd /tmp && $PYTEST --maxfail=50 $PYTEST_ARGS ${TESTS_K:+-k '$TESTS_K'} $TESTS"
 
 # (e) the command-line comparison table
 run_step cli 180 "$LOG" "cd /tmp && $PY -m mmfast bench --json $OUT/cli.json && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md"
