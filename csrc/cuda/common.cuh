@@ -19,8 +19,23 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "mmfast/params.h"
+
 namespace mmfast {
 namespace cuda {
+
+// The entry points' dtype switch: fn(T{}) with T the element type of the dtype code (float32,
+// bfloat16, float16); float64 is not served by the cuda backend.
+template <typename Fn>
+int dispatch_dtype(int32_t dtype, Fn&& fn) {
+  switch (dtype) {
+    case kFloat32: return static_cast<int>(fn(float{}));
+    case kBFloat16: return static_cast<int>(fn(__nv_bfloat16{}));
+    case kFloat16: return static_cast<int>(fn(__half{}));
+    case kFloat64: return static_cast<int>(cudaErrorNotSupported);
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+}
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

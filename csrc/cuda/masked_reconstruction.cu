@@ -304,21 +304,7 @@ int masked_reconstruction_cuda(const MaskedReconParams& p, void* stream) {
   cuda::ReconArgs a{p, static_cast<float>(p.beta), static_cast<float>(1.0 / p.beta), static_cast<float>(p.eps),
                     static_cast<float>(p.cos_eps)};
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t err;
-  switch (p.dtype) {
-    case kFloat32:
-      err = cuda::launch_loss<float>(a, s);
-      break;
-    case kBFloat16:
-      err = cuda::launch_loss<__nv_bfloat16>(a, s);
-      break;
-    case kFloat16:
-      err = cuda::launch_loss<__half>(a, s);
-      break;
-    default:
-      err = cudaErrorInvalidValue;  // float64 is not supported on cuda
-  }
-  return static_cast<int>(err);
+  return cuda::dispatch_dtype(p.dtype, [&](auto t) { return cuda::launch_loss<decltype(t)>(a, s); });
 }
 
 }  // namespace mmfast

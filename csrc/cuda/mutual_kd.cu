@@ -182,13 +182,7 @@ int mutual_kd_cuda(const MutualKDParams& p, void* stream) {
   a.g = static_cast<float>(p.scale * p.inv_tau);
   a.scale = static_cast<float>(p.scale);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case kFloat32: return launch_mutual<float>(a, s);
-    case kBFloat16: return launch_mutual<__nv_bfloat16>(a, s);
-    case kFloat16: return launch_mutual<__half>(a, s);
-    case kFloat64: return cudaErrorNotSupported;  // the cuda backend serves f32/bf16/f16
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype(p.dtype, [&](auto t) { return launch_mutual<decltype(t)>(a, s); });
 }
 
 }  // namespace mmfast

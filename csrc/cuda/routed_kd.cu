@@ -731,13 +731,7 @@ int routed_kd_cuda(const RoutedKDParams& p, void* stream) {
   a.log_beta = static_cast<float>(std::log(p.beta));
   a.log1m_beta = static_cast<float>(std::log1p(-p.beta));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case kFloat32: return dispatch_mix<float>(a, s);
-    case kBFloat16: return dispatch_mix<__nv_bfloat16>(a, s);
-    case kFloat16: return dispatch_mix<__half>(a, s);
-    case kFloat64: return cudaErrorNotSupported;  // the cuda backend serves f32/bf16/f16
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch_mix<decltype(t)>(a, s); });
 }
 
 }  // namespace mmfast

@@ -190,13 +190,7 @@ int uni_instruct_cuda(const UniInstructParams& p, void* stream) {
   if (p.B <= 0) return cudaSuccess;
   if (p.D < 0) return cudaErrorInvalidValue;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (p.dtype) {
-    case kFloat32: return dispatch<float>(p, s);
-    case kBFloat16: return dispatch<__nv_bfloat16>(p, s);
-    case kFloat16: return dispatch<__half>(p, s);
-    case kFloat64: return cudaErrorNotSupported;  // the cuda backend serves f32/bf16/f16
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch<decltype(t)>(p, s); });
 }
 
 }  // namespace mmfast
