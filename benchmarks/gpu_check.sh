@@ -20,7 +20,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 # A short lease can run a subset: GPU_CHECK_STEPS (comma-separated, default all), the test paths
 # (GPU_CHECK_TESTS), a -k filter (GPU_CHECK_TESTS_K, default: the GPU backends' tests) and extra pytest
 # arguments (GPU_CHECK_PYTEST_ARGS, e.g. "-n 16" with xdist).
-STEPS=",${GPU_CHECK_STEPS:-env,build,import,tests,cli,bench,report},"  # ptxas: CI prints it already
+STEPS=",${GPU_CHECK_STEPS:-env,build,import,tests,cli,climd,bench,report},"  # ptxas: CI prints it already
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
 # only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
 TESTS_K=${GPU_CHECK_TESTS_K-cuda or triton or gpu}
@@ -110,7 +110,12 @@ fi
 run_step tests "${GPU_CHECK_TESTS_CAP:-170}" "$OUT/tests.txt" "cd /tmp && $PYTEST --maxfail=50 $PYTEST_ARGS ${TESTS_K:+-k '$TESTS_K'} $TESTS"
 
 # (e) the command-line comparison table
-run_step cli 180 "$LOG" "cd /tmp && $PY -m mmfast bench --json $OUT/cli.json && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md"
+# GPU_CHECK_CLI_ARGS: e.g. "--suite fdistill --suite routed_kd" (suites run in that order); cap GPU_CHECK_CLI_CAP
+run_step cli "${GPU_CHECK_CLI_CAP:-180}" "$LOG" "cd /tmp && $PY -m mmfast bench ${GPU_CHECK_CLI_ARGS:-} --json $OUT/cli.json"
+# the table of whatever was measured, even when the budget cut the run
+if [[ -s $OUT/cli.json ]]; then
+  run_step climd 30 "$LOG" "cd /tmp && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md"
+fi
 
 # (f) benchmarks -> bench.json -> bench.md
 run_step bench 300 "$LOG" "

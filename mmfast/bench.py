@@ -720,8 +720,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    suites = args.suite or list(SUITES)
-    cases = [c for c in (QUICK_CASES if args.quick else CASES.values()) if c.suite in suites]
+    suites = list(dict.fromkeys(args.suite or SUITES))
+    pool = QUICK_CASES if args.quick else tuple(CASES.values())
+    cases = [c for suite in suites for c in pool if c.suite == suite]  # in the order the suites were asked
     budget_s = 0.1 if args.quick else (0.3 if device.type == "cuda" else 0.5)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info = machine_info(device)
