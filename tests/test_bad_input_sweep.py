@@ -121,7 +121,8 @@ def _module_call(student_logits, teacher_logits, weights=None, indices=None, mas
 
 
 def _router_call(student_logits, **config):
-    return mmfast.nn.TeacherRouter(**config)(student_logits)
+    router = mmfast.nn.TeacherRouter(**config).to(getattr(student_logits, "device", "cpu"))
+    return router(student_logits)
 
 
 def _set(name, value):

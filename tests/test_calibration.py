@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from _utils import seed_of
 
 import mmfast
 from mmfast.calibration import CalibrationStats, bin_stats, confidences
-from tests._utils import seed_of
 
 
 def _logits_with_confidence(conf: list[float], correct: list[bool], C: int = 4, dtype=torch.float64):

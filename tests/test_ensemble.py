@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from _utils import seed_of
 
 import mmfast
-from tests._utils import seed_of
 
 
 def _logits(M=3, N=6, C=5, seed=0, dtype=torch.float64):

@@ -148,6 +148,22 @@ ODD = [((1, 1), -1), ((3, 1), -1), ((1, 1271), -1), ((2, 3, 1271), -1), ((1, 1, 
 
 
 @pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("backend,device,dtype", KERNELS)
+def test_normalized_one_element_rows(backend, device, dtype, loss):
+    """D = 1 with normalize_target: the normalised target is the constant 0, so d loss / d target is exactly 0
+    (not an ulp of the recomputed gradient times rstd = 1/sqrt(eps)), while a NaN target still gives NaN."""
+    P, Y, _ = make_case((4, 1), -1, "none", seed_of("one-element", loss), device=device, dtype=dtype)
+    Y = Y.clone()
+    Y[2, 0] = float("nan")
+    out, grads = run(backend, P, Y, None, 7, loss=loss, normalize_target=True, reduction="none")
+    _, ref_grads = run("torch", P.cpu(), Y.cpu(), None, 7, loss=loss, normalize_target=True, reduction="none")
+    dy, ref_dy = grads["target"].cpu(), ref_grads["target"]
+    assert torch.equal(torch.isnan(dy), torch.isnan(ref_dy)) and bool(torch.isnan(dy[2]).all())
+    finite = ~torch.isnan(ref_dy)
+    assert bool((dy[finite] == 0).all()), dy
+
+
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("shape,channel_dim", ODD)
 @pytest.mark.parametrize("backend,device,dtype", KERNELS)
 def test_odd_shapes(backend, device, dtype, shape, channel_dim, loss):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _utils import backend_params, seed_of
 
 import mmfast
 from mmfast.nn import UMTLoss, UniModalTeacherLoss
-from tests._utils import backend_params, seed_of
 
 FEATURE_SHAPES = [(5,), (3,), (2, 3, 3)]  # per modality, after the batch dim: different widths, one spatial
 

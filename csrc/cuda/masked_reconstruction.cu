@@ -251,6 +251,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
         chunk_grads<kLoss, V>(a, st, x, yt, m, e, we, g, gyt);
 #pragma unroll
         for (int i = 0; i < V; ++i) g[i] = excluded ? 0.f : st.rstd * (gyt[i] - mean_g - yt[i] * mean_gy);
+        // a one-element row normalises to the constant 0: its gradient is exactly 0 (the recomputed gyt may
+        // differ from the one summed into mean_g by an ulp, which rstd would amplify); * 0 keeps a NaN
+        if (C == 1) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) g[i] *= 0.f;
+        }
         store_chunk<T>(dyrow, S, c0, rc, g);
       }
     }

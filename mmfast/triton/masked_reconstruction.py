@@ -237,6 +237,9 @@ def _masked_recon_kernel(
                 yt = (y - mean[:, None]) * rstd[:, None]
                 e, we, g, gyt = _block_grads(LOSS, ELEM_MASK, p, yt, m, w, beta, k_p, k_y, inv)
                 dyv = rstd[:, None] * (gyt - mean_g[:, None] - yt * mean_gy[:, None])
+                # a one-element row normalises to the constant 0: its gradient is exactly 0 (the recomputed
+                # gyt may differ from the one summed into mean_g by an ulp, which rstd would amplify); * 0 keeps NaN
+                dyv = tl.where(D == 1, dyv * 0.0, dyv)
                 out_off = o_row[:, None] + cols.to(tl.int64)[None, :] * S
                 st = row_in[:, None] & (cols < D)[None, :]
                 tl.store(dy_ptr + out_off, tl.where(keep[:, None], dyv, 0.0).to(dy_ptr.dtype.element_ty), mask=st)
