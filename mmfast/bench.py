@@ -434,14 +434,61 @@ def _l2_flush_buffer(device: torch.device) -> Tensor:
 
 @dataclass
 class Step:
-    """One benchmark round: ``setup`` (untimed), then ``run`` (timed; ends with a device sync)."""
+    """One benchmark round: ``setup`` (untimed), then ``run``.
+
+    ``run`` returns the round's time in seconds when it measures it itself (``timing == "cuda-graph"``: the
+    device time of one CUDA-graph replay between two CUDA events), else ``None`` and the caller times it with the
+    wall clock (``timing == "wall"``: ``run`` ends with a device sync).
+    """
 
     setup: Callable[[], None]
-    run: Callable[[], None]
+    run: Callable[[], float | None]
+    timing: str = "wall"
+    keep_alive: object = None  # a captured graph and its output tensors
 
 
-def make_step(case: Case, provider: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Step:
+def _graph_step(body: Callable[[], object], flush: Tensor, warmup: int = 3) -> Step:
+    """``body`` (one whole training-step computation) captured in a CUDA graph.
+
+    Each round flushes the L2 (untimed, enqueued before the first event) and times one replay between two CUDA
+    events: the device time of the step, free of the host's Python dispatch and launch latency (which a
+    host-bound harness would measure instead, for every provider alike). ``body`` is warmed up on a side stream
+    first (compilation, autotuning, allocator), as capture requires.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = body()  # live in the graph's memory pool; kept alive with the graph below
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def setup() -> None:
+        flush.zero_()
+
+    def run() -> float:
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return Step(setup, run, "cuda-graph", keep_alive=(graph, outputs))
+
+
+def make_step(
+    case: Case, provider: str, device: torch.device, dtype: torch.dtype, seed: int = 0, *, graph: bool | None = None,
+) -> Step:
+    """The benchmark round of ``provider`` on ``case``: forward + backward (gradients of every input that requires
+    grad). On a GPU (``graph`` None or True) the round is a CUDA-graph replay timed with CUDA events (see
+    :func:`_graph_step`); if capturing fails, the step says so by raising (``graph=True``) or falls back to the
+    synchronised wall clock with the reason in ``Step.timing`` (``graph=None``). ``graph=False``: wall clock."""
     cuda = device.type == "cuda"
+    use_graph = cuda and graph is not False
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     flush = _l2_flush_buffer(device) if cuda else None
 
@@ -450,50 +497,55 @@ def make_step(case: Case, provider: str, device: torch.device, dtype: torch.dtyp
             flush.zero_()
             sync()
 
-    if provider == "exp-floor":
-        src = torch.randn(case.exp_elements(), device=device)  # fp32: the kernels exponentiate in fp32
-        dst = torch.empty_like(src)
+    if provider in ("exp-floor", "copy"):
+        if provider == "exp-floor":
+            src = torch.randn(case.exp_elements(), device=device)  # fp32: the kernels exponentiate in fp32
+            dst = torch.empty_like(src)
 
-        def run_exp() -> None:
-            torch.exp(src, out=dst)
-            sync()
+            def body() -> Tensor:
+                return torch.exp(src, out=dst)
+        else:
+            src = torch.ones(case.minimal_bytes(dtype), dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
 
-        return Step(cold_cache, run_exp)
-    if provider == "copy":
-        src = torch.ones(case.minimal_bytes(dtype), dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
+            def body() -> Tensor:
+                return dst.copy_(src)
+        setup_wall = cold_cache
+    else:
+        fn, context = _loss_fn(case, provider)
+        kwargs = case.inputs(device, dtype, seed)
+        leaves = [t for t in kwargs.values() if isinstance(t, Tensor) and t.requires_grad]
 
-        def run_copy() -> None:
-            dst.copy_(src)
-            sync()
+        def body() -> tuple[Tensor, ...]:
+            with context():
+                return torch.autograd.grad(fn(**kwargs), leaves)
 
-        return Step(cold_cache, run_copy)
+        def setup_wall() -> None:
+            cold_cache()
 
-    fn, context = _loss_fn(case, provider)
-    kwargs = case.inputs(device, dtype, seed)
-    leaves = [t for t in kwargs.values() if isinstance(t, Tensor) and t.requires_grad]
-
-    def setup() -> None:
-        for t in leaves:
-            t.grad = None
-        cold_cache()
+    if use_graph:
+        try:
+            return _graph_step(body, flush)
+        except Exception as e:
+            if graph:
+                raise
+            reason = f"wall (graph capture failed: {_describe_error(e)})"
+            torch.cuda.synchronize()
+    else:
+        reason = "wall"
 
     def run() -> None:
-        with context():
-            fn(**kwargs).backward()
+        body()
         sync()
 
-    return Step(setup, run)
+    return Step(setup_wall, run, reason)
 
 
 def warm_up(step: Step, rounds: int = 3) -> float:
     """Run ``rounds`` untimed rounds (compilation, autotuning, allocator); return the last one's time."""
     elapsed = math.inf
     for _ in range(rounds):
-        step.setup()
-        t0 = time.perf_counter()
-        step.run()
-        elapsed = time.perf_counter() - t0
+        elapsed = _time_round(step)
     return elapsed
 
 
@@ -505,8 +557,9 @@ def plan_rounds(estimate_s: float, budget_s: float, min_rounds: int = 5, max_rou
 def _time_round(step: Step) -> float:
     step.setup()
     t0 = time.perf_counter()
-    step.run()
-    return time.perf_counter() - t0
+    measured = step.run()
+    wall = time.perf_counter() - t0
+    return wall if measured is None else measured
 
 
 def _describe_error(e: Exception) -> str:
@@ -544,7 +597,7 @@ def measure_group(
                 errors[name] = _describe_error(e)
     return [
         Result(group, name, math.nan, math.nan, 0, error=errors[name]) if name in errors
-        else Result.from_times(group, name, times[name], provider_bytes(case, name, dtype))
+        else Result.from_times(group, name, times[name], provider_bytes(case, name, dtype), steps[name].timing)
         for name in names
     ]
 
@@ -561,11 +614,14 @@ class Result:
     rounds: int
     bytes: int | None = None
     error: str | None = None
+    timing: str = "wall"  # Step.timing: "wall", "cuda-graph" or "wall (graph capture failed: ...)"
 
     @classmethod
-    def from_times(cls, group: str, provider: str, times: Sequence[float], bytes_: int | None) -> Result:
+    def from_times(
+        cls, group: str, provider: str, times: Sequence[float], bytes_: int | None, timing: str = "wall",
+    ) -> Result:
         q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-        return cls(group, provider, statistics.median(times), q3 - q1, len(times), bytes_)
+        return cls(group, provider, statistics.median(times), q3 - q1, len(times), bytes_, timing=timing)
 
     def to_json(self) -> dict:
         """A pytest-benchmark record (the fields :func:`load_results` reads)."""
@@ -573,7 +629,7 @@ class Result:
             "group": self.group,
             "name": f"{self.group} [{self.provider}]",
             "stats": {"median": self.median_s, "iqr": self.iqr_s, "rounds": self.rounds},
-            "extra_info": {"provider": self.provider, "bytes": self.bytes, "error": self.error},
+            "extra_info": {"provider": self.provider, "bytes": self.bytes, "error": self.error, "timing": self.timing},
         }
 
 
@@ -583,6 +639,9 @@ def load_results(doc: dict) -> list[Result]:
     for rec in doc["benchmarks"]:
         extra, stats = rec.get("extra_info", {}), rec.get("stats") or {}
         provider = extra.get("provider") or rec.get("params", {}).get("provider") or rec["name"]
+        if "device_median" in extra:  # pytest-benchmark times the host; the step measured the device itself
+            stats = {"median": extra["device_median"], "iqr": extra.get("device_iqr", math.nan),
+                     "rounds": extra.get("device_rounds", 0)}
         results.append(Result(
             group=rec.get("group") or extra.get("group") or rec["name"],
             provider=provider,
@@ -591,6 +650,7 @@ def load_results(doc: dict) -> list[Result]:
             rounds=stats.get("rounds", 0),
             bytes=extra.get("bytes"),
             error=extra.get("error"),
+            timing=extra.get("timing", "wall"),
         ))
     return results
 
@@ -645,7 +705,21 @@ def _render_group(group: str, rows: list[Result]) -> str:
             if copy_bw:
                 cells.append(f"{100 * bw / copy_bw:.0f}%" if bw else "")
         lines.append("| " + " | ".join(cells) + " |")
+    timings = {r.provider: r.timing for r in rows if r.error is None}
+    kinds = sorted(set(timings.values()))
+    if kinds != ["wall"] and kinds:  # say how a GPU group was timed (CPU groups: the wall clock, as always)
+        if len(kinds) == 1:
+            note = _TIMING_NOTES.get(kinds[0], kinds[0])
+        else:
+            note = "; ".join(f"{p}: {_TIMING_NOTES.get(t, t)}" for p, t in timings.items())
+        lines += ["", f"timing: {note}"]
     return "\n".join(lines)
+
+
+_TIMING_NOTES = {
+    "cuda-graph": "device time of one CUDA-graph replay of the step (CUDA events, L2 flushed before each)",
+    "wall": "host wall clock per step, synchronised",
+}
 
 
 # ------------------------------------------------------------------------------------ environment

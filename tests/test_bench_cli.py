@@ -101,3 +101,23 @@ def test_report_ratios_from_pytest_benchmark_json(tmp_path, capsys):
     assert col["% copy"] == "33%"  # 2 GB/s of 6 GB/s
     assert _row(table, "compile")[header.index("vs eager")] == "2.67x"
     assert _row(table, "copy")[header.index("vs eager")] == ""  # no speedups for the reference rows
+
+
+def test_gpu_timing_is_reported_and_survives_json():
+    """A GPU group says how it was timed (CUDA-graph device time, or the wall clock with the capture failure);
+    the JSON round trip keeps it, and a pytest-benchmark record's device time replaces its host wall clock."""
+    from mmfast import bench
+
+    rows = [bench.Result("g fp32", "eager", 2e-3, 1e-4, 5, 4000, timing="cuda-graph"),
+            bench.Result("g fp32", "mmfast-cuda", 1e-3, 1e-4, 5, 4000, timing="cuda-graph")]
+    table = bench.render_tables(rows)
+    assert "timing: device time of one CUDA-graph replay" in table and _row(table, "mmfast-cuda")[3] == "2.00x"
+    mixed = bench.render_tables([rows[0], bench.Result("g fp32", "compile", 1e-3, 0, 5, 4000, timing="wall (x)")])
+    assert "compile: wall (x)" in mixed
+    assert "timing:" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])
+    doc = {"benchmarks": [r.to_json() for r in rows]}
+    assert bench.load_results(doc) == rows
+    record = rows[0].to_json()
+    record["stats"]["median"] = 9.0  # the host's wall clock, which a CUDA-graph step does not report
+    record["extra_info"].update(device_median=2e-3, device_iqr=1e-4, device_rounds=5)
+    assert bench.load_results({"benchmarks": [record]}) == rows[:1]

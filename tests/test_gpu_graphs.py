@@ -131,3 +131,29 @@ def test_training_step_in_cuda_graph(backend):
     torch.testing.assert_close(replayed[3], normalizer.bin_mean, rtol=1e-6, atol=1e-7)
     for got, p in zip(replayed[2], params, strict=True):
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-6)
+
+
+_BENCH_PROVIDERS = ["eager", "compile", "copy", "exp-floor"] + [f"mmfast-{b}" for b in _gpu_backends()]
+
+
+@pytest.mark.parametrize("provider", _BENCH_PROVIDERS)
+def test_benchmark_step_is_a_timed_graph_replay(provider):
+    """``python -m mmfast bench`` on a GPU times each provider as one CUDA-graph replay between CUDA events
+    (``Step.timing == "cuda-graph"``): capture must succeed for every provider, give a finite positive device time,
+    and (for the losses) replay the same gradients as an eager run."""
+    from mmfast import bench
+
+    case, dev = bench.ROUTED_CASES[0], torch.device("cuda")
+    step = bench.make_step(case, provider, dev, torch.float32, graph=True)
+    assert step.timing == "cuda-graph"
+    times = [bench._time_round(step) for _ in range(3)]
+    assert all(0 < t < 1.0 for t in times), times
+    if provider.startswith("mmfast-") or provider in ("eager", "compile"):
+        graph, outputs = step.keep_alive
+        fn, context = bench._loss_fn(case, provider)
+        kwargs = case.inputs(dev, torch.float32, 0)
+        leaves = [t for t in kwargs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+        with context():
+            expected = torch.autograd.grad(fn(**kwargs), leaves)
+        for got, want in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

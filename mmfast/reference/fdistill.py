@@ -41,5 +41,5 @@ def fdistill_loss_autograd(x: Tensor, teacher_x0: Tensor, fake_x0: Tensor, h: Te
         m = (x - teacher_x0).abs().mean(dim=dims, keepdim=True)
         w = h.reshape(-1, *([1] * (x.dim() - 1))) / (m + EPS)
         g = (fake_x0 - teacher_x0) * w
-    target = (x - g).detach()
+    target = (x - g).to(x.dtype).detach()  # mse_loss wants one dtype (a bf16 x with an fp32 h fails on CUDA)
     return 0.5 * torch.nn.functional.mse_loss(x, target, reduction="mean")
