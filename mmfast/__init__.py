@@ -7,6 +7,7 @@ from mmfast import nn, plot
 from mmfast._backend import BACKENDS, BackendUnavailableError, backend_info, use_backend
 from mmfast._checks import set_value_checks
 from mmfast.calibration import CalibrationAccumulator, expected_calibration_error
+from mmfast.datasets import AVDigits, AVSplit, load_av_digits
 from mmfast.ensemble import LateFusionChoice, choose_late_fusion, unimodal_ensemble
 from mmfast.fdiv import (
     density_ratio,
@@ -24,6 +25,8 @@ from mmfast.reconstruction import masked_reconstruction_loss
 __version__ = "0.1.0"
 
 __all__ = [
+    "AVDigits",
+    "AVSplit",
     "BACKENDS",
     "BackendUnavailableError",
     "CalibrationAccumulator",
@@ -37,6 +40,7 @@ __all__ = [
     "fdistill_loss",
     "fdiv_coefficients",
     "fdiv_weight",
+    "load_av_digits",
     "load_balance_loss",
     "masked_reconstruction_loss",
     "mutual_kd_loss",
