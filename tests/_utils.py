@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import pytest
@@ -206,3 +207,26 @@ def assert_inputs_unchanged(fn, *args, backward: bool = True, **kwargs):
         torch.autograd.backward([o.float().sum() * 1.5 for o in outputs])
         check("backward")
     return out
+
+
+def av_digits_slice(data, n_train: int = 300, n_test: int = 120):
+    """The first rows of each split of an AV-Digits dataset (the shipped splits are shuffled, so every class is
+    there): small enough for second-long recipe runs."""
+    from mmfast.datasets import AVDigits, AVSplit
+
+    def take(split: AVSplit, n: int) -> AVSplit:
+        return AVSplit(image=split.image[:n], audio=split.audio[:n], label=split.label[:n])
+
+    return AVDigits(train=take(data.train, n_train), test=take(data.test, n_test), classes=data.classes)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block (tiny networks run fastest on one thread, and a
+    busy machine slows oversubscribed threads many times)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -10,24 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from _utils import av_digits_slice
 
 from mmfast import demo
 from mmfast.__main__ import main
-from mmfast.datasets import AVDigits, AVSplit, load_av_digits
+from mmfast.datasets import AVDigits, load_av_digits
 from mmfast.recipes._common import MethodResult, RecipeResult
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _slice(split: AVSplit, n: int) -> AVSplit:
-    return AVSplit(image=split.image[:n], audio=split.audio[:n], label=split.label[:n])
 
 
 @pytest.fixture(scope="module")
 def small_data() -> AVDigits:
     """A slice of the real data (the shipped splits are shuffled, so every class is there): seconds per recipe."""
     full = load_av_digits()
-    return AVDigits(train=_slice(full.train, 300), test=_slice(full.test, 120), classes=full.classes)
+    return av_digits_slice(full, 300, 120)
 
 
 @pytest.fixture(scope="module")

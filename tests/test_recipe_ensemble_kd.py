@@ -8,33 +8,25 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _utils import av_digits_slice, torch_threads
 
 import mmfast
-from mmfast.datasets import AVDigits, AVSplit, load_av_digits
+from mmfast.datasets import AVDigits, load_av_digits
 from mmfast.recipes import ensemble_kd as ekd
 from mmfast.recipes._common import RecipeResult, build_unimodal
 
 TINY = ekd.EnsembleKDConfig(teacher_epochs=2, student_epochs=2, width=4, batch_size=32)
 
 
-def subset(split: AVSplit, n: int) -> AVSplit:
-    """The first n rows (the shipped splits are shuffled, so every class is there)."""
-    return AVSplit(image=split.image[:n], audio=split.audio[:n], label=split.label[:n])
-
-
 def small_data(n_train: int = 300, n_test: int = 120) -> AVDigits:
     """A slice of the real AV-Digits data, small enough for second-long runs."""
-    full = load_av_digits()
-    return AVDigits(train=subset(full.train, n_train), test=subset(full.test, n_test), classes=full.classes)
+    return av_digits_slice(load_av_digits(), n_train, n_test)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny networks: one intra-op thread is fastest (and immune to a busy machine's oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

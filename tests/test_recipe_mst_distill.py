@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from _utils import av_digits_slice
 
-from mmfast.datasets import AVDigits, AVSplit, load_av_digits
+from mmfast.datasets import AVDigits, load_av_digits
 from mmfast.nn import ChannelMask
 from mmfast.recipes import mst_distill as mst
 from mmfast.recipes._common import build_multimodal, build_unimodal, set_seed
@@ -16,13 +17,6 @@ from mmfast.recipes._common import build_multimodal, build_unimodal, set_seed
 @pytest.fixture(scope="module")
 def data() -> AVDigits:
     return load_av_digits()
-
-
-def _subset(data: AVDigits, n_train: int, n_test: int) -> AVDigits:
-    def take(split: AVSplit, n: int) -> AVSplit:
-        return AVSplit(split.image[:n], split.audio[:n], split.label[:n])
-
-    return AVDigits(take(data.train, n_train), take(data.test, n_test), data.classes)
 
 
 def test_loss_weight_schedule_replays_the_reference_loop():
@@ -42,7 +36,7 @@ def test_loss_weight_schedule_replays_the_reference_loop():
 
 
 def test_stage2_trains_only_the_masks(data):
-    small = _subset(data, 96, 32)
+    small = av_digits_slice(data, 96, 32)
     generator = set_seed(0)
     student = build_unimodal("image", width=4)
     cross = mst._freeze(build_unimodal("audio", width=4))
@@ -84,7 +78,7 @@ def _tiny_run(small: AVDigits, **kw):
 
 
 def test_result_structure_and_determinism(data):
-    small = _subset(data, 96, 40)
+    small = av_digits_slice(data, 96, 40)
     a = _tiny_run(small, student_modality="audio", seed=3)
     b = _tiny_run(small, student_modality="audio", seed=3)
     assert a.name == "mst_distill"

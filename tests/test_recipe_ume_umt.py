@@ -7,33 +7,27 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from _utils import av_digits_slice, torch_threads
 
 import mmfast
-from mmfast.datasets import AVDigits, AVSplit, load_av_digits
+from mmfast.datasets import AVDigits, load_av_digits
 from mmfast.recipes import ume_umt
 from mmfast.recipes._common import RecipeResult, build_multimodal, build_unimodal
 
 TINY = ume_umt.UmeUmtConfig(epochs=2, width=4, batch_size=32)
 
 
-def subset(split: AVSplit, n: int) -> AVSplit:
-    return AVSplit(image=split.image[:n], audio=split.audio[:n], label=split.label[:n])
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny networks: one intra-op thread is fastest (and immune to a busy machine's oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def data() -> AVDigits:
     """A slice of the real AV-Digits data (the shipped splits are shuffled, so every class is there)."""
     full = load_av_digits()
-    return AVDigits(train=subset(full.train, 300), test=subset(full.test, 120), classes=full.classes)
+    return av_digits_slice(full, 300, 120)
 
 
 @pytest.fixture(scope="module")

@@ -42,121 +42,26 @@ from mmfast.recipes._common import (
     LossTimer,
     MethodResult,
     RecipeResult,
+    SplitData,
+    accuracy_and_ece,
     build_unimodal,
+    check_data,
+    check_epochs,
+    check_number,
     evaluate,
     minibatches,
     model_inputs,
+    num_classes_of,
+    predict,
     set_seed,
+    split_rows,
+    stratified_holdout,
     train_supervised,
+    train_unimodal_models,
 )
 
 NAME = "ensemble_kd"
 WEIGHTINGS = ("uniform", "softmin", "held-out")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# data helpers (shared with the UME/UMT recipe)
-
-
-@dataclass
-class Rows:
-    """A subset of an AV-Digits split: ``image`` (n, 1, 8, 8), ``audio`` (n, 1, 32, 32), ``label`` (n,)."""
-
-    image: Tensor
-    audio: Tensor
-    label: Tensor
-
-    def __len__(self) -> int:
-        return int(self.label.shape[0])
-
-
-@dataclass
-class SplitData:
-    """A train/test pair shaped like :class:`mmfast.datasets.AVDigits` (what ``train_supervised`` reads)."""
-
-    train: Any
-    test: Any
-
-
-def split_rows(split: Any, idx: Tensor) -> Rows:
-    """Rows ``idx`` of ``split`` (new tensors; the split is not modified)."""
-    return Rows(image=split.image[idx], audio=split.audio[idx], label=split.label[idx])
-
-
-def check_data(data: Any) -> None:
-    """Raise ``TypeError`` unless ``data`` has ``train``/``test`` splits with image, audio and label tensors."""
-    for split_name in ("train", "test"):
-        split = getattr(data, split_name, None)
-        if split is None:
-            raise TypeError(f"data must have .train and .test splits (an AVDigits), got {type(data).__name__}")
-        for field in ("image", "audio", "label"):
-            if not isinstance(getattr(split, field, None), Tensor):
-                raise TypeError(f"data.{split_name}.{field} must be a tensor")
-        if split.label.dim() != 1 or len({split.image.shape[0], split.audio.shape[0], split.label.shape[0]}) != 1:
-            raise ValueError(f"data.{split_name}: image, audio and label must have one row per sample")
-
-
-def num_classes_of(data: Any) -> int:
-    """``len(data.classes)`` when the data names its classes, else the largest label + 1."""
-    classes = getattr(data, "classes", None)
-    if classes is not None:
-        return len(classes)
-    return int(max(int(data.train.label.max()), int(data.test.label.max())) + 1)
-
-
-def stratified_holdout(labels: Tensor, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Split row ids 0..n-1 into (fit, held_out): per class, round(fraction * n_class) random rows are held out
-    (at least one per class with two or more rows when fraction > 0, and never a whole class). Both sorted."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-        raise ValueError(f"holdout fraction must be a number in (0, 1), got {fraction!r}")
-    held = []
-    for c in torch.unique(labels).tolist():
-        rows = torch.nonzero(labels == c).flatten()
-        rows = rows[torch.randperm(rows.numel(), generator=generator)]
-        k = min(max(round(fraction * rows.numel()), 1), rows.numel() - 1)
-        held.append(rows[:k])
-    held_out = torch.cat(held).sort().values if held else labels.new_zeros(0)
-    mask = torch.ones(labels.shape[0], dtype=torch.bool)
-    mask[held_out] = False
-    fit = torch.nonzero(mask).flatten()
-    if fit.numel() == 0 or held_out.numel() == 0:
-        raise ValueError(f"cannot hold out {fraction} of {labels.shape[0]} rows: one part would be empty")
-    return fit, held_out
-
-
-@torch.no_grad()
-def predict(model: nn.Module, split: Any, modality: str, batch_size: int = 512) -> Tensor:
-    """Logits (n, C) of ``model`` in eval mode on all rows of ``split`` (mode restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    try:
-        n = int(split.label.shape[0])
-        out = [model(*model_inputs(split, modality, torch.arange(i, min(i + batch_size, n))))
-               for i in range(0, n, batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out).detach()
-
-
-def accuracy_and_ece(logits: Tensor, labels: Tensor) -> tuple[float, float]:
-    """(top-1 accuracy, ECE with 15 bins) of logits (n, C) against integer labels (n,), as fractions."""
-    accuracy = float((logits.argmax(-1) == labels).double().mean())
-    return accuracy, float(mmfast.expected_calibration_error(logits, labels))
-
-
-def check_epochs(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,23 +248,12 @@ def run_ensemble_kd(
     fit_data = SplitData(train=split_rows(train, fit_idx), test=test)
     held = split_rows(train, held_idx)
 
-    rows: list[MethodResult] = []
-    curves: dict[str, list[float]] = {}
     reliability: dict[str, tuple[Tensor, Tensor]] = {}
 
     # 1. uni-modal teachers (CE on the fit part)
-    teachers = {}
-    for k, modality in enumerate(MODALITIES):
-        set_seed(seed + k)
-        teacher = build_unimodal(modality, num_classes, config.width)
-        history = train_supervised(teacher, fit_data, modality, epochs=config.teacher_epochs, lr=config.lr,
-                                   batch_size=config.batch_size, seed=seed + k, progress=progress,
-                                   desc=f"{NAME}: {modality} teacher")
-        teachers[modality] = teacher
-        ev = evaluate(teacher, test, modality)
-        rows.append(MethodResult(NAME, f"{modality} teacher (CE)", modality, ev.accuracy, ev.ece,
-                                 history.loss_ms_per_step, "teacher"))
-        curves[f"{modality} teacher"] = history.test_accuracy
+    teachers, rows, curves = train_unimodal_models(
+        fit_data, test, what="teacher", recipe=NAME, num_classes=num_classes, width=config.width,
+        epochs=config.teacher_epochs, lr=config.lr, batch_size=config.batch_size, seed=seed, progress=progress)
     train_logits = torch.stack([predict(teachers[m], train, m) for m in MODALITIES])  # [E, n_train, C]
     held_logits = torch.stack([predict(teachers[m], held, m) for m in MODALITIES])
     test_logits = [evaluate(teachers[m], test, m).logits for m in MODALITIES]

@@ -36,23 +36,21 @@ from mmfast.recipes._common import (
     MethodResult,
     MultimodalNet,
     RecipeResult,
-    build_multimodal,
-    build_unimodal,
-    evaluate,
-    minibatches,
-    model_inputs,
-    set_seed,
-    train_supervised,
-)
-from mmfast.recipes.ensemble_kd import (
     SplitData,
     accuracy_and_ece,
+    build_multimodal,
     check_data,
     check_epochs,
     check_number,
+    evaluate,
+    minibatches,
+    model_inputs,
     num_classes_of,
+    set_seed,
     split_rows,
     stratified_holdout,
+    train_supervised,
+    train_unimodal_models,
 )
 
 NAME = "ume_umt"
@@ -193,23 +191,12 @@ def run_ume_umt(
     fit_data = SplitData(train=split_rows(train, fit_idx), test=test)
     val = split_rows(train, val_idx)
 
-    rows: list[MethodResult] = []
-    curves: dict[str, list[float]] = {}
     reliability: dict[str, tuple[Tensor, Tensor]] = {}
 
     # uni-modal models: UME's members and UMT's teachers
-    unimodal: dict[str, nn.Module] = {}
-    for k, modality in enumerate(MODALITIES):
-        set_seed(seed + k)
-        model = build_unimodal(modality, num_classes, config.width)
-        history = train_supervised(model, fit_data, modality, epochs=config.epochs, lr=config.lr,
-                                   batch_size=config.batch_size, seed=seed + k, progress=progress,
-                                   desc=f"{NAME}: {modality} uni-modal")
-        unimodal[modality] = model
-        ev = evaluate(model, test, modality)
-        rows.append(MethodResult(NAME, f"{modality} uni-modal (CE)", modality, ev.accuracy, ev.ece,
-                                 history.loss_ms_per_step, "teacher"))
-        curves[f"{modality} uni-modal"] = history.test_accuracy
+    unimodal, rows, curves = train_unimodal_models(
+        fit_data, test, what="uni-modal", recipe=NAME, num_classes=num_classes, width=config.width,
+        epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=seed, progress=progress)
 
     def ume_logits(split: Any) -> Tensor:
         return mmfast.unimodal_ensemble([evaluate(unimodal[m], split, m).logits for m in MODALITIES],
