@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -64,6 +65,12 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    # cached: find_spec searches sys.path (tens of microseconds) and resolve() runs on every op call
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -79,7 +86,7 @@ def _availability(name: str, device_type: str) -> str | None:
             return f"mmfast._C is not built ({_native.load_error()})"
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed (pip install triton)"
         if device_type == "cpu" and not _triton_interpreter():
             return "triton on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported)"

@@ -11,6 +11,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from mmfast.reference.masked_reconstruction import COSINE_EPS
+from mmfast.reference.routed_kd import compute_dtype
+
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
@@ -107,8 +110,6 @@ def routed_kd_outputs(
     uint8. Unrequested gradients are distinct empty tensors (op outputs must not alias each other);
     with sparse routing dz is zero-filled, because kernels add into the selected teachers only.
     """
-    from mmfast.reference.routed_kd import compute_dtype
-
     B, C, S = x.shape
     E, K = z.shape[0], weights.shape[1]
     cdt = compute_dtype(x.dtype)
@@ -156,8 +157,6 @@ def mutual_kd_rows(
     kernel: str, logits: Tensor, temperature: float, scale: float, need_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """Native mutual KD (``kernel`` is "cpu" or "cuda"); same contract as the reference."""
-    from mmfast.reference.routed_kd import compute_dtype
-
     M, N, C = logits.shape
     loss = torch.empty(N, dtype=compute_dtype(logits.dtype), device=logits.device)
     grad = torch.empty(M, N, C, dtype=logits.dtype, device=logits.device) if need_grad else logits.new_empty(0)
@@ -169,6 +168,19 @@ def mutual_kd_rows(
 # ---- masked reconstruction ----------------------------------------------------------------------
 
 RECON_MASK_NONE, RECON_MASK_ROWS, RECON_MASK_FLOAT, RECON_MASK_BOOL = 0, 1, 2, 3
+
+
+def masked_reconstruction_output_shapes(
+    pred_shape, row_mask: bool, elem_mask: bool, per_element: bool, need_dp: bool, need_dy: bool, need_dm: bool
+) -> tuple[tuple, tuple, tuple, tuple, tuple]:
+    """Shapes of the masked-reconstruction forward op's five outputs ((0,) when absent)."""
+    A, D, S = pred_shape
+    full, rows = (A, D, S), (A * S,)
+    loss = full if per_element else rows
+    msum = rows if (elem_mask and not per_element) else (0,)
+    need_dm = need_dm and (row_mask or elem_mask)
+    dm = (rows if (row_mask and not per_element) else full) if need_dm else (0,)
+    return loss, msum, full if need_dp else (0,), full if need_dy else (0,), dm
 
 
 def masked_reconstruction_outputs(
@@ -186,9 +198,6 @@ def masked_reconstruction_outputs(
     The row mask stays [R] (made contiguous); an element mask keeps its strides (a bool one is
     viewed as uint8, no copy). Unrequested outputs are distinct empty tensors.
     """
-    from mmfast.ops.masked_reconstruction import output_shapes
-    from mmfast.reference.routed_kd import compute_dtype
-
     cdt = compute_dtype(pred.dtype)
     if mask_rows is not None:
         kind, m = RECON_MASK_ROWS, mask_rows.contiguous()
@@ -196,7 +205,7 @@ def masked_reconstruction_outputs(
         kind, m = (RECON_MASK_BOOL, mask.view(torch.uint8)) if mask.dtype == torch.bool else (RECON_MASK_FLOAT, mask)
     else:
         kind, m = RECON_MASK_NONE, None
-    s_loss, s_msum, s_dp, s_dy, s_dm = output_shapes(
+    s_loss, s_msum, s_dp, s_dy, s_dm = masked_reconstruction_output_shapes(
         tuple(pred.shape), mask_rows is not None, mask is not None, per_element, need_dp, need_dy, need_dm
     )
     dev = pred.device
@@ -225,8 +234,6 @@ def masked_reconstruction_params(
     dm: Tensor,
 ):
     """A ``_C.MaskedReconParams`` for pred/target [A, D, S] (any strides); empty outputs become nullptr."""
-    from mmfast.reference.masked_reconstruction import COSINE_EPS
-
     C_ = load()
     p = C_.MaskedReconParams()
     p.A, p.D, p.S = pred.shape
@@ -325,8 +332,6 @@ def fdistill_rows(
 ) -> tuple[Tensor, Tensor]:
     """Native f-distill rows (``kernel`` is "cpu" or "cuda"); same contract as
     ``mmfast.reference.fdistill.fdistill_rows``: (loss [B] in the compute dtype, dx [B, D] or empty)."""
-    from mmfast.reference.routed_kd import compute_dtype
-
     _score_rows(x, a, b)
     B, D = x.shape
     cdt = compute_dtype(x.dtype)
@@ -370,8 +375,6 @@ def uni_instruct_rows(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Native Uni-Instruct rows (``kernel`` is "cpu" or "cuda"); same contract as
     ``mmfast.reference.uni_instruct.uni_instruct_rows``: (loss [B], dx, da, db [B, D] or empty)."""
-    from mmfast.reference.routed_kd import compute_dtype
-
     _score_rows(x, a, b)
     B, D = x.shape
     cdt = compute_dtype(x.dtype)
@@ -408,8 +411,6 @@ def fake_score_rows(
 ) -> tuple[Tensor, Tensor]:
     """Native fake-score rows (``kernel`` is "cpu" or "cuda"); same contract as
     ``mmfast.reference.fake_score.fake_score_rows``: (loss [B] in the compute dtype, db [B, D] or empty)."""
-    from mmfast.reference.routed_kd import compute_dtype
-
     _score_rows(b, x)
     B, D = b.shape
     cdt = compute_dtype(b.dtype)

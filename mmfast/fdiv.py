@@ -103,6 +103,8 @@ def _sample_views(tensors: tuple[Tensor, ...], B: int, D: int) -> tuple[Tensor, 
     first = tensors[0]
     if first.dim() == 1:
         return tuple(t.view(B, 1) for t in tensors)
+    if all(t.is_contiguous() for t in tensors):  # the common case: the rows are already dense, as is
+        return tuple(t if t.dim() == 2 else t.view(B, D) for t in tensors)
     order = _sample_order(first)
     if order is None:  # not dense in any order (e.g. a strided slice): one contiguous copy
         order = list(range(1, first.dim()))
@@ -239,7 +241,8 @@ def _uni_instruct(
             norm = torch.linalg.vector_norm(a2.to(cdt) - b2.to(cdt)).reshape(1)
     scale = 1.0 / B if reduction == "mean" else 1.0
     loss_rows, _, _, _ = uni_instruct_ops.uni_instruct_fwd(
-        x2, a2, b2, coef, norm, float(alpha), scale, bool(fgm), bool(di), *_needs(x, teacher_x0, fake_x0), True
+        x2, a2, b2, coef, norm, float(alpha), scale, bool(fgm), bool(di),
+        uni_instruct_ops.grad_mask(*_needs(x, teacher_x0, fake_x0), consume_grads=True),
     )
     return _finish(loss_rows, reduction, x.dtype)
 

@@ -163,7 +163,7 @@ def routed_kd_loss(
     loss_rows, _, _, _ = routed_kd_ops.routed_kd_fwd(
         x3, z4, w, indices, mask2, temperature, MIXES[mix], DIVERGENCES[divergence], float(beta),
         temperature**2 if t2_scale else 1.0,
-        grad_on and x.requires_grad, grad_on and w.requires_grad, grad_on and z.requires_grad,
+        routed_kd_ops.grad_mask(grad_on and x.requires_grad, grad_on and w.requires_grad, grad_on and z.requires_grad),
     )
     if mask2 is None:
         count = B * S

@@ -28,6 +28,14 @@ def _mask_kind(mask_shape: tuple[int, ...], shape: tuple[int, ...], cd: int) -> 
     return "element"
 
 
+def _broadcasts_to(mask_shape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """True when ``mask_shape`` broadcasts to ``shape`` (``torch.broadcast_shapes(mask_shape, shape) == shape``,
+    without its cost: it is written for symbolic shapes)."""
+    if len(mask_shape) > len(shape):
+        return False
+    return all(m == 1 or m == s for m, s in zip(reversed(mask_shape), reversed(shape), strict=False))
+
+
 def _safe_mean(total: Tensor, count: Tensor) -> Tensor:
     """total / count, and exactly 0 (with zero gradients, never NaN) where count == 0."""
     nonzero = count > 0
@@ -105,11 +113,7 @@ def masked_reconstruction_loss(
         _checks.tensor("mask", mask)
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise TypeError(f"mask must be a bool or floating-point tensor, got {mask.dtype}")
-        try:
-            broadcast = torch.broadcast_shapes(tuple(mask.shape), shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != torch.Size(shape):
+        if not _broadcasts_to(tuple(mask.shape), shape):
             hint = ""
             if tuple(mask.shape) == shape[:cd] + shape[cd + 1:]:
                 hint = f"; a per-row mask needs size 1 on channel_dim: mask.unsqueeze({channel_dim})"
@@ -155,7 +159,7 @@ def masked_reconstruction_loss(
 
     loss_out, msum, _, _, _ = ops.masked_reconstruction_fwd(
         P3, Y3, mask_rows, mask_elems, reference.LOSSES[loss], beta, normalize_in_op, eps, per_element,
-        need_dp, need_dy, need_dm, True,
+        ops.grad_mask(need_dp, need_dy, need_dm, consume_grads=True),
     )
     if reduction == "none":
         if per_element:

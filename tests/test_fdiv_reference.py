@@ -207,14 +207,14 @@ def test_gradcheck_uni_instruct_op():
 
             def f(x_, a_, b_, alpha=alpha, fgm=fgm):
                 return uni_instruct_ops.uni_instruct_fwd(x_, a_, b_, coef, None, alpha, 1e-5, fgm, False,
-                                                         True, True, True)[0]
+                                                         uni_instruct_ops.grad_mask(True, True, True))[0]
 
             leaves = [t.clone().requires_grad_(True) for t in (x, a, b)]
             assert torch.autograd.gradcheck(f, leaves, eps=1e-6)
 
         def f_di(x_):  # DI term: gradient to x only, with a given norm
             return uni_instruct_ops.uni_instruct_fwd(x_, a, b, coef, norm, 1.0, 1e-5, True, True,
-                                                     True, False, False)[0]
+                                                     uni_instruct_ops.grad_mask(True, False, False))[0]
 
         assert torch.autograd.gradcheck(f_di, [x.clone().requires_grad_(True)], eps=1e-6)
 

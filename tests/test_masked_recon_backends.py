@@ -351,8 +351,8 @@ def _op_args(dtype, device, *, loss, mask, per_element, normalize, need):
         elems = torch.rand(A, D, S, generator=g, dtype=torch.float64).to(device, cdt).requires_grad_(need[2])
     elif mask == "bool":
         elems = (torch.rand(1, D, 1, generator=g) > 0.3).to(device).expand(A, D, S)
-    return (P, Y, rows, elems, LOSSES[loss], 0.5, normalize, 1e-6, per_element, need[0], need[1],
-            need[2] and mask in ("rows", "float"), False)
+    return (P, Y, rows, elems, LOSSES[loss], 0.5, normalize, 1e-6, per_element,
+            recon_ops.grad_mask(need[0], need[1], need[2] and mask in ("rows", "float")))
 
 
 OP_COMBOS = {

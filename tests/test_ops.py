@@ -62,9 +62,7 @@ def _routed_args(
         DIVERGENCES[divergence],
         0.3,
         2.25,
-        need_dx,
-        need_dw,
-        need_dz,
+        routed_kd_ops.grad_mask(need_dx, need_dw, need_dz),
     )
 
 
@@ -205,3 +203,26 @@ def test_gradient_dtype_and_shape(backend, device, dtype):
     with mmfast.use_backend(backend):
         mmfast.routed_kd_loss(x, z, w).backward()
     assert (x.grad.dtype, z.grad.dtype, w.grad.dtype) == (dtype, dtype, torch.float32)
+
+
+def test_forward_ops_grads_bit_mask():
+    """The ``grads`` argument packs the gradient requests (and consume_grads) into bits; others are refused."""
+    from mmfast.ops import masked_reconstruction as recon_ops
+    from mmfast.ops import uni_instruct as uni_ops
+
+    assert routed_kd_ops.grad_mask(True, False, True) == routed_kd_ops.GRAD_DX | routed_kd_ops.GRAD_DZ == 5
+    assert recon_ops.grad_mask(False, True, False, consume_grads=True) == 2 | 8
+    assert uni_ops.grad_mask(True, True, True) == 7
+    x, z, w, idx, mask, *rest = _routed_args(torch.float64, "cpu", need=(False, False, False))
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="grads must be a bit mask"):
+            routed_kd_ops.routed_kd_fwd(x, z, w, idx, mask, *rest[:-1], bad)
+    p = torch.randn(2, 3, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="grads must be a bit mask"):
+        recon_ops.masked_reconstruction_fwd(p, p, None, None, 0, 1.0, False, 1e-6, False, 16)
+    xs, coef = torch.randn(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="grads must be a bit mask"):
+        uni_ops.uni_instruct_fwd(xs, xs, xs, coef, None, 1.0, 1.0, False, False, 16)
+    # the requested gradients (and only they) come back
+    loss, dx, dw, dz = routed_kd_ops.routed_kd_fwd(x, z, w, idx, mask, *rest[:-1], routed_kd_ops.grad_mask(1, 0, 1))
+    assert dx.shape == x.shape and dw.numel() == 0 and dz.shape == z.shape

@@ -22,29 +22,39 @@ from torch import Tensor
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
+# below this many elements, multiplying by the factor costs less than checking it for all ones
+# (x * 1 == x exactly, so both give the same values)
+_ONES_CHECK_MIN_NUMEL = 4096
+
+
+def plain_eager(*saved: Tensor) -> bool:
+    """True in an eager backward on plain tensors: no compile, tracing or dispatch mode, no
+    ``create_graph`` (grad mode off), every tensor of ``saved`` a plain ``Tensor``. A backward may then
+    call its backward op's Python implementation directly, skipping the custom-op dispatch (same
+    result: the op runs that function on the same tensors)."""
+    return (
+        _dispatch_stack_len is not None
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _dispatch_stack_len() == 0
+        and all(type(t) is Tensor for t in saved)
+    )
+
 
 def may_scale_in_place(*saved: Tensor) -> bool:
     """True when the saved gradients ``saved`` may be scaled in place (see the module docstring);
     the caller must also know that its op's gradient outputs were discarded."""
-    return (
-        _keep_graph is not None
-        and _dispatch_stack_len is not None
-        and not torch.compiler.is_compiling()
-        and not torch.is_grad_enabled()
-        and _dispatch_stack_len() == 0
-        and all(type(t) is Tensor for t in saved)
-        and not _keep_graph()
-    )
+    return _keep_graph is not None and plain_eager(*saved) and not _keep_graph()
 
 
 def scale_(grad: Tensor, factor: Tensor) -> Tensor:
     """grad *= factor (broadcast), in place (computed in fp32 for bf16/fp16 gradients).
 
     On a CPU, where reading a value costs no device synchronisation, a factor of all ones (the
-    incoming gradient of ``loss.backward()`` on a plain mean or sum) leaves the buffer as it is: no
-    pass over the gradient at all.
+    incoming gradient of ``loss.backward()`` on a plain mean or sum) leaves a large buffer as it is:
+    no pass over the gradient at all (small ones are multiplied: cheaper than the check).
     """
-    if grad.device.type == "cpu" and bool((factor == 1).all()):
+    if grad.device.type == "cpu" and grad.numel() >= _ONES_CHECK_MIN_NUMEL and bool((factor == 1).all()):
         return grad
     return grad.mul_(factor)
 

@@ -8,6 +8,9 @@ backward that frees the graph, the saved gradients are scaled in place instead: 
   grad_P = g * dP;  grad_Y = g * dY;
   grad_mask_rows = g * dM (per row) or sum_c g * dM (per element);
   grad_mask = g * dM + h (broadcast over the channels).
+Which gradients the forward writes, and whether the caller discards them, is one bit mask argument,
+``grads`` (GRAD_DP | GRAD_DY | GRAD_DM | CONSUME_GRADS), not four bools: torch.library's autograd
+wrapper costs time quadratic in the argument count per call.
 """
 
 from __future__ import annotations
@@ -19,6 +22,25 @@ from mmfast import _backend, _native
 from mmfast.ops._grad_scaling import may_scale_in_place, scale_
 from mmfast.reference import masked_reconstruction as reference
 from mmfast.reference.routed_kd import compute_dtype
+
+# bits of the forward op's ``grads`` argument
+GRAD_DP, GRAD_DY, GRAD_DM, CONSUME_GRADS = 1, 2, 4, 8
+
+
+def grad_mask(need_dp: bool, need_dy: bool, need_dm: bool, consume_grads: bool = False) -> int:
+    """The forward op's ``grads`` bit mask for the requested gradients (and ``consume_grads``)."""
+    return ((GRAD_DP if need_dp else 0) | (GRAD_DY if need_dy else 0) | (GRAD_DM if need_dm else 0)
+            | (CONSUME_GRADS if consume_grads else 0))
+
+
+def _unpack(grads: int) -> tuple[bool, bool, bool, bool]:
+    """(need_dp, need_dy, need_dm, consume_grads) from the ``grads`` bit mask."""
+    if not 0 <= grads <= GRAD_DP | GRAD_DY | GRAD_DM | CONSUME_GRADS:
+        raise ValueError(
+            "masked_reconstruction_fwd: grads must be a bit mask of GRAD_DP=1, GRAD_DY=2, GRAD_DM=4, "
+            f"CONSUME_GRADS=8, got {grads}"
+        )
+    return bool(grads & GRAD_DP), bool(grads & GRAD_DY), bool(grads & GRAD_DM), bool(grads & CONSUME_GRADS)
 
 
 def _run_backend(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -63,17 +85,16 @@ def masked_reconstruction_fwd(
     normalize_target: bool,
     eps: float,
     per_element: bool,
-    need_dp: bool,
-    need_dy: bool,
-    need_dm: bool,
-    consume_grads: bool,
+    grads: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss [R] or [A, D, S], msum [R], dP [A, D, S], dY [A, D, S], dM [R] or [A, D, S]) for pred and
     target [A, D, S]; unrequested outputs are empty.
 
-    ``consume_grads``: the caller discards dP, dY, dM, so an eager backward that frees the graph may
-    scale them in place (``masked_reconstruction_loss`` passes True; the values returned are the same).
+    ``grads`` (see :func:`grad_mask`) is a bit mask: GRAD_DP = 1, GRAD_DY = 2, GRAD_DM = 4 request dP, dY,
+    dM; CONSUME_GRADS = 8 says the caller discards dP, dY, dM, so an eager backward that frees the graph
+    may scale them in place (``masked_reconstruction_loss`` sets it; the values returned are the same).
     """
+    need_dp, need_dy, need_dm, _ = _unpack(grads)
     _check_args(pred, target, mask_rows, mask, loss, per_element)
     backend = _backend.resolve(pred.device, pred.dtype)
     return _run_backend(
@@ -82,21 +103,13 @@ def masked_reconstruction_fwd(
     )
 
 
-def output_shapes(pred_shape, row_mask: bool, elem_mask: bool, per_element: bool, need_dp: bool, need_dy: bool,
-                  need_dm: bool) -> tuple[tuple, tuple, tuple, tuple, tuple]:
-    """Shapes of the forward op's five outputs ((0,) when absent)."""
-    A, D, S = pred_shape
-    full, rows = (A, D, S), (A * S,)
-    loss = full if per_element else rows
-    msum = rows if (elem_mask and not per_element) else (0,)
-    need_dm = need_dm and (row_mask or elem_mask)
-    dm = (rows if (row_mask and not per_element) else full) if need_dm else (0,)
-    return loss, msum, full if need_dp else (0,), full if need_dy else (0,), dm
+# shapes of the forward op's five outputs ((0,) when absent)
+output_shapes = _native.masked_reconstruction_output_shapes
 
 
 @masked_reconstruction_fwd.register_fake
-def _(pred, target, mask_rows, mask, loss, beta, normalize_target, eps, per_element, need_dp, need_dy, need_dm,
-      consume_grads):
+def _(pred, target, mask_rows, mask, loss, beta, normalize_target, eps, per_element, grads):
+    need_dp, need_dy, need_dm, _ = _unpack(grads)
     _check_args(pred, target, mask_rows, mask, loss, per_element)
     cdt = compute_dtype(pred.dtype)
     s_loss, s_msum, s_dp, s_dy, s_dm = output_shapes(
@@ -157,8 +170,8 @@ def _(grad_loss, grad_msum, dp, dy, dm, shape, row_mask):
 
 
 def _setup_context(ctx, inputs, output):
-    pred, _, mask_rows = inputs[0], inputs[1], inputs[2]
-    need_dp, need_dy, need_dm = inputs[9], inputs[10], inputs[11]
+    pred, mask_rows = inputs[0], inputs[2]
+    need_dp, need_dy, need_dm, consume_grads = _unpack(inputs[9])
     _, _, dp, dy, dm = output
     ctx.mark_non_differentiable(dp, dy, dm)
     ctx.set_materialize_grads(False)  # no [A, D, S] zero tensors for the unused gradient outputs
@@ -166,7 +179,7 @@ def _setup_context(ctx, inputs, output):
     ctx.need = (need_dp, need_dy, need_dm)
     ctx.shape = list(pred.shape)
     ctx.row_mask = mask_rows is not None
-    ctx.consume_grads = inputs[12]
+    ctx.consume_grads = consume_grads
 
 
 def _bwd_in_place(grad_loss: Tensor, grad_msum: Tensor, dp: Tensor, dy: Tensor, dm: Tensor, shape: list[int],
@@ -203,7 +216,7 @@ def _backward(ctx, grad_loss, grad_msum, _gdp, _gdy, _gdm):
         gm = None
         if ctx.need[2] and grad_msum is not None and not ctx.row_mask:
             gm = grad_msum.reshape(A, 1, S).expand(A, D, S).to(dm.dtype)
-        return (None, None, None, gm, None, None, None, None, None, None, None, None, None)
+        return (None, None, None, gm, None, None, None, None, None, None)
     if grad_msum is None:
         grad_msum = dm.new_empty(0)
     in_place = ctx.consume_grads and may_scale_in_place(grad_loss, dp, dy, dm)
@@ -214,7 +227,7 @@ def _backward(ctx, grad_loss, grad_msum, _gdp, _gdy, _gdm):
         gy if ctx.need[1] else None,
         gm if (ctx.need[2] and ctx.row_mask) else None,
         gm if (ctx.need[2] and not ctx.row_mask) else None,
-        None, None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 

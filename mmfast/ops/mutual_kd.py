@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._grad_scaling import plain_eager
 from mmfast.reference import mutual_kd as reference
 from mmfast.reference.routed_kd import compute_dtype
 
@@ -34,10 +35,13 @@ def _(logits, temperature, scale, need_grad):
     return loss, logits.new_empty((M, N, C) if need_grad else (0,))
 
 
-@torch.library.custom_op("mmfast::mutual_kd_bwd", mutates_args=())
-def mutual_kd_bwd(grad_loss: Tensor, grad: Tensor) -> Tensor:
+def _mutual_kd_bwd(grad_loss: Tensor, grad: Tensor) -> Tensor:
     """grad_logits[m, n, :] = grad_loss[n] * grad[m, n, :]."""
     return (grad * grad_loss.to(compute_dtype(grad.dtype))[None, :, None]).to(grad.dtype)
+
+
+# the op for compile / tracing; an eager backward calls _mutual_kd_bwd directly (no dispatch overhead)
+mutual_kd_bwd = torch.library.custom_op("mmfast::mutual_kd_bwd", _mutual_kd_bwd, mutates_args=())
 
 
 @mutual_kd_bwd.register_fake
@@ -60,7 +64,10 @@ def _backward(ctx, grad_loss, _ggrad):
     (grad,) = ctx.saved_tensors
     if ctx.needs_input_grad[0] and not ctx.need_grad:
         raise RuntimeError("mmfast::mutual_kd_fwd: logits require grad but need_grad=False")
-    return (mutual_kd_bwd(grad_loss, grad) if ctx.need_grad else None), None, None, None
+    if not ctx.need_grad:
+        return None, None, None, None
+    bwd = _mutual_kd_bwd if plain_eager(grad_loss, grad) else mutual_kd_bwd
+    return bwd(grad_loss, grad), None, None, None
 
 
 mutual_kd_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -5,6 +5,8 @@ that the caller asked for; the backward op only scales them by the incoming row 
   grad_x[b, :, s] = g[b, s] * dx[b, :, s];  grad_w[b, k] = sum_s g[b, s] * dw[b, s, k];
   grad_z[e, b, :, s] = g[b, s] * dz[e, b, :, s].
 Shapes follow ``csrc/include/mmfast/params.h``: x [B, C, S], z [E, B, C, S], weights [B, K].
+Which gradients the forward writes is one bit mask argument, ``grads`` (GRAD_DX | GRAD_DW | GRAD_DZ),
+not three bools: torch.library's autograd wrapper costs time quadratic in the argument count per call.
 """
 
 from __future__ import annotations
@@ -13,8 +15,23 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._grad_scaling import plain_eager
 from mmfast.reference import routed_kd as reference
 from mmfast.reference.routed_kd import compute_dtype
+
+# bits of the forward op's ``grads`` argument
+GRAD_DX, GRAD_DW, GRAD_DZ = 1, 2, 4
+
+
+def grad_mask(need_dx: bool, need_dw: bool, need_dz: bool) -> int:
+    """The forward op's ``grads`` bit mask for the requested gradients."""
+    return (GRAD_DX if need_dx else 0) | (GRAD_DW if need_dw else 0) | (GRAD_DZ if need_dz else 0)
+
+
+def _unpack(grads: int) -> tuple[bool, bool, bool]:
+    if not 0 <= grads <= GRAD_DX | GRAD_DW | GRAD_DZ:
+        raise ValueError(f"routed_kd_fwd: grads must be a bit mask of GRAD_DX=1, GRAD_DW=2, GRAD_DZ=4, got {grads}")
+    return bool(grads & GRAD_DX), bool(grads & GRAD_DW), bool(grads & GRAD_DZ)
 
 
 def _run_backend(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -41,11 +58,11 @@ def routed_kd_fwd(
     divergence: int,
     beta: float,
     scale: float,
-    need_dx: bool,
-    need_dw: bool,
-    need_dz: bool,
+    grads: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss [B, S], dx [B, C, S], dw [B, S, K], dz [E, B, C, S]); unrequested gradients are empty."""
+    """(loss [B, S], dx [B, C, S], dw [B, S, K], dz [E, B, C, S]); ``grads`` is the bit mask of the
+    gradients to write (GRAD_DX = 1, GRAD_DW = 2, GRAD_DZ = 4; see :func:`grad_mask`), the others are empty."""
+    need_dx, need_dw, need_dz = _unpack(grads)
     backend = _backend.resolve(x.device, x.dtype)
     return _run_backend(
         backend, x, z, weights, indices, mask, temperature, mix, divergence, beta, scale,
@@ -54,7 +71,8 @@ def routed_kd_fwd(
 
 
 @routed_kd_fwd.register_fake
-def _(x, z, weights, indices, mask, temperature, mix, divergence, beta, scale, need_dx, need_dw, need_dz):
+def _(x, z, weights, indices, mask, temperature, mix, divergence, beta, scale, grads):
+    need_dx, need_dw, need_dz = _unpack(grads)
     B, C, S = x.shape
     E, K = z.shape[0], weights.shape[1]
     cdt = compute_dtype(x.dtype)
@@ -65,14 +83,17 @@ def _(x, z, weights, indices, mask, temperature, mix, divergence, beta, scale, n
     return loss, dx, dw, dz
 
 
-@torch.library.custom_op("mmfast::routed_kd_bwd", mutates_args=())
-def routed_kd_bwd(grad_loss: Tensor, dx: Tensor, dw: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _routed_kd_bwd(grad_loss: Tensor, dx: Tensor, dw: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Scale the forward's row gradients by ``grad_loss`` [B, S]; empty in, empty out."""
     g = grad_loss.to(compute_dtype(dx.dtype) if dx.numel() else grad_loss.dtype)
     gx = (dx * g[:, None, :]).to(dx.dtype) if dx.numel() else dx.new_empty(0)
     gw = (dw * g[..., None]).sum(1) if dw.numel() else dw.new_empty(0)
     gz = (dz * g[None, :, None, :]).to(dz.dtype) if dz.numel() else dz.new_empty(0)
     return gx, gw, gz
+
+
+# the op for compile / tracing; an eager backward calls _routed_kd_bwd directly (no dispatch overhead)
+routed_kd_bwd = torch.library.custom_op("mmfast::routed_kd_bwd", _routed_kd_bwd, mutates_args=())
 
 
 @routed_kd_bwd.register_fake
@@ -85,11 +106,10 @@ def _setup_context(ctx, inputs, output):
     # the gradient outputs are non-differentiable: no zero-filled [B, D] grads for them in backward
     ctx.set_materialize_grads(False)
     x, z, weights = inputs[0], inputs[1], inputs[2]
-    need_dx, need_dw, need_dz = inputs[10], inputs[11], inputs[12]
     _, dx, dw, dz = output
     ctx.mark_non_differentiable(dx, dw, dz)
     ctx.save_for_backward(dx, dw, dz)
-    ctx.need = (need_dx, need_dw, need_dz)
+    ctx.need = _unpack(inputs[10])
     ctx.input_dtypes = (x.dtype, z.dtype, weights.dtype)
 
 
@@ -101,14 +121,15 @@ def _backward(ctx, grad_loss, _gdx, _gdw, _gdz):
         if ctx.needs_input_grad[i] and not flag:
             raise RuntimeError(
                 f"mmfast::routed_kd_fwd: {name} requires grad but its gradient was not requested "
-                f"(need_d{name[0]}=False); call mmfast.routed_kd_loss, which sets the flags"
+                f"(bit GRAD_D{name[0].upper()} of grads unset); call mmfast.routed_kd_loss, which sets the flags"
             )
-    gx, gw, gz = routed_kd_bwd(grad_loss, dx, dw, dz)
+    bwd = _routed_kd_bwd if plain_eager(grad_loss, dx, dw, dz) else routed_kd_bwd
+    gx, gw, gz = bwd(grad_loss, dx, dw, dz)
     return (
         gx if ctx.need[0] else None,
         gz if ctx.need[2] else None,
         gw.to(ctx.input_dtypes[2]) if ctx.need[1] else None,
-        None, None, None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 

@@ -2,7 +2,9 @@
 
 The forward op returns the per-sample loss [B] and, in the same pass, its gradients to x, teacher_x0 and
 fake_x0 [B, D]; the backward op scales one saved gradient by the incoming per-sample gradient.
-coef [B, 3] = (lambda_sim, lambda_fgm, lambda_di) and di_norm are stop-gradient.
+coef [B, 3] = (lambda_sim, lambda_fgm, lambda_di) and di_norm are stop-gradient. Which gradients the forward
+writes, and whether the caller discards them, is one bit mask argument, ``grads`` (GRAD_DX | GRAD_DA | GRAD_DB |
+CONSUME_GRADS), not four bools: torch.library's autograd wrapper costs time quadratic in the argument count.
 """
 
 from __future__ import annotations
@@ -14,6 +16,25 @@ from mmfast import _backend, _native
 from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
 from mmfast.reference import uni_instruct as reference
 from mmfast.reference.routed_kd import compute_dtype
+
+# bits of the forward op's ``grads`` argument
+GRAD_DX, GRAD_DA, GRAD_DB, CONSUME_GRADS = 1, 2, 4, 8
+
+
+def grad_mask(need_dx: bool, need_da: bool, need_db: bool, consume_grads: bool = False) -> int:
+    """The forward op's ``grads`` bit mask for the requested gradients (and ``consume_grads``)."""
+    return ((GRAD_DX if need_dx else 0) | (GRAD_DA if need_da else 0) | (GRAD_DB if need_db else 0)
+            | (CONSUME_GRADS if consume_grads else 0))
+
+
+def _unpack(grads: int) -> tuple[bool, bool, bool, bool]:
+    """(need_dx, need_da, need_db, consume_grads) from the ``grads`` bit mask."""
+    if not 0 <= grads <= GRAD_DX | GRAD_DA | GRAD_DB | CONSUME_GRADS:
+        raise ValueError(
+            "uni_instruct_fwd: grads must be a bit mask of GRAD_DX=1, GRAD_DA=2, GRAD_DB=4, CONSUME_GRADS=8, "
+            f"got {grads}"
+        )
+    return bool(grads & GRAD_DX), bool(grads & GRAD_DA), bool(grads & GRAD_DB), bool(grads & CONSUME_GRADS)
 
 
 @torch.library.custom_op("mmfast::uni_instruct_fwd", mutates_args=())
@@ -27,15 +48,14 @@ def uni_instruct_fwd(
     scale: float,
     fgm: bool,
     di: bool,
-    need_dx: bool,
-    need_da: bool,
-    need_db: bool,
-    consume_grads: bool = False,
+    grads: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss [B], dx, da, db [B, D]) for x, a, b [B, D] (stride(1) == 1), coef [B, 3] and di_norm None
-    (per-sample norms) or [1]; each gradient is empty when not requested. ``consume_grads``: the caller
-    discards dx, da, db, so an eager backward that frees the graph may scale them in place
+    (per-sample norms) or [1]. ``grads`` (see :func:`grad_mask`) is a bit mask: GRAD_DX = 1, GRAD_DA = 2,
+    GRAD_DB = 4 request dx, da, db (each is empty when not requested); CONSUME_GRADS = 8 says the caller
+    discards them, so an eager backward that frees the graph may scale them in place
     (mmfast/ops/_grad_scaling.py)."""
+    need_dx, need_da, need_db, _ = _unpack(grads)
     args = (x, a, b, coef, di_norm, alpha, scale, fgm, di, need_dx, need_da, need_db)
     backend = _backend.resolve(x.device, x.dtype)
     if backend == "torch":
@@ -48,7 +68,8 @@ def uni_instruct_fwd(
 
 
 @uni_instruct_fwd.register_fake
-def _(x, a, b, coef, di_norm, alpha, scale, fgm, di, need_dx, need_da, need_db, consume_grads=False):
+def _(x, a, b, coef, di_norm, alpha, scale, fgm, di, grads):
+    need_dx, need_da, need_db, _ = _unpack(grads)
     B, D = x.shape
     loss = x.new_empty((B,), dtype=compute_dtype(x.dtype))
     return (
@@ -77,8 +98,8 @@ def _setup_context(ctx, inputs, output):
     _, dx, da, db = output
     ctx.mark_non_differentiable(dx, da, db)
     ctx.save_for_backward(dx, da, db)
-    ctx.need = inputs[9:12]
-    ctx.consume_grads = inputs[12] if len(inputs) > 12 else False
+    need_dx, need_da, need_db, ctx.consume_grads = _unpack(inputs[9])
+    ctx.need = (need_dx, need_da, need_db)
 
 
 def _backward(ctx, grad_loss, _gdx, _gda, _gdb):
@@ -89,7 +110,8 @@ def _backward(ctx, grad_loss, _gdx, _gda, _gdb):
     out = []
     for i, (name, need, g) in enumerate(zip(("x", "a", "b"), ctx.need, grads, strict=True)):
         if ctx.needs_input_grad[i] and not need:
-            raise RuntimeError(f"mmfast::uni_instruct_fwd: {name} requires grad but need_d{name}=False")
+            raise RuntimeError(f"mmfast::uni_instruct_fwd: {name} requires grad but bit GRAD_D{name.upper()} of grads "
+                               "is unset")
         if not need:
             out.append(None)
         else:

@@ -1,0 +1,171 @@
+"""Per-call host overhead of the mmfast losses at tiny sizes, against their eager references.
+
+At these sizes the arithmetic is negligible: the times are Python, dispatch and allocation cost. Each
+case times the forward (inputs require grad, so the op records its graph) and forward + backward
+(``loss.backward()``, grads cleared between calls) of the public loss under ``mmfast.use_backend``
+and of its eager reference (``mmfast.reference.*_autograd``), on one thread: best of ``--repeats``
+rounds of ``--calls`` calls, in microseconds per call. ``ratio`` = mmfast / eager (below 1 is faster).
+
+    python benchmarks/overhead.py [--ops routed_kd,masked_reconstruction] [--backend cpu] [--calls 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+import mmfast
+from mmfast.reference.fake_score import fake_score_loss_autograd
+from mmfast.reference.fdistill import fdistill_loss_autograd
+from mmfast.reference.masked_reconstruction import masked_reconstruction_loss_autograd
+from mmfast.reference.mutual_kd import mutual_kd_loss_autograd
+from mmfast.reference.routed_kd import routed_kd_loss_autograd
+from mmfast.reference.uni_instruct import uni_instruct_loss_autograd
+
+# a case: name -> () -> (mmfast loss fn, eager loss fn, tensors whose .grad backward fills)
+Case = tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor], list[torch.Tensor]]
+
+
+def _routed_kd() -> Case:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 10, generator=g).requires_grad_()
+    z = torch.randn(2, 64, 10, generator=g)
+    w = torch.rand(64, 2, generator=g)
+    kw = dict(temperature=4.0, mix="logits")
+    return (lambda: mmfast.routed_kd_loss(x, z, w, **kw), lambda: routed_kd_loss_autograd(x, z, w, **kw), [x])
+
+
+def _mutual_kd() -> Case:
+    x = torch.randn(3, 64, 10, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    return (lambda: mmfast.mutual_kd_loss(x, 4.0), lambda: mutual_kd_loss_autograd(x, 4.0), [x])
+
+
+def _fdistill() -> Case:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, generator=g).requires_grad_()
+    a, b = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    h = torch.rand(4, generator=g) + 0.5
+    return (lambda: mmfast.fdistill_loss(x, a, b, h), lambda: fdistill_loss_autograd(x, a, b, h), [x])
+
+
+def _uni_instruct() -> Case:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, generator=g).requires_grad_()
+    a, b = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    r = torch.rand(4, generator=g) + 0.5
+    return (lambda: mmfast.uni_instruct_loss(x, a, b, r), lambda: uni_instruct_loss_autograd(x, a, b, r), [x])
+
+
+def _fake_score() -> Case:
+    g = torch.Generator().manual_seed(0)
+    fake = torch.randn(4, 16, generator=g).requires_grad_()
+    x = torch.randn(4, 16, generator=g)
+    sigma = torch.rand(4, generator=g) + 0.5
+    return (lambda: mmfast.fake_score_loss(fake, x, sigma), lambda: fake_score_loss_autograd(fake, x, sigma), [fake])
+
+
+def _masked_reconstruction() -> Case:
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 8, generator=g).requires_grad_()
+    y = torch.randn(4, 8, generator=g)
+    return (lambda: mmfast.masked_reconstruction_loss(p, y), lambda: masked_reconstruction_loss_autograd(p, y), [p])
+
+
+def _masked_reconstruction_rowmask() -> Case:
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 8, generator=g).requires_grad_()
+    y = torch.randn(4, 8, generator=g)
+    m = torch.rand(4, 1, generator=g) > 0.3
+    return (
+        lambda: mmfast.masked_reconstruction_loss(p, y, m),
+        lambda: masked_reconstruction_loss_autograd(p, y, m),
+        [p],
+    )
+
+
+CASES: dict[str, tuple[str, Callable[[], Case]]] = {
+    "routed_kd": ("x[64,10] z[2,64,10] w[64,2] tau=4 mix=logits", _routed_kd),
+    "mutual_kd": ("logits[3,64,10] tau=4", _mutual_kd),
+    "fdistill": ("x,a,b[4,16] h[4]", _fdistill),
+    "uni_instruct": ("x,a,b[4,16] ratio[4]", _uni_instruct),
+    "fake_score": ("fake,x[4,16] sigma[4]", _fake_score),
+    "masked_reconstruction": ("P,Y[4,8]", _masked_reconstruction),
+    "masked_reconstruction_rowmask": ("P,Y[4,8] mask[4,1] bool", _masked_reconstruction_rowmask),
+}
+
+
+def best_us(step: Callable[[], None], calls: int, repeats: int) -> float:
+    """Best over ``repeats`` rounds of the mean time of ``calls`` calls of ``step``, in microseconds."""
+    for _ in range(max(calls // 10, 5)):  # warm-up (lazy imports, caches, allocator)
+        step()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def _steps(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> tuple[Callable[[], None], ...]:
+    def fwd() -> None:
+        fn()
+
+    def fwd_bwd() -> None:
+        for t in leaves:
+            t.grad = None
+        fn().backward()
+
+    return fwd, fwd_bwd
+
+
+def run(ops: list[str], backend: str, calls: int, repeats: int) -> list[dict]:
+    """One row per op: us/call of the forward and forward + backward, mmfast and eager."""
+    rows = []
+    for name in ops:
+        shape, make = CASES[name]
+        ours, eager, leaves = make()
+        with mmfast.use_backend(backend):
+            o_f, o_fb = (best_us(s, calls, repeats) for s in _steps(ours, leaves))
+        e_f, e_fb = (best_us(s, calls, repeats) for s in _steps(eager, leaves))
+        rows.append(dict(op=name, shape=shape, fwd=o_f, eager_fwd=e_f, fwd_bwd=o_fb, eager_fwd_bwd=e_fb))
+    return rows
+
+
+def markdown(rows: list[dict], backend: str) -> str:
+    lines = [
+        f"| op ({backend}) | shape | fwd us | eager fwd us | fwd ratio "
+        "| fwd+bwd us | eager fwd+bwd us | fwd+bwd ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['fwd']:.0f} | {r['eager_fwd']:.0f} | {r['fwd'] / r['eager_fwd']:.2f} "
+            f"| {r['fwd_bwd']:.0f} | {r['eager_fwd_bwd']:.0f} | {r['fwd_bwd'] / r['eager_fwd_bwd']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    parser.add_argument("--backend", default="cpu", help="mmfast backend to time (default: cpu)")
+    parser.add_argument("--calls", type=int, default=300, help="calls per round (default: 300)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; the best is reported (default: 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
+    args = parser.parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in CASES]
+    if unknown:
+        parser.error(f"unknown ops {unknown}; choose from {', '.join(CASES)}")
+    if args.calls < 1 or args.repeats < 1:
+        parser.error("--calls and --repeats must be >= 1")
+    torch.set_num_threads(args.threads)
+    print(markdown(run(ops, args.backend, args.calls, args.repeats), args.backend))
+
+
+if __name__ == "__main__":
+    main()
