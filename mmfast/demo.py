@@ -55,7 +55,6 @@ RECIPE_TITLES = {
 # (a handful of test errors), which leaves a KD method nothing to show; the audio student (~89%) has room.
 ENSEMBLE_KD_STUDENT = "audio"
 SPARSE_BIN = 5  # reliability bins with fewer samples are drawn pale
-PLOT_HINT = "pip install matplotlib (or pip install 'mmfast[plot]')"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,12 +295,9 @@ def results_json(demo: DemoResults) -> dict:
 
 
 def _matplotlib():
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(f"the demo's figures need matplotlib: {PLOT_HINT}") from err
-    return Figure, FigureCanvasAgg
+    from mmfast.plot import _matplotlib_figure  # raises ImportError with the install hint
+
+    return _matplotlib_figure()
 
 
 def plot_curves(demo: DemoResults, path: Path) -> Path | None:
