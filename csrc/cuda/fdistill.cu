@@ -111,18 +111,8 @@ __global__ void __launch_bounds__(kSplitThreads) fdistill_finish_kernel(const FD
 
 template <typename T, bool VEC>
 int launch(const FDistillParams& p, cudaStream_t stream) {
-  const SplitPlan plan = split_plan(p.B, p.D, kSums, p.workspace == nullptr ? 0 : p.workspace_floats);
-  if (plan.nsplit == 1) {
-    const int nt = row_threads(p.D, VEC ? kVec16<T> : 1);
-    fdistill_row_kernel<T, VEC><<<grid_rows(p.B), nt, 0, stream>>>(p);
-    return cudaGetLastError();
-  }
-  const dim3 grid(static_cast<unsigned>(plan.nsplit), static_cast<unsigned>(p.B));
-  fdistill_partials_kernel<T, VEC><<<grid, kSplitThreads, 0, stream>>>(p, plan.chunk);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  fdistill_finish_kernel<T, VEC><<<grid, kSplitThreads, 0, stream>>>(p, plan.chunk);
-  return cudaGetLastError();
+  return launch_rows_or_split<kSums>(p, VEC ? kVec16<T> : 1, fdistill_row_kernel<T, VEC>,
+                                     fdistill_partials_kernel<T, VEC>, fdistill_finish_kernel<T, VEC>, stream);
 }
 
 template <typename T>

@@ -191,6 +191,25 @@ inline bool rows_vectorizable(int64_t D, std::initializer_list<const void*> ptrs
 
 inline unsigned grid_rows(int64_t B) { return static_cast<unsigned>(B < kMaxBlocks ? B : kMaxBlocks); }
 
+// The launch of a loss with K per-row sums: one block per row (`row`, row_threads(D, width) threads) when
+// split_plan keeps rows whole, else `partials` then `finish` over the grid (chunks, rows), which reduce the
+// rows' sums through the workspace.
+template <int K, typename P>
+int launch_rows_or_split(const P& p, int width, void (*row)(const P), void (*partials)(const P, int64_t),
+                         void (*finish)(const P, int64_t), cudaStream_t stream) {
+  const SplitPlan plan = split_plan(p.B, p.D, K, p.workspace == nullptr ? 0 : p.workspace_floats);
+  if (plan.nsplit == 1) {
+    row<<<grid_rows(p.B), row_threads(p.D, width), 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  const dim3 grid(static_cast<unsigned>(plan.nsplit), static_cast<unsigned>(p.B));
+  partials<<<grid, kSplitThreads, 0, stream>>>(p, plan.chunk);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  finish<<<grid, kSplitThreads, 0, stream>>>(p, plan.chunk);
+  return cudaGetLastError();
+}
+
 }  // namespace score
 }  // namespace cuda
 }  // namespace mmfast
