@@ -185,6 +185,10 @@ PYBIND11_MODULE(_C, m) {
   MMFAST_PTR_FIELD(fs, FakeScoreParams, workspace, void);
   m.def("fake_score_cpu", &fake_score_cpu, py::arg("params"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_streaming_min_bytes", &cpu_streaming_min_bytes,
+        "CPU kernels moving more bytes than this write large outputs with streaming stores");
+  m.def("set_cpu_streaming_min_bytes", &set_cpu_streaming_min_bytes, py::arg("bytes"),
+        "sets that threshold (a negative value: the last-level cache size, the default)");
 
 #ifdef MMFAST_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -5,7 +5,9 @@ The native module is imported lazily, on first use, never at ``import mmfast``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -34,6 +36,23 @@ def load_error() -> str | None:
     except ImportError as e:
         return str(e)
     return None
+
+
+@contextlib.contextmanager
+def cpu_streaming_min_bytes(min_bytes: int) -> Iterator[None]:
+    """Within the block, the CPU kernels that move more than ``min_bytes`` (read + written) write their
+    large outputs with streaming (non-temporal) stores: 0 always, a huge value never. Outside it the
+    threshold is what it was (by default the last-level cache size). For tests and tuning; the
+    values written are the same either way."""
+    C_ = load()
+    if C_ is None:
+        raise RuntimeError(f"mmfast._C is not built: {load_error()}")
+    previous = C_.cpu_streaming_min_bytes()
+    C_.set_cpu_streaming_min_bytes(min_bytes)
+    try:
+        yield
+    finally:
+        C_.set_cpu_streaming_min_bytes(previous)
 
 
 def _ptr(t: Tensor | None) -> int:

@@ -14,6 +14,7 @@
 
 #include "mmfast/kernels.h"
 #include "score_rows.h"
+#include "streaming_stores.h"
 
 namespace mmfast {
 namespace cpu {
@@ -47,7 +48,7 @@ MMFAST_INLINE compute_t<T> fdistill_weight(const FDistillParams& p, int64_t r, c
 
 template <typename T>
 MMFAST_MULTIVERSION void fdistill_finish(const FDistillParams& p, int64_t r, int64_t begin, int64_t end,
-                                         const double* totals, bool first) {
+                                         const double* totals, bool first, bool streaming) {
   using F = compute_t<T>;
   const F w = fdistill_weight<T>(p, r, totals);
   if (first) {
@@ -61,20 +62,20 @@ MMFAST_MULTIVERSION void fdistill_finish(const FDistillParams& p, int64_t r, int
   const T* __restrict b = static_cast<const T*>(p.b) + r * p.sb;
   T* __restrict dx = static_cast<T*>(p.dx) + r * p.D;
   const F scale = F(p.scale);
-#pragma omp simd
-  for (int64_t j = begin; j < end; ++j) {
-    const F g = (to_compute(b[j]) - to_compute(a[j])) * w;
-    dx[j] = from_compute<T>(g * scale);
-  }
+  write_elements(dx, begin, end, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
+    return ((to_compute(b[j]) - to_compute(a[j])) * w) * scale;
+  });
+  if (streaming) stream_fence();
 }
 
 template <typename T>
 struct FDistillRows {
   static constexpr int kSums = 3;
   const FDistillParams& p;
+  bool streaming;  // dx written with streaming stores
   void sums(int64_t r, int64_t begin, int64_t end, double* out) const { fdistill_sums<T>(p, r, begin, end, out); }
   void finish(int64_t r, int64_t begin, int64_t end, const double* totals, bool first) const {
-    fdistill_finish<T>(p, r, begin, end, totals, first);
+    fdistill_finish<T>(p, r, begin, end, totals, first, streaming);
   }
 };
 
@@ -85,7 +86,9 @@ void fdistill_cpu(const FDistillParams& p, int num_threads) {
   if (p.B <= 0) return;
   const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
     using T = decltype(storage);
-    cpu::run_score_rows(cpu::FDistillRows<T>{p}, p.B, p.D, 3 * int64_t{sizeof(T)}, num_threads);
+    // x, a, b and dx
+    const bool streaming = p.dx != nullptr && cpu::streaming_worthwhile(4 * p.B * p.D * int64_t{sizeof(T)});
+    cpu::run_score_rows(cpu::FDistillRows<T>{p, streaming}, p.B, p.D, 3 * int64_t{sizeof(T)}, num_threads);
   });
   if (!known) throw std::invalid_argument("fdistill_cpu: unknown dtype code " + std::to_string(p.dtype));
 }

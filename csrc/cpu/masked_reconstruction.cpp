@@ -18,10 +18,16 @@
 
 #include "mmfast/kernels.h"
 #include "row_ops.h"
+#include "streaming_stores.h"
 
 namespace mmfast {
 namespace cpu {
 namespace {
+
+// A kept row that follows an excluded one is prefetched whole, kPrefetchRows kept rows ahead, when it
+// is at most kPrefetchRowBytes long (longer rows are streams the hardware prefetcher picks up).
+constexpr int kPrefetchRows = 2;
+constexpr int64_t kPrefetchRowBytes = 16 << 10;
 
 // Per-thread scratch buffers, leading_dim(D) apart: P, Yt, element mask, dP (g), e or dYt.
 constexpr int64_t kReconBuffers = 5;
@@ -35,12 +41,13 @@ MMFAST_INLINE void gather_row(const T* __restrict src, int64_t stride, int64_t D
   });
 }
 
-// Prefetches a unit-stride row into the caches, one request per 64-byte line.
+// Prefetches a unit-stride row into L2, one request per 64-byte line (an L1 prefetch of whole rows
+// ahead evicts the row being computed).
 template <typename T>
 MMFAST_INLINE void prefetch_row(const T* row, int64_t D) {
   const char* bytes = reinterpret_cast<const char*>(row);
   const int64_t n = D * int64_t(sizeof(T));
-  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(bytes + off, 0, 3);
+  for (int64_t off = 0; off < n; off += 64) __builtin_prefetch(bytes + off, 0, 1);
 }
 
 template <typename F>
@@ -74,28 +81,43 @@ MMFAST_INLINE F elementwise(F d, F beta, F inv_beta, F half_beta, F& de) {
 
 // The common case in one streaming loop, without the row buffers: an elementwise loss, unit
 // strides, no normalisation, dP wanted, no per-element outputs. M: void (no element mask; w is the
-// row weight), F (float mask) or uint8_t (bool mask).
-template <int kLoss, typename M, bool kDY, typename T, typename F = compute_t<T>>
+// row weight), F (float mask) or uint8_t (bool mask). Chunks of kStreamChunk elements; kStream: each
+// chunk's gradients are computed into L1 buffers and written out with streaming stores
+// (streaming_stores.h), with the same values and sums as plain stores give.
+template <int kLoss, typename M, bool kDY, bool kStream, typename T, typename F = compute_t<T>>
 MMFAST_INLINE void stream_row(const T* __restrict prow, const T* __restrict yrow, const M* __restrict mrow,
                               int64_t D, F w, F beta, F inv_beta, F half_beta, T* __restrict dprow,
                               T* __restrict dyrow, double& loss, double& mask_sum) {
+  alignas(64) T gbuf[kStream ? kStreamChunk : 1];
+  alignas(64) T ybuf[kStream && kDY ? kStreamChunk : 1];
   double acc = 0, macc = 0;
+  for (int64_t c0 = 0; c0 < D; c0 += kStreamChunk) {
+    const int64_t n = std::min(kStreamChunk, D - c0);
+    const T* __restrict pc = prow + c0;
+    const T* __restrict yc = yrow + c0;
+    T* __restrict gout = kStream ? gbuf : dprow + c0;
+    T* __restrict yout = kStream ? ybuf : (kDY ? dyrow + c0 : nullptr);
 #pragma omp simd reduction(+ : acc, macc)
-  for (int64_t c = 0; c < D; ++c) {
-    F de;
-    const F e = elementwise<kLoss>(to_compute(prow[c]) - to_compute(yrow[c]), beta, inv_beta, half_beta, de);
-    F m = F(1);
-    if constexpr (std::is_same_v<M, uint8_t>) {
-      m = F(mrow[c]);  // torch bools are stored as 0 / 1
-    } else if constexpr (!std::is_void_v<M>) {
-      m = mrow[c];
+    for (int64_t c = 0; c < n; ++c) {
+      F de;
+      const F e = elementwise<kLoss>(to_compute(pc[c]) - to_compute(yc[c]), beta, inv_beta, half_beta, de);
+      F m = F(1);
+      if constexpr (std::is_same_v<M, uint8_t>) {
+        m = F(mrow[c0 + c]);  // torch bools are stored as 0 / 1
+      } else if constexpr (!std::is_void_v<M>) {
+        m = mrow[c0 + c];
+      }
+      const F weight = w * m;
+      const F g = weight * de;
+      acc += weight * e;
+      macc += m;
+      gout[c] = from_compute<T>(g);
+      if constexpr (kDY) yout[c] = from_compute<T>(-g);
     }
-    const F weight = w * m;
-    const F g = weight * de;
-    acc += weight * e;
-    macc += m;
-    dprow[c] = from_compute<T>(g);
-    if constexpr (kDY) dyrow[c] = from_compute<T>(-g);
+    if constexpr (kStream) {
+      stream_bytes(dprow + c0, gbuf, n * sizeof(T));
+      if constexpr (kDY) stream_bytes(dyrow + c0, ybuf, n * sizeof(T));
+    }
   }
   loss = acc;
   mask_sum = macc;
@@ -103,17 +125,24 @@ MMFAST_INLINE void stream_row(const T* __restrict prow, const T* __restrict yrow
 
 template <int kLoss, typename M, typename T, typename F = compute_t<T>>
 MMFAST_INLINE void stream_row_dy(const T* prow, const T* yrow, const M* mrow, int64_t D, F w, F beta,
-                                 F inv_beta, F half_beta, T* dprow, T* dyrow, double& loss, double& mask_sum) {
+                                 F inv_beta, F half_beta, T* dprow, T* dyrow, bool streaming, double& loss,
+                                 double& mask_sum) {
+  const auto run = [&](auto dy, auto nt) MMFAST_INLINE_LAMBDA {
+    stream_row<kLoss, M, decltype(dy)::value, decltype(nt)::value>(prow, yrow, mrow, D, w, beta, inv_beta,
+                                                                    half_beta, dprow, dyrow, loss, mask_sum);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
   if (dyrow != nullptr) {
-    stream_row<kLoss, M, true>(prow, yrow, mrow, D, w, beta, inv_beta, half_beta, dprow, dyrow, loss, mask_sum);
+    streaming ? run(Yes{}, Yes{}) : run(Yes{}, No{});
   } else {
-    stream_row<kLoss, M, false>(prow, yrow, mrow, D, w, beta, inv_beta, half_beta, dprow, dyrow, loss, mask_sum);
+    streaming ? run(No{}, Yes{}) : run(No{}, No{});
   }
 }
 
 template <typename T, int kLoss, bool kElemMask>
 MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, int64_t end,
-                                    compute_t<T>* workspace) {
+                                    compute_t<T>* workspace, bool streaming) {
   using F = compute_t<T>;
   const int64_t D = p.D, S = p.S, ld = Workspace<F>::leading_dim(D);
   const T* pred = static_cast<const T*>(p.pred);
@@ -137,6 +166,12 @@ MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, i
   const bool stream = kLoss != kReconCosine && !normalize && !per_element && dm == nullptr && dp != nullptr &&
                       p.sp_d == 1 && p.sy_d == 1 && S == 1 && (!kElemMask || p.sm_d == 1);
 
+  // Software prefetch where the hardware prefetchers lose the stream: at a kept row after excluded
+  // ones (they are not read), for a row mask; a contiguous run of kept rows is left to the hardware.
+  const bool prefetching = mask_rows != nullptr && dm == nullptr && p.sp_d == 1 && p.sy_d == 1 &&
+                           D * int64_t(sizeof(T)) <= kPrefetchRowBytes;
+  int64_t pf = begin;  // the kept rows before pf, after the current one, are prefetched (or contiguous)
+  int pending = 0;     // how many of them
   for (int64_t r = begin; r < end; ++r) {
     const int64_t a = r / S, s = r - a * S;
     const int64_t o = a * D * S + s;  // outputs: [A, D, S] contiguous, channel stride S
@@ -148,17 +183,27 @@ MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, i
       } else {
         loss_rows[r] = F(0);
       }
-      if (dp != nullptr) fill_row(dp + o, S, D, F(0));
-      if (dy != nullptr) fill_row(dy + o, S, D, F(0));
+      for (T* g : {dp, dy}) {
+        if (g == nullptr) continue;
+        if (streaming && S == 1) {
+          stream_zero(g + o, D * sizeof(T));
+        } else {
+          fill_row(g + o, S, D, F(0));
+        }
+      }
       continue;
     }
-    if (mask_rows != nullptr && p.sp_d == 1 && p.sy_d == 1) {
-      // the hardware prefetchers lose the stream where excluded rows are skipped: fetch the next
-      // kept row of P and Y, after a gap, while this one is computed
-      int64_t next = r + 1;
-      while (next < end && mask_rows[next] == F(0) && dm == nullptr) ++next;
-      if (next > r + 1 && next < end) {  // a contiguous run is left to the hardware prefetcher
-        const int64_t na = next / S, ns = next - na * S;
+    if (prefetching) {
+      if (r >= pf) {
+        pf = r + 1;
+      } else {
+        --pending;
+      }
+      for (; pending < kPrefetchRows && pf < end; ++pf) {
+        if (mask_rows[pf] == F(0)) continue;
+        ++pending;
+        if (pf > begin && mask_rows[pf - 1] != F(0)) continue;  // a contiguous run: the hardware's
+        const int64_t na = pf / S, ns = pf - na * S;
         prefetch_row(pred + na * p.sp_a + ns * p.sp_s, D);
         prefetch_row(target + na * p.sy_a + ns * p.sy_s, D);
       }
@@ -173,15 +218,15 @@ MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, i
           const int64_t off = a * p.sm_a + s * p.sm_s;
           if (p.mask_kind == kReconMaskBool) {
             stream_row_dy<kLoss>(prow, yrow, static_cast<const uint8_t*>(p.mask) + off, D, w, beta, inv_beta,
-                                 half_beta, dp + o, dyrow, acc, macc);
+                                 half_beta, dp + o, dyrow, streaming, acc, macc);
           } else {
             stream_row_dy<kLoss>(prow, yrow, static_cast<const F*>(p.mask) + off, D, w, beta, inv_beta,
-                                 half_beta, dp + o, dyrow, acc, macc);
+                                 half_beta, dp + o, dyrow, streaming, acc, macc);
           }
           if (msum != nullptr) msum[r] = F(macc);
         } else {
-          stream_row_dy<kLoss, void>(prow, yrow, nullptr, D, w, beta, inv_beta, half_beta, dp + o, dyrow, acc,
-                                     macc);
+          stream_row_dy<kLoss, void>(prow, yrow, nullptr, D, w, beta, inv_beta, half_beta, dp + o, dyrow,
+                                     streaming, acc, macc);
         }
         loss_rows[r] = F(acc);
         continue;
@@ -294,6 +339,7 @@ MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, i
       }
     }
   }
+  if (streaming) stream_fence();
 }
 
 template <typename T>
@@ -305,20 +351,23 @@ void run_recon(const MaskedReconParams& p, int num_threads) {
   const int threads = resolve_threads(num_threads, std::min(R, (R * p.D + kGrain - 1) / kGrain));
   Workspace<F> workspace(threads, kReconBuffers * Workspace<F>::leading_dim(p.D));
   const bool elem = p.mask_kind == kReconMaskFloat || p.mask_kind == kReconMaskBool;
+  // pred, target and the requested gradients, each [R, D]
+  const int64_t tensors = 2 + (p.dp != nullptr) + (p.dy != nullptr);
+  const bool streaming = streaming_worthwhile(tensors * R * p.D * int64_t(sizeof(T)));
   parallel_rows(R, threads, [&](int64_t begin, int64_t end, int thread) {
     F* ws = workspace.slice(thread);
     if (p.loss == kReconCosine) {
-      recon_rows<T, kReconCosine, false>(p, begin, end, ws);
+      recon_rows<T, kReconCosine, false>(p, begin, end, ws, streaming);
     } else if (p.loss == kReconSmoothL1) {
       if (elem) {
-        recon_rows<T, kReconSmoothL1, true>(p, begin, end, ws);
+        recon_rows<T, kReconSmoothL1, true>(p, begin, end, ws, streaming);
       } else {
-        recon_rows<T, kReconSmoothL1, false>(p, begin, end, ws);
+        recon_rows<T, kReconSmoothL1, false>(p, begin, end, ws, streaming);
       }
     } else if (elem) {
-      recon_rows<T, kReconMSE, true>(p, begin, end, ws);
+      recon_rows<T, kReconMSE, true>(p, begin, end, ws, streaming);
     } else {
-      recon_rows<T, kReconMSE, false>(p, begin, end, ws);
+      recon_rows<T, kReconMSE, false>(p, begin, end, ws, streaming);
     }
   });
 }

@@ -16,6 +16,7 @@
 
 #include "mmfast/kernels.h"
 #include "score_rows.h"
+#include "streaming_stores.h"
 
 namespace mmfast {
 namespace cpu {
@@ -75,7 +76,7 @@ MMFAST_INLINE void with_flag(bool flag, Body&& body) {
 
 template <typename T>
 MMFAST_MULTIVERSION void uni_finish(const UniInstructParams& p, int64_t r, int64_t begin, int64_t end,
-                                    const double* totals, bool first) {
+                                    const double* totals, bool first, bool streaming) {
   using F = compute_t<T>;
   const UniRow<F> row = uni_row<F>(p, r, totals);
   if (first) {
@@ -97,46 +98,44 @@ MMFAST_MULTIVERSION void uni_finish(const UniInstructParams& p, int64_t r, int64
   for (int64_t j0 = begin; j0 < end; j0 += kGradBlock) {
     const int64_t j1 = std::min(end, j0 + kGradBlock);
     if (dx != nullptr) {
-#pragma omp simd
-      for (int64_t j = j0; j < j1; ++j) {
-        const F d = to_compute(a[j]) - to_compute(b[j]);
-        dx[j] = from_compute<T>(d * dx_coef);
-      }
+      write_elements(dx, j0, j1, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
+        return (to_compute(a[j]) - to_compute(b[j])) * dx_coef;
+      });
     }
     with_flag(p.fgm != 0, [&](auto fgm) MMFAST_INLINE_LAMBDA {
       if (da != nullptr) {
-#pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) {
+        write_elements(da, j0, j1, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
           const F xv = to_compute(x[j]), av = to_compute(a[j]);
           const F d = av - to_compute(b[j]);
           const F u = (av - xv) - alpha * d;
           F g = cs * (u + one_minus_alpha * d);
           if constexpr (decltype(fgm)::value) g = g + f2 * d;
-          da[j] = from_compute<T>(g);
-        }
+          return g;
+        });
       }
       if (db != nullptr) {
-#pragma omp simd
-        for (int64_t j = j0; j < j1; ++j) {
+        write_elements(db, j0, j1, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
           const F xv = to_compute(x[j]), av = to_compute(a[j]);
           const F d = av - to_compute(b[j]);
           const F u = (av - xv) - alpha * d;
           F g = cs * (alpha * d - u);
           if constexpr (decltype(fgm)::value) g = g - f2 * d;
-          db[j] = from_compute<T>(g);
-        }
+          return g;
+        });
       }
     });
   }
+  if (streaming) stream_fence();
 }
 
 template <typename T>
 struct UniInstructRows {
   static constexpr int kSums = 4;
   const UniInstructParams& p;
+  bool streaming;  // dx, da, db written with streaming stores
   void sums(int64_t r, int64_t begin, int64_t end, double* out) const { uni_sums<T>(p, r, begin, end, out); }
   void finish(int64_t r, int64_t begin, int64_t end, const double* totals, bool first) const {
-    uni_finish<T>(p, r, begin, end, totals, first);
+    uni_finish<T>(p, r, begin, end, totals, first, streaming);
   }
 };
 
@@ -147,7 +146,10 @@ void uni_instruct_cpu(const UniInstructParams& p, int num_threads) {
   if (p.B <= 0) return;
   const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
     using T = decltype(storage);
-    cpu::run_score_rows(cpu::UniInstructRows<T>{p}, p.B, p.D, 3 * int64_t{sizeof(T)}, num_threads);
+    // x, a, b and the requested gradients
+    const int64_t tensors = 3 + (p.dx != nullptr) + (p.da != nullptr) + (p.db != nullptr);
+    const bool streaming = tensors > 3 && cpu::streaming_worthwhile(tensors * p.B * p.D * int64_t{sizeof(T)});
+    cpu::run_score_rows(cpu::UniInstructRows<T>{p, streaming}, p.B, p.D, 3 * int64_t{sizeof(T)}, num_threads);
   });
   if (!known) throw std::invalid_argument("uni_instruct_cpu: unknown dtype code " + std::to_string(p.dtype));
 }

@@ -12,6 +12,11 @@ void fdistill_cpu(const FDistillParams& p, int num_threads);
 void uni_instruct_cpu(const UniInstructParams& p, int num_threads);
 void fake_score_cpu(const FakeScoreParams& p, int num_threads);
 
+// CPU kernels that move more bytes (read + written) than this write their large outputs with
+// streaming (non-temporal) stores; the default (a negative value set) is the last-level cache size.
+int64_t cpu_streaming_min_bytes();
+void set_cpu_streaming_min_bytes(int64_t bytes);
+
 // CUDA: enqueue on `stream` (a cudaStream_t); returns a cudaError_t code (0 = success).
 int routed_kd_cuda(const RoutedKDParams& p, void* stream);
 int mutual_kd_cuda(const MutualKDParams& p, void* stream);

@@ -1,0 +1,64 @@
+// The threshold above which the CPU kernels write large outputs with streaming stores
+// (streaming_stores.h).
+#include "streaming_stores.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <fstream>
+#include <string>
+
+#include "mmfast/kernels.h"
+
+namespace mmfast {
+namespace {
+
+// -1: the last-level cache size (read once)
+std::atomic<int64_t> g_streaming_min_bytes{-1};
+
+// The largest cache cpu0 reports in sysfs (its own instance: sysconf's L3 size is the whole
+// package's on some virtual machines, 10x what one core can use); sysconf where sysfs is absent.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t largest = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string path = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+      std::ifstream file(path);
+      long long value = 0;
+      std::string unit;
+      if (!(file >> value)) continue;
+      file >> unit;  // "K" or "M" (the number and its unit may be one token: "32768K")
+      const int64_t scale = unit == "M" ? int64_t{1} << 20 : unit == "K" ? int64_t{1} << 10 : 1;
+      largest = std::max<int64_t>(largest, value * scale);
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    if (largest <= 0) largest = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return largest > 0 ? largest : int64_t{32} << 20;  // 32 MiB when the system does not say
+  }();
+  return bytes;
+}
+
+}  // namespace
+
+int64_t cpu_streaming_min_bytes() {
+  const int64_t v = g_streaming_min_bytes.load(std::memory_order_relaxed);
+  return v < 0 ? last_level_cache_bytes() : v;
+}
+
+void set_cpu_streaming_min_bytes(int64_t bytes) { g_streaming_min_bytes.store(bytes < 0 ? -1 : bytes); }
+
+namespace cpu {
+
+bool streaming_worthwhile(int64_t bytes) {
+#ifdef MMFAST_STREAMING_STORES
+  return bytes > cpu_streaming_min_bytes();
+#else
+  (void)bytes;
+  return false;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace mmfast
