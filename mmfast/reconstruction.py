@@ -42,6 +42,19 @@ def _safe_mean(total: Tensor, count: Tensor) -> Tensor:
     return torch.where(nonzero, total / torch.where(nonzero, count, torch.ones_like(count)), torch.zeros_like(total))
 
 
+def _mean_row_weights(mask_rows: Tensor | None, R: int, per_row: int, cdt: torch.dtype,
+                      device: torch.device) -> Tensor:
+    """Row weights M_r / sum(M) for the "mean" reduction (M_r = 1 without a mask; sum(M) counts
+    ``per_row`` elements a row): the forward then writes the loss rows and the gradients of the mean
+    itself, and the backward of ``loss.backward()`` (an incoming gradient of ones) has no pass over
+    them. A row weight is 0 exactly where M_r is (the kernels skip those rows; a positive weight
+    never underflows to 0), and all are 0 when sum(M) is."""
+    if mask_rows is None:
+        return torch.full((R,), 1.0 / max(R * per_row, 1), dtype=cdt, device=device)
+    scaled = (mask_rows / (mask_rows.sum() * per_row)).clamp_min(torch.finfo(cdt).tiny)
+    return torch.where(mask_rows == 0, mask_rows, scaled)
+
+
 def masked_reconstruction_loss(
     pred: Tensor,
     target: Tensor,
@@ -157,6 +170,9 @@ def masked_reconstruction_loss(
         Y3 = reference.normalize_rows(Yn, eps)[0].to(P.dtype)
         normalize_in_op = False
 
+    prescaled = reduction == "mean" and kind in ("none", "row") and not need_dm
+    if prescaled:
+        mask_rows = _mean_row_weights(mask_rows, R, 1 if cosine else D, cdt, P.device)
     loss_out, msum, _, _, _ = ops.masked_reconstruction_fwd(
         P3, Y3, mask_rows, mask_elems, reference.LOSSES[loss], beta, normalize_in_op, eps, per_element,
         ops.grad_mask(need_dp, need_dy, need_dm, consume_grads=True),
@@ -166,13 +182,8 @@ def masked_reconstruction_loss(
             return loss_out.reshape(shape)
         return loss_out.reshape(shape[:cd] + shape[cd + 1:]).to(P.dtype)
     total = loss_out.sum()
-    if reduction == "sum":
+    if reduction == "sum" or prescaled:
         return total.to(P.dtype)
-    if kind == "none":
-        count = R if cosine else R * D
-        return (total / count if count else total * 0).to(P.dtype)
-    if kind == "row":
-        count = mask_rows.sum() * (1 if cosine else D)
-    else:
-        count = msum.sum()
+    # a row mask that requires grad (its gradient needs the unscaled rows), or an element mask
+    count = mask_rows.sum() * (1 if cosine else D) if kind == "row" else msum.sum()
     return _safe_mean(total, count).to(P.dtype)
