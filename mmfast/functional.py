@@ -41,6 +41,15 @@ def _reduce(
     return (total / count).to(dtype)
 
 
+def _folded_mean(reduction: str, count: Tensor | int, process_group: ProcessGroup | None) -> float | None:
+    """1 / count when the ``batchmean`` can ride in the forward op's ``scale``: a local mean over a row count
+    known on the host. The loss is then the plain sum of the rows, and ``loss.backward()`` hands the op's
+    backward a gradient of all ones, which makes no pass over the forward's gradients (on a CPU)."""
+    if reduction == "batchmean" and process_group is None and isinstance(count, int) and count > 0:
+        return 1.0 / count
+    return None
+
+
 def routed_kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor | Sequence[Tensor],
@@ -159,16 +168,21 @@ def routed_kd_loss(
         if indices is not None and indices.numel() and bool(((indices < 0) | (indices >= E)).any()):
             raise ValueError(f"indices must be in [0, {E}) (E = number of teachers); found one out of range")
 
-    grad_on = torch.is_grad_enabled()
-    loss_rows, _, _, _ = routed_kd_ops.routed_kd_fwd(
-        x3, z4, w, indices, mask2, temperature, MIXES[mix], DIVERGENCES[divergence], float(beta),
-        temperature**2 if t2_scale else 1.0,
-        routed_kd_ops.grad_mask(grad_on and x.requires_grad, grad_on and w.requires_grad, grad_on and z.requires_grad),
-    )
     if mask2 is None:
         count = B * S
     else:  # the global count is clamped after the all-reduce
         count = mask2.sum() if process_group is not None else mask2.sum().clamp_min(1)
+    inv_count = _folded_mean(reduction, count, process_group)
+    grad_on = torch.is_grad_enabled()
+    loss_rows, _, _, _ = routed_kd_ops.routed_kd_fwd(
+        x3, z4, w, indices, mask2, temperature, MIXES[mix], DIVERGENCES[divergence], float(beta),
+        (temperature**2 if t2_scale else 1.0) * (inv_count or 1.0),
+        routed_kd_ops.grad_mask(
+            grad_on and x.requires_grad, grad_on and w.requires_grad, grad_on and z.requires_grad, consume_grads=True
+        ),
+    )
+    if inv_count is not None:
+        return loss_rows.sum().to(x.dtype)
     return _reduce(loss_rows, reduction, count, row_shape, x.dtype, process_group)
 
 
@@ -198,7 +212,11 @@ def mutual_kd_loss(
     _checks.choice("reduction", reduction, REDUCTIONS)
     process_group = check_process_group(process_group, reduction)
     need = torch.is_grad_enabled() and x.requires_grad
-    loss_rows, _ = mutual_kd_ops.mutual_kd_fwd(x, temperature, temperature**2 if t2_scale else 1.0, need)
+    inv_count = _folded_mean(reduction, x.shape[1], process_group)
+    scale = (temperature**2 if t2_scale else 1.0) * (inv_count or 1.0)
+    loss_rows, _ = mutual_kd_ops.mutual_kd_fwd(x, temperature, scale, need, True)
+    if inv_count is not None:
+        return loss_rows.sum().to(x.dtype)
     return _reduce(loss_rows, reduction, x.shape[1], (x.shape[1],), x.dtype, process_group)
 
 

@@ -211,10 +211,11 @@ def test_forward_ops_grads_bit_mask():
     from mmfast.ops import uni_instruct as uni_ops
 
     assert routed_kd_ops.grad_mask(True, False, True) == routed_kd_ops.GRAD_DX | routed_kd_ops.GRAD_DZ == 5
+    assert routed_kd_ops.grad_mask(False, True, False, consume_grads=True) == 2 | 8
     assert recon_ops.grad_mask(False, True, False, consume_grads=True) == 2 | 8
     assert uni_ops.grad_mask(True, True, True) == 7
     x, z, w, idx, mask, *rest = _routed_args(torch.float64, "cpu", need=(False, False, False))
-    for bad in (-1, 8):
+    for bad in (-1, 16):
         with pytest.raises(ValueError, match="grads must be a bit mask"):
             routed_kd_ops.routed_kd_fwd(x, z, w, idx, mask, *rest[:-1], bad)
     p = torch.randn(2, 3, 1, dtype=torch.float64)
@@ -226,3 +227,56 @@ def test_forward_ops_grads_bit_mask():
     # the requested gradients (and only they) come back
     loss, dx, dw, dz = routed_kd_ops.routed_kd_fwd(x, z, w, idx, mask, *rest[:-1], routed_kd_ops.grad_mask(1, 0, 1))
     assert dx.shape == x.shape and dw.numel() == 0 and dz.shape == z.shape
+
+
+def _in_place_losses(inputs, mask):
+    x, z, w = inputs["student_logits"], inputs["teacher_logits"], inputs["weights"]
+    return {
+        "routed_kd": lambda: mmfast.routed_kd_loss(x, z, w, temperature=2.0, mask=mask),
+        "mutual_kd": lambda: mmfast.mutual_kd_loss(torch.stack([x, z[0]]), temperature=2.0),
+    }
+
+
+@pytest.mark.parametrize("factor", [1.0, 3.0])  # 1: the CPU path that returns the saved buffer as is
+# masked=False: batchmean's 1/N rides in the forward's scale (the backward gets all ones)
+@pytest.mark.parametrize("name,masked", [("routed_kd", False), ("routed_kd", True), ("mutual_kd", False)])
+@pytest.mark.parametrize("backend,device,dtype", backend_params(("torch", "cpu")))
+def test_in_place_backward_scaling_equals_out_of_place(backend, device, dtype, name, masked, factor, monkeypatch):
+    """A graph-freeing eager backward scales the saved gradients in place; with retain_graph the
+    out-of-place backward runs and leaves them untouched: all give the same gradients."""
+    from mmfast.ops import _grad_scaling
+
+    inputs = make_routed(rows=6, C=37, E=2, dtype=dtype, device=device)
+    leaves = [inputs["student_logits"], inputs["teacher_logits"], inputs["weights"]]
+    for t in leaves:
+        t.requires_grad_(True)
+    mask = torch.tensor([True, False, True, True, False, True], device=device) if masked else None
+    monkeypatch.setattr(_grad_scaling, "_ONES_CHECK_MIN_NUMEL", 0)  # the all-ones check at any size
+    calls = []
+    module, attr = (routed_kd_ops, "_routed_kd_bwd_in_place") if name == "routed_kd" else (mutual_kd_ops, "scale_")
+    original = getattr(module, attr)
+    monkeypatch.setattr(module, attr, lambda *args: calls.append(1) or original(*args))
+
+    def grads():
+        out = [None if t.grad is None else t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return out
+
+    with mmfast.use_backend(backend):
+        loss_fn = _in_place_losses(inputs, mask)[name]
+        loss = loss_fn()
+        (loss * factor).backward(retain_graph=True)  # graph kept: out of place
+        first = grads()
+        assert not calls
+        (loss * factor).backward()  # the saved gradients are still unscaled; the graph is freed now: in place
+        second = grads()
+        assert calls
+        (loss_fn() * factor).backward()  # a fresh graph, freed: in place
+        third = grads()
+    assert first[0] is not None
+    for f, s, t in zip(first, second, third, strict=True):
+        assert (f is None) == (s is None) == (t is None)
+        if f is not None:
+            torch.testing.assert_close(s, f, rtol=0, atol=0)
+            torch.testing.assert_close(t, f, rtol=0, atol=0)

@@ -1,7 +1,8 @@
 """Custom ops ``mmfast::mutual_kd_fwd`` / ``mmfast::mutual_kd_bwd``.
 
 The forward op returns the per-row loss [N] and, in the same pass, d loss_n / d logits [M, N, C];
-the backward op scales it by the incoming row gradient.
+the backward op scales it by the incoming row gradient (in place, in an eager backward that frees the
+graph, when the caller discarded it: mmfast/ops/_grad_scaling.py).
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
-from mmfast.ops._grad_scaling import plain_eager
+from mmfast.ops._grad_scaling import may_scale_in_place, plain_eager, scale_
 from mmfast.reference import mutual_kd as reference
 from mmfast.reference.routed_kd import compute_dtype
 
 
 @torch.library.custom_op("mmfast::mutual_kd_fwd", mutates_args=())
-def mutual_kd_fwd(logits: Tensor, temperature: float, scale: float, need_grad: bool) -> tuple[Tensor, Tensor]:
-    """(loss [N], grad [M, N, C]) for logits [M, N, C]; grad is empty when not requested."""
+def mutual_kd_fwd(
+    logits: Tensor, temperature: float, scale: float, need_grad: bool, consume_grads: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(loss [N], grad [M, N, C]) for logits [M, N, C]; grad is empty when not requested.
+    ``consume_grads``: the caller discards grad, so an eager backward that frees the graph may scale it in
+    place (``mutual_kd_loss`` sets it; the values returned are the same)."""
     backend = _backend.resolve(logits.device, logits.dtype)
     if backend == "torch":
         return reference.mutual_kd_rows(logits, temperature, scale, need_grad)
@@ -29,7 +34,7 @@ def mutual_kd_fwd(logits: Tensor, temperature: float, scale: float, need_grad: b
 
 
 @mutual_kd_fwd.register_fake
-def _(logits, temperature, scale, need_grad):
+def _(logits, temperature, scale, need_grad, consume_grads=False):
     M, N, C = logits.shape
     loss = logits.new_empty((N,), dtype=compute_dtype(logits.dtype))
     return loss, logits.new_empty((M, N, C) if need_grad else (0,))
@@ -56,6 +61,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad)
     ctx.save_for_backward(grad)
     ctx.need_grad = inputs[3]
+    ctx.consume_grads = inputs[4] if len(inputs) > 4 else False
 
 
 def _backward(ctx, grad_loss, _ggrad):
@@ -65,9 +71,11 @@ def _backward(ctx, grad_loss, _ggrad):
     if ctx.needs_input_grad[0] and not ctx.need_grad:
         raise RuntimeError("mmfast::mutual_kd_fwd: logits require grad but need_grad=False")
     if not ctx.need_grad:
-        return None, None, None, None
+        return None, None, None, None, None
+    if ctx.consume_grads and may_scale_in_place(grad_loss, grad):
+        return scale_(grad, grad_loss[None, :, None]), None, None, None, None
     bwd = _mutual_kd_bwd if plain_eager(grad_loss, grad) else mutual_kd_bwd
-    return bwd(grad_loss, grad), None, None, None
+    return bwd(grad_loss, grad), None, None, None, None
 
 
 mutual_kd_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -5,8 +5,10 @@ that the caller asked for; the backward op only scales them by the incoming row 
   grad_x[b, :, s] = g[b, s] * dx[b, :, s];  grad_w[b, k] = sum_s g[b, s] * dw[b, s, k];
   grad_z[e, b, :, s] = g[b, s] * dz[e, b, :, s].
 Shapes follow ``csrc/include/mmfast/params.h``: x [B, C, S], z [E, B, C, S], weights [B, K].
-Which gradients the forward writes is one bit mask argument, ``grads`` (GRAD_DX | GRAD_DW | GRAD_DZ),
-not three bools: torch.library's autograd wrapper costs time quadratic in the argument count per call.
+Which gradients the forward writes, and whether the caller discards them, is one bit mask argument,
+``grads`` (GRAD_DX | GRAD_DW | GRAD_DZ | CONSUME_GRADS), not four bools: torch.library's autograd wrapper
+costs time quadratic in the argument count per call. In an eager backward that frees the graph, discarded
+gradients are scaled in place (mmfast/ops/_grad_scaling.py): no new [B, C, S] buffers.
 """
 
 from __future__ import annotations
@@ -15,22 +17,27 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
-from mmfast.ops._grad_scaling import plain_eager
+from mmfast.ops._grad_scaling import may_scale_in_place, plain_eager, scale_
 from mmfast.reference import routed_kd as reference
 from mmfast.reference.routed_kd import compute_dtype
 
 # bits of the forward op's ``grads`` argument
-GRAD_DX, GRAD_DW, GRAD_DZ = 1, 2, 4
+GRAD_DX, GRAD_DW, GRAD_DZ, CONSUME_GRADS = 1, 2, 4, 8
 
 
-def grad_mask(need_dx: bool, need_dw: bool, need_dz: bool) -> int:
-    """The forward op's ``grads`` bit mask for the requested gradients."""
-    return (GRAD_DX if need_dx else 0) | (GRAD_DW if need_dw else 0) | (GRAD_DZ if need_dz else 0)
+def grad_mask(need_dx: bool, need_dw: bool, need_dz: bool, consume_grads: bool = False) -> int:
+    """The forward op's ``grads`` bit mask for the requested gradients (and ``consume_grads``)."""
+    return ((GRAD_DX if need_dx else 0) | (GRAD_DW if need_dw else 0) | (GRAD_DZ if need_dz else 0)
+            | (CONSUME_GRADS if consume_grads else 0))
 
 
 def _unpack(grads: int) -> tuple[bool, bool, bool]:
-    if not 0 <= grads <= GRAD_DX | GRAD_DW | GRAD_DZ:
-        raise ValueError(f"routed_kd_fwd: grads must be a bit mask of GRAD_DX=1, GRAD_DW=2, GRAD_DZ=4, got {grads}")
+    """(need_dx, need_dw, need_dz) from the ``grads`` bit mask."""
+    if not 0 <= grads <= GRAD_DX | GRAD_DW | GRAD_DZ | CONSUME_GRADS:
+        raise ValueError(
+            "routed_kd_fwd: grads must be a bit mask of GRAD_DX=1, GRAD_DW=2, GRAD_DZ=4, CONSUME_GRADS=8, "
+            f"got {grads}"
+        )
     return bool(grads & GRAD_DX), bool(grads & GRAD_DW), bool(grads & GRAD_DZ)
 
 
@@ -61,7 +68,9 @@ def routed_kd_fwd(
     grads: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss [B, S], dx [B, C, S], dw [B, S, K], dz [E, B, C, S]); ``grads`` is the bit mask of the
-    gradients to write (GRAD_DX = 1, GRAD_DW = 2, GRAD_DZ = 4; see :func:`grad_mask`), the others are empty."""
+    gradients to write (GRAD_DX = 1, GRAD_DW = 2, GRAD_DZ = 4; see :func:`grad_mask`), the others are empty.
+    CONSUME_GRADS = 8 says the caller discards dx, dw, dz, so an eager backward that frees the graph may
+    scale them in place (``routed_kd_loss`` sets it; the values returned are the same)."""
     need_dx, need_dw, need_dz = _unpack(grads)
     backend = _backend.resolve(x.device, x.dtype)
     return _run_backend(
@@ -92,6 +101,14 @@ def _routed_kd_bwd(grad_loss: Tensor, dx: Tensor, dw: Tensor, dz: Tensor) -> tup
     return gx, gw, gz
 
 
+def _routed_kd_bwd_in_place(grad_loss: Tensor, dx: Tensor, dw: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``_routed_kd_bwd`` scaling the saved dx and dz in place (dw [B, S, K] is summed over S anyway)."""
+    gx = scale_(dx, grad_loss[:, None, :]) if dx.numel() else dx
+    gw = (dw * grad_loss[..., None]).sum(1) if dw.numel() else dw.new_empty(0)
+    gz = scale_(dz, grad_loss[None, :, None, :]) if dz.numel() else dz
+    return gx, gw, gz
+
+
 # the op for compile / tracing; an eager backward calls _routed_kd_bwd directly (no dispatch overhead)
 routed_kd_bwd = torch.library.custom_op("mmfast::routed_kd_bwd", _routed_kd_bwd, mutates_args=())
 
@@ -110,6 +127,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(dx, dw, dz)
     ctx.save_for_backward(dx, dw, dz)
     ctx.need = _unpack(inputs[10])
+    ctx.consume_grads = bool(inputs[10] & CONSUME_GRADS)
     ctx.input_dtypes = (x.dtype, z.dtype, weights.dtype)
 
 
@@ -123,7 +141,12 @@ def _backward(ctx, grad_loss, _gdx, _gdw, _gdz):
                 f"mmfast::routed_kd_fwd: {name} requires grad but its gradient was not requested "
                 f"(bit GRAD_D{name[0].upper()} of grads unset); call mmfast.routed_kd_loss, which sets the flags"
             )
-    bwd = _routed_kd_bwd if plain_eager(grad_loss, dx, dw, dz) else routed_kd_bwd
+    if ctx.consume_grads and may_scale_in_place(grad_loss, dx, dw, dz):
+        bwd = _routed_kd_bwd_in_place
+    elif plain_eager(grad_loss, dx, dw, dz):
+        bwd = _routed_kd_bwd
+    else:
+        bwd = routed_kd_bwd
     gx, gw, gz = bwd(grad_loss, dx, dw, dz)
     return (
         gx if ctx.need[0] else None,
