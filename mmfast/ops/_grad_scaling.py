@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmfast import _backend
+
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
@@ -48,14 +50,23 @@ def may_scale_in_place(*saved: Tensor) -> bool:
 
 
 def scale_(grad: Tensor, factor: Tensor) -> Tensor:
-    """grad *= factor (broadcast), in place (computed in fp32 for bf16/fp16 gradients).
+    """grad *= factor (broadcast, same rank), in place (computed in fp32 for bf16/fp16 gradients).
 
-    On a CPU, where reading a value costs no device synchronisation, a factor of all ones (the
-    incoming gradient of ``loss.backward()`` on a plain mean or sum) leaves a large buffer as it is:
-    no pass over the gradient at all (small ones are multiplied: cheaper than the check).
+    A factor of all ones (the incoming gradient of ``loss.backward()`` on a mean or sum whose scale the
+    forward already applied) makes no pass over the gradient:
+    - on a CPU, where reading a value costs no device synchronisation, a large buffer is returned as it
+      is (small ones are multiplied: cheaper than the check);
+    - on a GPU with the ``triton`` backend, a kernel whose programs skip every block with factors of 1
+      (mmfast/triton/grad_scaling.py); elsewhere (``torch``, ``cuda``) torch multiplies.
     """
-    if grad.device.type == "cpu" and grad.numel() >= _ONES_CHECK_MIN_NUMEL and bool((factor == 1).all()):
-        return grad
+    if grad.device.type == "cpu":
+        if grad.numel() >= _ONES_CHECK_MIN_NUMEL and bool((factor == 1).all()):
+            return grad
+    elif _backend.resolve(grad.device, grad.dtype) == "triton":
+        from mmfast.triton.grad_scaling import scale_unless_one_
+
+        if scale_unless_one_(grad, factor) is not None:
+            return grad
     return grad.mul_(factor)
 
 
