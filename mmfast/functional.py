@@ -44,7 +44,7 @@ def _reduce(
 def _folded_mean(reduction: str, count: Tensor | int, process_group: ProcessGroup | None) -> float | None:
     """1 / count when the ``batchmean`` can ride in the forward op's ``scale``: a local mean over a row count
     known on the host. The loss is then the plain sum of the rows, and ``loss.backward()`` hands the op's
-    backward a gradient of all ones, which makes no pass over the forward's gradients (on a CPU)."""
+    backward a gradient of all ones, which makes no pass over the forward's gradients (mmfast/ops/_grad_scaling.py)."""
     if reduction == "batchmean" and process_group is None and isinstance(count, int) and count > 0:
         return 1.0 / count
     return None

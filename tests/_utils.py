@@ -230,3 +230,39 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def check_in_place_backward(loss_fn, leaves, factor: float, module, attr: str, monkeypatch) -> None:
+    """The eager backward that scales the forward's saved gradients in place (mmfast/ops/_grad_scaling.py),
+    counted through ``module.attr`` (the in-place function the op's backward calls): ``loss_fn() * factor``
+    backward with the graph kept (out of place: no call), then freeing that graph (in place: the saved
+    gradients were still unscaled), then on a fresh graph (in place) all give the same gradients, bit for bit.
+    The all-ones check runs at any size (by default only large gradients skip the multiplication)."""
+    from mmfast.ops import _grad_scaling
+
+    monkeypatch.setattr(_grad_scaling, "_ONES_CHECK_MIN_NUMEL", 0)
+    calls = []
+    original = getattr(module, attr)
+    monkeypatch.setattr(module, attr, lambda *args: calls.append(1) or original(*args))
+
+    def grads():
+        out = [None if t.grad is None else t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return out
+
+    loss = loss_fn()
+    (loss * factor).backward(retain_graph=True)
+    first = grads()
+    assert not calls
+    (loss * factor).backward()
+    second = grads()
+    assert calls
+    (loss_fn() * factor).backward()
+    third = grads()
+    assert any(t is not None for t in first)
+    for f, s, t in zip(first, second, third, strict=True):
+        assert (f is None) == (s is None) == (t is None)
+        if f is not None:
+            torch.testing.assert_close(s, f, rtol=0, atol=0)
+            torch.testing.assert_close(t, f, rtol=0, atol=0)

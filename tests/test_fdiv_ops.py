@@ -8,10 +8,9 @@ import math
 
 import pytest
 import torch
-from _utils import backend_params, interpreted, seed_of
+from _utils import backend_params, check_in_place_backward, interpreted, seed_of
 
 import mmfast
-from mmfast.ops import _grad_scaling
 from mmfast.ops import fake_score as fake_score_ops
 from mmfast.ops import fdistill as fdistill_ops
 from mmfast.ops import uni_instruct as uni_instruct_ops
@@ -347,34 +346,6 @@ def test_in_place_backward_scaling_equals_out_of_place(backend, device, dtype, n
     B, D = 5, 37
     x, a, b = (_t(g, B, D).to(dtype).requires_grad_() for _ in range(3))
     r, sigma = _ratio(g, B).to(dtype), torch.rand(B, generator=g, dtype=F64).to(dtype) + 0.1
-    leaves = (x, a, b)
-    module = _OP_MODULES[name]
-    # check for an all-ones factor at any size (by default only large gradients skip the multiplication)
-    monkeypatch.setattr(_grad_scaling, "_ONES_CHECK_MIN_NUMEL", 0)
-    in_place_calls = []
-    scale_rows_ = module.scale_rows_
-    monkeypatch.setattr(module, "scale_rows_", lambda *args: in_place_calls.append(1) or scale_rows_(*args))
-
-    def grads():
-        out = [None if t.grad is None else t.grad.clone() for t in leaves]
-        for t in leaves:
-            t.grad = None
-        return out
-
     with mmfast.use_backend(backend):
         loss_fn = _score_losses(x, a, b, r, sigma)[name]
-        loss = loss_fn()
-        (loss * factor).backward(retain_graph=True)  # graph kept: out of place
-        first = grads()
-        assert not in_place_calls
-        (loss * factor).backward()  # the saved gradient is still unscaled; the graph is freed now: in place
-        second = grads()
-        assert in_place_calls
-        (loss_fn() * factor).backward()  # a fresh graph, freed: in place
-        third = grads()
-    assert any(t is not None for t in first)
-    for f, s, t in zip(first, second, third, strict=True):
-        assert (f is None) == (s is None) == (t is None)
-        if f is not None:
-            torch.testing.assert_close(s, f, rtol=0, atol=0)
-            torch.testing.assert_close(t, f, rtol=0, atol=0)
+        check_in_place_backward(loss_fn, (x, a, b), factor, _OP_MODULES[name], "scale_rows_", monkeypatch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import backend_params, interpreted, make_routed
+from _utils import backend_params, check_in_place_backward, interpreted, make_routed
 
 import mmfast
 from mmfast.ops import mutual_kd as mutual_kd_ops
@@ -244,39 +244,11 @@ def _in_place_losses(inputs, mask):
 def test_in_place_backward_scaling_equals_out_of_place(backend, device, dtype, name, masked, factor, monkeypatch):
     """A graph-freeing eager backward scales the saved gradients in place; with retain_graph the
     out-of-place backward runs and leaves them untouched: all give the same gradients."""
-    from mmfast.ops import _grad_scaling
-
     inputs = make_routed(rows=6, C=37, E=2, dtype=dtype, device=device)
     leaves = [inputs["student_logits"], inputs["teacher_logits"], inputs["weights"]]
     for t in leaves:
         t.requires_grad_(True)
     mask = torch.tensor([True, False, True, True, False, True], device=device) if masked else None
-    monkeypatch.setattr(_grad_scaling, "_ONES_CHECK_MIN_NUMEL", 0)  # the all-ones check at any size
-    calls = []
     module, attr = (routed_kd_ops, "_routed_kd_bwd_in_place") if name == "routed_kd" else (mutual_kd_ops, "scale_")
-    original = getattr(module, attr)
-    monkeypatch.setattr(module, attr, lambda *args: calls.append(1) or original(*args))
-
-    def grads():
-        out = [None if t.grad is None else t.grad.clone() for t in leaves]
-        for t in leaves:
-            t.grad = None
-        return out
-
     with mmfast.use_backend(backend):
-        loss_fn = _in_place_losses(inputs, mask)[name]
-        loss = loss_fn()
-        (loss * factor).backward(retain_graph=True)  # graph kept: out of place
-        first = grads()
-        assert not calls
-        (loss * factor).backward()  # the saved gradients are still unscaled; the graph is freed now: in place
-        second = grads()
-        assert calls
-        (loss_fn() * factor).backward()  # a fresh graph, freed: in place
-        third = grads()
-    assert first[0] is not None
-    for f, s, t in zip(first, second, third, strict=True):
-        assert (f is None) == (s is None) == (t is None)
-        if f is not None:
-            torch.testing.assert_close(s, f, rtol=0, atol=0)
-            torch.testing.assert_close(t, f, rtol=0, atol=0)
+        check_in_place_backward(_in_place_losses(inputs, mask)[name], leaves, factor, module, attr, monkeypatch)
