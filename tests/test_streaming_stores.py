@@ -109,3 +109,13 @@ def test_uni_instruct(dtype, B, D, pad):
     for fgm, di, grads in itertools.product((False, True), (False, True), ((1, 0, 0), (0, 1, 1), (1, 1, 1))):
         args = ("cpu", x, a, b, coef, None, 0.7, 1.0 / B, fgm, di, *map(bool, grads))
         assert_identical(*both_ways(_native.uni_instruct_rows, *args), f"fgm {fgm} di {di} grads {grads}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,pad", ((1, 1, 0), (5, 7, 3), (3, 1271, 1), (2, 20000, 5), (33, 517, 0)))
+def test_fake_score(dtype, B, D, pad):
+    g = torch.Generator().manual_seed(3 * B + D)
+    b, x = (_rows(B, D, dtype, g, pad) for _ in range(2))
+    b[0, -1] = float("inf")
+    lam = torch.rand(B, generator=g, dtype=torch.float64).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_identical(*both_ways(_native.fake_score_rows, "cpu", b, x, lam, 0.5, True), "fake_score")
