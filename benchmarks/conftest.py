@@ -74,6 +74,7 @@ def run_benchmark(benchmark, request, device):
 
         benchmark.pedantic(timed, setup=step.setup, rounds=rounds, iterations=1)
         benchmark.extra_info["timing"] = step.timing
+        benchmark.extra_info["peak_bytes"] = step.peak_bytes
         if device_times:  # what benchmarks/report.py shows instead of the host's wall clock
             q1, median, q3 = statistics.quantiles(device_times, n=4) if len(device_times) > 1 else device_times * 3
             benchmark.extra_info.update(device_median=median, device_iqr=q3 - q1, device_rounds=len(device_times))

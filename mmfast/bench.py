@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -445,6 +446,7 @@ class Step:
     run: Callable[[], float | None]
     timing: str = "wall"
     keep_alive: object = None  # a captured graph and its output tensors
+    peak_bytes: int | None = None  # GPU: device memory the step allocates at its peak (see _step_peak_bytes)
 
 
 def _graph_step(body: Callable[[], object], flush: Tensor, warmup: int = 3) -> Step:
@@ -480,13 +482,29 @@ def _graph_step(body: Callable[[], object], flush: Tensor, warmup: int = 3) -> S
     return Step(setup, run, "cuda-graph", keep_alive=(graph, outputs))
 
 
+def _step_peak_bytes(body: Callable[[], object]) -> int:
+    """Device memory one eager run of ``body`` allocates at its peak, beyond what was allocated before it
+    (inputs excluded; outputs, saved tensors and temporaries included). ``body`` is run once first, so that
+    compilation and autotuning buffers are not counted."""
+    body()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = body()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
 def make_step(
     case: Case, provider: str, device: torch.device, dtype: torch.dtype, seed: int = 0, *, graph: bool | None = None,
 ) -> Step:
     """The benchmark round of ``provider`` on ``case``: forward + backward (gradients of every input that requires
     grad). On a GPU (``graph`` None or True) the round is a CUDA-graph replay timed with CUDA events (see
     :func:`_graph_step`); if capturing fails, the step says so by raising (``graph=True``) or falls back to the
-    synchronised wall clock with the reason in ``Step.timing`` (``graph=None``). ``graph=False``: wall clock."""
+    synchronised wall clock with the reason in ``Step.timing`` (``graph=None``). ``graph=False``: wall clock.
+    On a GPU a loss provider's step also reports its peak memory (``Step.peak_bytes``)."""
     cuda = device.type == "cuda"
     use_graph = cuda and graph is not False
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -523,9 +541,10 @@ def make_step(
         def setup_wall() -> None:
             cold_cache()
 
+    peak = _step_peak_bytes(body) if cuda and provider not in ("exp-floor", "copy") else None
     if use_graph:
         try:
-            return _graph_step(body, flush)
+            return dataclasses.replace(_graph_step(body, flush), peak_bytes=peak)
         except Exception as e:
             if graph:
                 raise
@@ -538,7 +557,7 @@ def make_step(
         body()
         sync()
 
-    return Step(setup_wall, run, reason)
+    return Step(setup_wall, run, reason, peak_bytes=peak)
 
 
 def warm_up(step: Step, rounds: int = 3) -> float:
@@ -597,7 +616,8 @@ def measure_group(
                 errors[name] = _describe_error(e)
     return [
         Result(group, name, math.nan, math.nan, 0, error=errors[name]) if name in errors
-        else Result.from_times(group, name, times[name], provider_bytes(case, name, dtype), steps[name].timing)
+        else Result.from_times(group, name, times[name], provider_bytes(case, name, dtype), steps[name].timing,
+                               steps[name].peak_bytes)
         for name in names
     ]
 
@@ -615,13 +635,16 @@ class Result:
     bytes: int | None = None
     error: str | None = None
     timing: str = "wall"  # Step.timing: "wall", "cuda-graph" or "wall (graph capture failed: ...)"
+    peak_bytes: int | None = None  # Step.peak_bytes (GPU loss providers)
 
     @classmethod
     def from_times(
         cls, group: str, provider: str, times: Sequence[float], bytes_: int | None, timing: str = "wall",
+        peak_bytes: int | None = None,
     ) -> Result:
         q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-        return cls(group, provider, statistics.median(times), q3 - q1, len(times), bytes_, timing=timing)
+        return cls(group, provider, statistics.median(times), q3 - q1, len(times), bytes_, timing=timing,
+                   peak_bytes=peak_bytes)
 
     def to_json(self) -> dict:
         """A pytest-benchmark record (the fields :func:`load_results` reads)."""
@@ -629,7 +652,8 @@ class Result:
             "group": self.group,
             "name": f"{self.group} [{self.provider}]",
             "stats": {"median": self.median_s, "iqr": self.iqr_s, "rounds": self.rounds},
-            "extra_info": {"provider": self.provider, "bytes": self.bytes, "error": self.error, "timing": self.timing},
+            "extra_info": {"provider": self.provider, "bytes": self.bytes, "error": self.error, "timing": self.timing,
+                           "peak_bytes": self.peak_bytes},
         }
 
 
@@ -651,6 +675,7 @@ def load_results(doc: dict) -> list[Result]:
             bytes=extra.get("bytes"),
             error=extra.get("error"),
             timing=extra.get("timing", "wall"),
+            peak_bytes=extra.get("peak_bytes"),
         ))
     return results
 
@@ -670,7 +695,8 @@ def render_tables(results: Sequence[Result]) -> str:
 
     ``vs eager`` / ``vs compile``: t_baseline / t (above 1 is faster). ``/ exp-floor``: t / t_exp
     (the CPU target is <= 1.5 for mmfast-cpu). ``GB/s``: bytes moved / t; ``% copy``: that bandwidth
-    over the copy provider's.
+    over the copy provider's. ``peak MiB`` (GPU): the device memory a loss step allocates at its peak beyond
+    its inputs.
     """
     groups: dict[str, list[Result]] = {}
     for r in results:
@@ -686,6 +712,9 @@ def _render_group(group: str, rows: list[Result]) -> str:
     header = ["provider", "median", "IQR", "vs eager", "vs compile", "/ exp-floor", "GB/s"]
     if copy_bw:
         header.append("% copy")
+    peaks = any(r.peak_bytes is not None for r in rows if r.error is None)
+    if peaks:
+        header.append("peak MiB")
     lines = [f"### {group}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if r.error is not None:
@@ -704,6 +733,8 @@ def _render_group(group: str, rows: list[Result]) -> str:
             ]
             if copy_bw:
                 cells.append(f"{100 * bw / copy_bw:.0f}%" if bw else "")
+            if peaks:
+                cells.append(f"{r.peak_bytes / 2**20:.1f}" if r.peak_bytes is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     timings = {r.provider: r.timing for r in rows if r.error is None}
     kinds = sorted(set(timings.values()))

@@ -121,3 +121,20 @@ def test_gpu_timing_is_reported_and_survives_json():
     record["stats"]["median"] = 9.0  # the host's wall clock, which a CUDA-graph step does not report
     record["extra_info"].update(device_median=2e-3, device_iqr=1e-4, device_rounds=5)
     assert bench.load_results({"benchmarks": [record]}) == rows[:1]
+
+
+def test_gpu_peak_memory_column_and_json():
+    """GPU loss rows carry their step's peak memory: a ``peak MiB`` column (empty for rows without it), kept
+    through JSON; groups without any peak (CPU) have no such column."""
+    from mmfast import bench
+
+    rows = [bench.Result("g bf16", "eager", 2e-3, 1e-4, 5, 4000, timing="cuda-graph", peak_bytes=48 * 2**20),
+            bench.Result("g bf16", "mmfast-triton", 1e-3, 1e-4, 5, 4000, timing="cuda-graph", peak_bytes=2**19),
+            bench.Result("g bf16", "copy", 1e-3, 1e-4, 5, 4000, timing="cuda-graph")]
+    table = bench.render_tables(rows)
+    header = _row(table, "provider")
+    col = header.index("peak MiB")
+    assert _row(table, "eager")[col] == "48.0" and _row(table, "mmfast-triton")[col] == "0.5"
+    assert _row(table, "copy")[col] == ""
+    assert bench.load_results({"benchmarks": [r.to_json() for r in rows]}) == rows
+    assert "peak MiB" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])

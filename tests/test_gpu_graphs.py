@@ -149,6 +149,7 @@ def test_benchmark_step_is_a_timed_graph_replay(provider):
     times = [bench._time_round(step) for _ in range(3)]
     assert all(0 < t < 1.0 for t in times), times
     if provider.startswith("mmfast-") or provider in ("eager", "compile"):
+        assert step.peak_bytes is not None and step.peak_bytes > 0  # at least the gradients it returns
         graph, outputs = step.keep_alive
         fn, context = bench._loss_fn(case, provider)
         kwargs = case.inputs(dev, torch.float32, 0)
