@@ -32,7 +32,10 @@ def plain_loss(x, z, w, tau):
 
 def timeit(fn, min_run_time=1.0) -> tuple[float, float]:
     """(median, min) in ms over blocks of runs; on a shared machine the min is the undisturbed time."""
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # num_threads: torch.utils.benchmark runs the statement on 1 thread unless told (the kernels take
+    # torch.get_num_threads() too)
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     return m.median * 1e3, min(m.times) * 1e3
 
 
