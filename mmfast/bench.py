@@ -767,6 +767,21 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def cpu_allocator() -> str:
+    """How host memory is allocated, as far as the environment says: with glibc's defaults every allocation
+    of 32 MiB or more is a fresh mapping whose pages fault on first touch, each step, which weighs on
+    memory-bound CPU benchmarks (README, Performance)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    for lib in ("jemalloc", "tcmalloc", "mimalloc"):
+        if lib in preload:
+            return f"{lib} (LD_PRELOAD)"
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    if threshold:
+        trim = os.environ.get("MALLOC_TRIM_THRESHOLD_", "default")
+        return f"glibc, MALLOC_MMAP_THRESHOLD_={threshold} MALLOC_TRIM_THRESHOLD_={trim}"
+    return "glibc defaults (allocations of 32 MiB or more are fresh mappings: page faults every step)"
+
+
 def machine_info(device: torch.device) -> dict:
     try:
         import triton
@@ -785,14 +800,16 @@ def machine_info(device: torch.device) -> dict:
         "mmfast": mmfast.__version__,
         "mmfast_backends": dict(info["available"]),
         "mmfast_auto": info["chosen"],
+        **({"cpu_allocator": cpu_allocator()} if device.type == "cpu" else {}),
     }
 
 
 def describe_machine(info: dict, date: str) -> str:
-    return (
+    line = (
         f"device: {info.get('device_name')} [{info.get('device')}]  torch {info.get('torch')}"
         f" (CUDA {info.get('cuda')})  triton {info.get('triton')}  python {info.get('python')}  date {date}"
     )
+    return line + (f"\nhost allocator: {info['cpu_allocator']}" if info.get("cpu_allocator") else "")
 
 
 def describe_backends(device: torch.device) -> str:

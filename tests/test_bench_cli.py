@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import mmfast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,3 +140,18 @@ def test_gpu_peak_memory_column_and_json():
     assert _row(table, "copy")[col] == ""
     assert bench.load_results({"benchmarks": [r.to_json() for r in rows]}) == rows
     assert "peak MiB" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])
+
+
+def test_cpu_allocator_is_described(monkeypatch):
+    """The CPU header says how host memory is allocated (page faults of fresh buffers weigh on the ratios)."""
+    from mmfast import bench
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert bench.cpu_allocator().startswith("glibc defaults")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "2147483648")
+    assert "MALLOC_MMAP_THRESHOLD_=2147483648" in bench.cpu_allocator()
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert bench.cpu_allocator() == "jemalloc (LD_PRELOAD)"
+    info = bench.machine_info(torch.device("cpu"))
+    assert "host allocator: jemalloc (LD_PRELOAD)" in bench.describe_machine(info, "today")
