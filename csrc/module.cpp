@@ -185,6 +185,15 @@ PYBIND11_MODULE(_C, m) {
   MMFAST_PTR_FIELD(fs, FakeScoreParams, workspace, void);
   m.def("fake_score_cpu", &fake_score_cpu, py::arg("params"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
+  py::class_<GradScaleParams> gs(m, "GradScaleParams");
+  gs.def(py::init([]() { return GradScaleParams{}; }))
+      .def_readwrite("repeat", &GradScaleParams::repeat)
+      .def_readwrite("rows", &GradScaleParams::rows)
+      .def_readwrite("D", &GradScaleParams::D)
+      .def_readwrite("Q", &GradScaleParams::Q)
+      .def_readwrite("dtype", &GradScaleParams::dtype);
+  MMFAST_PTR_FIELD(gs, GradScaleParams, grad, void);
+  MMFAST_PTR_FIELD(gs, GradScaleParams, factor, const void);
   m.def("cpu_streaming_min_bytes", &cpu_streaming_min_bytes,
         "CPU kernels moving more bytes than this write large outputs with streaming stores");
   m.def("set_cpu_streaming_min_bytes", &set_cpu_streaming_min_bytes, py::arg("bytes"),

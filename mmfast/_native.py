@@ -55,6 +55,25 @@ def cpu_streaming_min_bytes(min_bytes: int) -> Iterator[None]:
         C_.set_cpu_streaming_min_bytes(previous)
 
 
+_CUDA_SCALE_BLOCK = 4096  # elements of a row per block (kScaleBlock in csrc/cuda/grad_scaling.cu)
+
+
+def scale_unless_one_cuda(grad: Tensor, factor: Tensor, layout: tuple[int, int, int, int]) -> bool:
+    """grad[k, r, d, q] *= factor[r, q] in place on the GPU for grad contiguous [repeat, rows, D, Q] = ``layout``
+    and factor contiguous float32 [rows * Q], skipping the blocks whose factors are all 1
+    (csrc/cuda/grad_scaling.cu). False (nothing done) when a row is longer than the grid allows."""
+    repeat, rows, D, Q = layout
+    if -(-D * Q // _CUDA_SCALE_BLOCK) > 65535 or repeat * rows >= 2**31:
+        return False
+    C_ = load()
+    p = C_.GradScaleParams()
+    p.repeat, p.rows, p.D, p.Q = repeat, rows, D, Q
+    p.grad, p.factor = _ptr(grad), _ptr(factor)
+    p.dtype = DTYPE_CODES[grad.dtype]
+    _run("cuda", "scale_unless_one", p, grad.device)
+    return True
+
+
 def _ptr(t: Tensor | None) -> int:
     return 0 if t is None or t.numel() == 0 else t.data_ptr()
 

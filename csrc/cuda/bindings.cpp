@@ -73,6 +73,13 @@ void bind_cuda(py::module_& m) {
       },
       py::arg("params"), py::arg("stream"),
       "Enqueue the fake-score kernels on `stream` (a cudaStream_t as an int).");
+  m.def(
+      "scale_unless_one_cuda",
+      [](const GradScaleParams& params, std::uintptr_t stream) {
+        enqueue<GradScaleParams, scale_unless_one_cuda>("scale_unless_one_cuda", params, stream);
+      },
+      py::arg("params"), py::arg("stream"),
+      "Enqueue the in-place gradient scaling that skips blocks of unit factors on `stream`.");
 }
 
 }  // namespace mmfast

@@ -49,6 +49,56 @@ def may_scale_in_place(*saved: Tensor) -> bool:
     return _keep_graph is not None and plain_eager(*saved) and not _keep_graph()
 
 
+# a broadcast run shorter than this is multiplied by torch (kernel blocks of a few elements cost more)
+_KERNEL_MIN_D = 64
+
+
+def row_layout(grad_shape: tuple[int, ...], factor_shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """(repeat, rows, D, Q) when grad [*] splits into [repeat, rows, D, Q] with the factor [*] of the same rank
+    broadcast over repeat and D (size 1 there) and matching rows and Q; None for any other pattern."""
+    if len(grad_shape) != len(factor_shape):
+        return None
+    sizes = [1, 1, 1, 1]  # repeat (broadcast), rows (matched), D (broadcast), Q (matched)
+    phase = 0
+    for g, f in zip(grad_shape, factor_shape, strict=True):
+        while phase < 4 and not (f == 1 if phase % 2 == 0 else f == g):
+            phase += 1
+        if phase == 4:
+            return None
+        sizes[phase] *= g
+    repeat, rows, D, Q = sizes
+    if rows * Q == 1:  # one factor for all: one long row
+        return 1, 1, repeat * D, 1
+    return repeat, rows, D, Q
+
+
+def kernel_layout(grad: Tensor, factor: Tensor) -> tuple[int, int, int, int] | None:
+    """The [repeat, rows, D, Q] layout (:func:`row_layout`) a GPU scaling kernel takes, or None where torch
+    multiplies: float64 (the kernels compute in fp32), a non-contiguous or empty gradient, another broadcast
+    pattern, or broadcast runs shorter than 64 elements."""
+    if torch.float64 in (grad.dtype, factor.dtype) or not grad.is_contiguous() or grad.numel() == 0:
+        return None
+    layout = row_layout(tuple(grad.shape), tuple(factor.shape))
+    return layout if layout is not None and layout[2] >= _KERNEL_MIN_D else None
+
+
+def _scale_unless_one_(backend: str, grad: Tensor, factor: Tensor) -> bool:
+    """grad *= factor in place with the ``backend``'s kernel that skips blocks of unit factors; False (nothing
+    done) where the kernel does not take the layout."""
+    layout = kernel_layout(grad, factor)
+    if layout is None:
+        return False
+    _, rows, _, Q = layout
+    flat = factor.reshape(rows * Q).to(torch.float32).contiguous()
+    if backend == "triton":
+        from mmfast.triton.grad_scaling import scale_unless_one_
+
+        return scale_unless_one_(grad, flat, layout)
+    from mmfast import _native
+
+    return _native.scale_unless_one_cuda(grad, flat, layout)
+
+
 def scale_(grad: Tensor, factor: Tensor) -> Tensor:
     """grad *= factor (broadcast, same rank), in place (computed in fp32 for bf16/fp16 gradients).
 
@@ -56,16 +106,16 @@ def scale_(grad: Tensor, factor: Tensor) -> Tensor:
     forward already applied) makes no pass over the gradient:
     - on a CPU, where reading a value costs no device synchronisation, a large buffer is returned as it
       is (small ones are multiplied: cheaper than the check);
-    - on a GPU with the ``triton`` backend, a kernel whose programs skip every block with factors of 1
-      (mmfast/triton/grad_scaling.py); elsewhere (``torch``, ``cuda``) torch multiplies.
+    - on a GPU with the ``triton`` or ``cuda`` backend, a kernel whose blocks skip every stretch of factors
+      of 1 (mmfast/triton/grad_scaling.py, csrc/cuda/grad_scaling.cu), with no synchronisation; with the
+      ``torch`` backend (or a layout the kernels do not take) torch multiplies.
     """
     if grad.device.type == "cpu":
         if grad.numel() >= _ONES_CHECK_MIN_NUMEL and bool((factor == 1).all()):
             return grad
-    elif _backend.resolve(grad.device, grad.dtype) == "triton":
-        from mmfast.triton.grad_scaling import scale_unless_one_
-
-        if scale_unless_one_(grad, factor) is not None:
+    else:
+        backend = _backend.resolve(grad.device, grad.dtype)
+        if backend in ("triton", "cuda") and _scale_unless_one_(backend, grad, factor):
             return grad
     return grad.mul_(factor)
 

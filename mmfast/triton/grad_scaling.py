@@ -7,15 +7,14 @@ synchronisation. Here each program reads the factors of its block (a few bytes, 
 when they are all 1: the gradient is neither read nor written, with no host synchronisation (CUDA-graph
 capturable). A NaN factor is not 1, so it reaches the gradient.
 
-Layout: grad is contiguous [repeat, rows, D, Q] (flattened), the factor contiguous [rows, Q], broadcast over
-``repeat`` and ``D``: grad[k, r, d, q] *= factor[r, q].
+Layout (``mmfast.ops._grad_scaling.kernel_layout``): grad is contiguous [repeat, rows, D, Q] (flattened), the
+factor contiguous float32 [rows, Q], broadcast over ``repeat`` and ``D``: grad[k, r, d, q] *= factor[r, q].
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -23,7 +22,6 @@ from torch import Tensor
 from .routed_kd import cdiv
 
 BLOCK = 4096
-MIN_D = 64  # a broadcast run shorter than this is multiplied by torch (programs of a few elements cost more)
 
 
 @triton.jit
@@ -44,41 +42,15 @@ def _scale_unless_one_kernel(grad_ptr, factor_ptr, rows, inner, Q, BLOCK: tl.con
         tl.store(ptrs, (g.to(tl.float32) * f).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def row_layout(grad_shape: tuple[int, ...], factor_shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
-    """(repeat, rows, D, Q) when grad [*] splits into [repeat, rows, D, Q] with the factor [*] of the same rank
-    broadcast over repeat and D (size 1 there) and matching rows and Q; None for any other pattern."""
-    if len(grad_shape) != len(factor_shape):
-        return None
-    sizes = [1, 1, 1, 1]  # repeat (broadcast), rows (matched), D (broadcast), Q (matched)
-    phase = 0
-    for g, f in zip(grad_shape, factor_shape, strict=True):
-        while phase < 4 and not (f == 1 if phase % 2 == 0 else f == g):
-            phase += 1
-        if phase == 4:
-            return None
-        sizes[phase] *= g
-    repeat, rows, D, Q = sizes
-    if rows * Q == 1:  # one factor for all: one long row
-        return 1, 1, repeat * D, 1
-    return repeat, rows, D, Q
-
-
-def scale_unless_one_(grad: Tensor, factor: Tensor) -> Tensor | None:
-    """grad *= factor in place (factor broadcast to grad, computed in fp32), skipping the blocks whose
-    factors are all 1; returns grad, or None when the layout is not [repeat, rows, D, Q] with D >= MIN_D
-    (the caller then multiplies with torch)."""
-    if torch.float64 in (grad.dtype, factor.dtype):  # fp32 math here; float64 is torch's
-        return None
-    layout = row_layout(tuple(grad.shape), tuple(factor.shape))
-    if layout is None or not grad.is_contiguous() or grad.numel() == 0:
-        return None
+def scale_unless_one_(grad: Tensor, factor: Tensor, layout: tuple[int, int, int, int]) -> bool:
+    """grad[k, r, d, q] *= factor[r, q] in place (fp32 math) for grad contiguous [repeat, rows, D, Q] = ``layout``
+    and factor contiguous float32 [rows * Q], skipping the blocks whose factors are all 1. False (nothing
+    done) when the row is longer than the grid allows."""
     repeat, rows, D, Q = layout
-    if D < MIN_D:
-        return None
-    f = factor.reshape(rows * Q).contiguous()
     inner = D * Q
     grid = (repeat * rows, cdiv(inner, BLOCK))
-    if grid[1] > 65535 or math.prod(grid) == 0:
-        return None
-    _scale_unless_one_kernel[grid](grad, f, rows, inner, Q, BLOCK=BLOCK, Q_IS_ONE=Q == 1, num_warps=8)
-    return grad
+    if grid[1] > 65535:
+        return False
+    if math.prod(grid) > 0:
+        _scale_unless_one_kernel[grid](grad, factor, rows, inner, Q, BLOCK=BLOCK, Q_IS_ONE=Q == 1, num_warps=8)
+    return True

@@ -24,5 +24,6 @@ int masked_reconstruction_cuda(const MaskedReconParams& p, void* stream);
 int fdistill_cuda(const FDistillParams& p, void* stream);
 int uni_instruct_cuda(const UniInstructParams& p, void* stream);
 int fake_score_cuda(const FakeScoreParams& p, void* stream);
+int scale_unless_one_cuda(const GradScaleParams& p, void* stream);
 
 }  // namespace mmfast

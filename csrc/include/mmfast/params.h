@@ -187,4 +187,14 @@ struct FakeScoreParams {
   int64_t workspace_floats;
 };
 
+// In-place scaling of a forward-written gradient by the incoming gradient (mmfast/ops/_grad_scaling.py):
+// grad [repeat, rows, D, Q] contiguous (dtype), factor [rows, Q] contiguous float32;
+// grad[k, r, d, q] *= factor[r, q], except in the blocks whose factors are all exactly 1 (left unread).
+struct GradScaleParams {
+  int64_t repeat, rows, D, Q;
+  void* grad;
+  const void* factor;
+  int32_t dtype;  // DType of grad
+};
+
 }  // namespace mmfast

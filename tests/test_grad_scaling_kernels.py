@@ -1,0 +1,93 @@
+"""The GPU backends' in-place gradient scaling that skips blocks whose factors are all 1
+(mmfast/triton/grad_scaling.py, csrc/cuda/grad_scaling.cu) against torch's multiplication, and the layout
+they take (mmfast/ops/_grad_scaling.py).
+
+Without a GPU the Triton kernel runs under ``TRITON_INTERPRET=1`` on CPU tensors (float32) and the CUDA one is
+skipped as unavailable; on a GPU both run in float32, bfloat16 and float16, also through an op's backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _utils import backend_params
+
+import mmfast
+from mmfast.ops import _grad_scaling
+
+GPU = torch.cuda.is_available()
+LOW = (torch.float32, torch.bfloat16, torch.float16)
+KERNELS = backend_params(("triton", "cuda"), dtypes={"triton": LOW if GPU else (torch.float32,), "cuda": LOW})
+
+
+@pytest.mark.parametrize(
+    "grad_shape,factor_shape,layout",
+    [
+        ((5, 300), (5, 1), (1, 5, 300, 1)),  # score ops: [B, D] by [B]
+        ((3, 70, 4), (3, 1, 4), (1, 3, 70, 4)),  # [A, D, S] by [A, 1, S]
+        ((2, 3, 70, 4), (1, 3, 1, 4), (2, 3, 70, 4)),  # routed dz: [E, B, C, S] by [1, B, 1, S]
+        ((3, 6, 80), (1, 6, 1), (3, 6, 80, 1)),  # mutual KD: [M, N, C] by [1, N, 1]
+        ((1, 300), (1, 1), (1, 1, 300, 1)),  # one factor: one long row
+        ((4, 5, 6), (4, 5, 6), (1, 120, 1, 1)),  # per element
+        ((4, 5, 6), (1, 5, 1), (4, 5, 6, 1)),
+        ((4, 5, 6), (4, 1, 6), (1, 4, 5, 6)),
+        ((4, 5, 6, 7), (4, 1, 6, 1), None),  # two broadcast runs between factor dims
+        ((4, 5), (5,), None),  # ranks differ
+    ],
+)
+def test_row_layout(grad_shape, factor_shape, layout):
+    assert _grad_scaling.row_layout(grad_shape, factor_shape) == layout
+
+
+def test_layouts_left_to_torch():
+    grad = torch.randn(4, 100, 6)
+    assert _grad_scaling.kernel_layout(grad, torch.rand(4, 1, 6)) == (1, 4, 100, 6)
+    assert _grad_scaling.kernel_layout(grad, torch.rand(4, 100, 6)) is None  # per element: runs of 1
+    assert _grad_scaling.kernel_layout(grad.transpose(0, 1), torch.rand(100, 1, 6)) is None  # not contiguous
+    assert _grad_scaling.kernel_layout(grad.double(), torch.rand(4, 1, 6)) is None  # float64
+    assert _grad_scaling.kernel_layout(torch.randn(4, 10, 6), torch.rand(4, 1, 6)) is None  # D < 64
+
+
+@pytest.mark.parametrize("backend,device,dtype", KERNELS)
+@pytest.mark.parametrize(
+    "grad_shape,factor_shape",
+    [((5, 300), (5, 1)), ((3, 70, 4), (3, 1, 4)), ((2, 3, 70, 4), (1, 3, 1, 4)), ((3, 6, 80), (1, 6, 1)),
+     ((1, 4500), (1, 1)), ((2, 5000), (2, 1))],
+)
+@pytest.mark.parametrize("kind", ["ones", "random", "mixed", "nan"])
+def test_scale_unless_one_matches_mul(backend, device, dtype, grad_shape, factor_shape, kind):
+    """Same values as ``grad.mul_(factor)`` in fp32, for factors all 1, none 1, some 1 (whole rows and, with
+    Q > 1, within a block), and NaN (never skipped)."""
+    g = torch.Generator().manual_seed(len(grad_shape) * 31 + grad_shape[-1])
+    grad = torch.randn(grad_shape, generator=g).to(device, dtype)
+    factor = torch.rand(factor_shape, generator=g) + 0.5
+    if kind == "ones":
+        factor = torch.ones(factor_shape)
+    elif kind == "mixed":
+        factor.view(-1)[::2] = 1.0
+    elif kind == "nan":
+        factor = torch.ones(factor_shape)
+        factor.view(-1)[-1] = float("nan")
+    factor = factor.to(device)
+    expected = (grad.float() * factor).to(dtype)
+    assert _grad_scaling._scale_unless_one_(backend, grad, factor)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0, equal_nan=True)
+    if kind == "nan":
+        assert grad.isnan().any()
+
+
+@pytest.mark.parametrize("backend,device,dtype", KERNELS)
+def test_ops_in_place_backward(backend, device, dtype):
+    """An op's eager in-place backward gives the gradients of a retained graph (through the kernel on a GPU;
+    CPU tensors take the host's all-ones check)."""
+    g = torch.Generator().manual_seed(0)
+    x, a, b = (torch.randn(6, 300, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    h = torch.rand(6, generator=g).to(device)
+    with mmfast.use_backend(backend):
+        for factor in (1.0, 3.0):
+            loss = mmfast.fdistill_loss(x, a.detach(), b.detach(), h)
+            (loss * factor).backward(retain_graph=True)
+            kept, x.grad = x.grad.clone(), None
+            (loss * factor).backward()
+            torch.testing.assert_close(x.grad, kept, rtol=0, atol=0)
+            x.grad = None
