@@ -30,6 +30,9 @@ struct JSWeights {
   F beta, one_minus_beta, log_beta, log_one_minus_beta;
 };
 
+// Rows shorter than this are padded to a whole number of vectors (RoutedRow::load).
+constexpr int64_t kPadBelow = 64;
+
 template <typename F>
 struct Pieces {
   F terms, A, B, G;
@@ -84,6 +87,7 @@ class RoutedRow {
         C_(p.C),
         K_(p.K),
         ld_(Workspace<F>::leading_dim(p.C)),
+        Cw_(p.mix != kMixProbs && p.C < kPadBelow ? ld_ : p.C),
         inv_tau_(F(p.inv_tau)),
         scale_(F(p.scale)),
         grad_scale_(F(p.scale * p.inv_tau)),
@@ -147,9 +151,7 @@ class RoutedRow {
       fill_row(dz_row(e), p_.S, C_, F(0));
   }
 
-  MMFAST_INLINE void load_student() {
-    q_ = load_softmax(x_ + b_ * p_.sx_b + s_ * p_.sx_s, p_.sx_c, C_, inv_tau_, u_, eq_);
-  }
+  MMFAST_INLINE void load_student() { q_ = load(x_ + b_ * p_.sx_b + s_ * p_.sx_s, p_.sx_c, u_, eq_); }
 
   // mix "loss": L = sum_k w_k D(p_k || q); A = sum_k w_k A_k, dw_k = D_k,
   // dL/dv_k = w_k (B_k - p_k sum(B_k)).
@@ -157,17 +159,17 @@ class RoutedRow {
     F* v = buffer(kFirstMixBuffer);
     F* e = buffer(kFirstMixBuffer + 1);
     F* b = buffer(kFirstMixBuffer + 2);
-    std::fill(a_, a_ + C_, F(0));
+    std::fill(a_, a_ + Cw_, F(0));
     for (int64_t k = 0; k < K_; ++k) {
       if (first_[k] != k) continue;
       const F wk = wsum_[k];
-      const SoftmaxStats<F> t = load_softmax(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, v, e);
+      const SoftmaxStats<F> t = load(z_row(teacher_[k]), p_.sz_c, v, e);
       if (dz_ == nullptr) {
         dval_[k] = accumulate_teacher(std::false_type{}, wk, t, v, e, b);
         continue;
       }
       dval_[k] = accumulate_teacher(std::true_type{}, wk, t, v, e, b);
-      const F sum_b = row_sum(b, C_);
+      const F sum_b = row_sum(b, Cw_);
       const F gk = grad_scale_ * wk;
       store_row(dz_row(teacher_[k]), p_.S, C_, p_.idx != nullptr,
                 [&](int64_t c) MMFAST_INLINE_LAMBDA {
@@ -193,12 +195,13 @@ class RoutedRow {
     F m = -kInf<F>;
     for (int64_t k = 0; k < K_; ++k)
       m = axpy_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, w_[b_ * K_ + k], k > 0, vbar);
-    const SoftmaxStats<F> t = shift_exp(vbar, m, C_, e);
+    std::fill(vbar + C_, vbar + Cw_, -kInf<F>);  // padding (see load)
+    const SoftmaxStats<F> t = shift_exp(vbar, m, Cw_, e);
     loss_[n_] = scale_ * accumulate_mixture(t, vbar, e, g);
     if (dw_ != nullptr || dz_ != nullptr) {
-      const F sum_b = row_sum(g, C_);
+      const F sum_b = row_sum(g, Cw_);
 #pragma omp simd
-      for (int64_t c = 0; c < C_; ++c) g[c] -= (e[c] * t.inv_sum) * sum_b;
+      for (int64_t c = 0; c < Cw_; ++c) g[c] -= (e[c] * t.inv_sum) * sum_b;
     }
     for (int64_t k = 0; dw_ != nullptr && k < K_; ++k)
       dw_[n_ * K_ + k] = scale_ * dot_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, g);
@@ -271,6 +274,15 @@ class RoutedRow {
 
  private:
   MMFAST_INLINE F* buffer(int i) const { return ws_ + i * ld_; }
+
+  // The softmax statistics of a row into v (shifted logits) and e (exp): rows shorter than kPadBelow
+  // (mix loss and logits) are padded to Cw_ = leading_dim(C) elements with logit -inf, probability 0.
+  // Every divergence piece of such an entry is 0 (its terms are masked where P or q is 0), so the
+  // sums and the loops over Cw_ (whole vectors, no scalar remainder) give the unpadded row's values.
+  MMFAST_INLINE SoftmaxStats<F> load(const T* src, int64_t stride, F* v, F* e) const {
+    if (Cw_ == C_) return load_softmax(src, stride, C_, inv_tau_, v, e);
+    return load_softmax_padded(src, stride, C_, Cw_, inv_tau_, v, e);
+  }
   MMFAST_INLINE F* slot_logp(int64_t k) const { return buffer(5 + 2 * int(k)); }
   MMFAST_INLINE F* slot_prob(int64_t k) const { return buffer(6 + 2 * int(k)); }
 
@@ -296,7 +308,7 @@ class RoutedRow {
     const SoftmaxStats<F> q = q_;
     double terms = 0;
 #pragma omp simd reduction(+ : terms)
-    for (int64_t c = 0; c < C_; ++c) {
+    for (int64_t c = 0; c < Cw_; ++c) {
       const Pieces<F> pc = divergence_pieces<DIV>(v[c] - t.log_sum, u[c] - q.log_sum,
                                                   e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
       terms += pc.terms;
@@ -315,7 +327,7 @@ class RoutedRow {
     const SoftmaxStats<F> q = q_;
     double terms = 0;
 #pragma omp simd reduction(+ : terms)
-    for (int64_t c = 0; c < C_; ++c) {
+    for (int64_t c = 0; c < Cw_; ++c) {
       const Pieces<F> pc = divergence_pieces<DIV>(v[c] - t.log_sum, u[c] - q.log_sum,
                                                   e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
       terms += pc.terms;
@@ -376,7 +388,7 @@ class RoutedRow {
   MMFAST_INLINE void write_dx() {
     if (dx_ == nullptr) return;
     const F* __restrict a = a_;
-    const F sum_a = row_sum(a, C_);
+    const F sum_a = row_sum(a, Cw_);
     const F* __restrict eq = eq_;
     const F inv_sum = q_.inv_sum;
     const F g = grad_scale_;
@@ -394,6 +406,7 @@ class RoutedRow {
   F* dw_;
   T* dz_;
   int64_t C_, K_, ld_;
+  int64_t Cw_;  // the compute loops' length: C_, or leading_dim(C_) for a padded short row (see load)
   F inv_tau_, scale_, grad_scale_;
   JSWeights<F> js_;
   F* ws_;

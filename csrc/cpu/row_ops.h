@@ -139,6 +139,17 @@ MMFAST_INLINE SoftmaxStats<F> load_softmax(const T* __restrict src, int64_t stri
   return softmax_stats<F>(sum);
 }
 
+// load_softmax of a short row into buffers padded to Cw >= C elements: v[C, Cw) = -inf and
+// e[C, Cw) = 0, so that loops over Cw (a multiple of the vector width) run no scalar remainder and
+// give the same sums (exp(-inf) = 0). The row is gathered first, then max and exp run over Cw.
+template <typename T, typename F = compute_t<T>>
+MMFAST_INLINE SoftmaxStats<F> load_softmax_padded(const T* __restrict src, int64_t stride, int64_t C, int64_t Cw,
+                                                  F scale, F* __restrict v, F* __restrict e) {
+  for (int64_t c = 0; c < C; ++c) v[c] = to_compute(src[c * stride]) * scale;
+  for (int64_t c = C; c < Cw; ++c) v[c] = -kInf<F>;
+  return shift_exp(v, row_max(v, Cw, F(1)), Cw, e);
+}
+
 // dst[c * stride] = value(c) (accumulate: +=), converted to the storage type.
 template <typename T, typename Value>
 MMFAST_INLINE void store_row(T* __restrict dst, int64_t stride, int64_t C, bool accumulate,
