@@ -29,21 +29,25 @@ MMFAST_MULTIVERSION void mutual_rows(const MutualKDParams& p, int64_t begin, int
   F* loss = static_cast<F*>(p.loss);
   T* grad = static_cast<T*>(p.grad);
   const int64_t M = p.M, C = p.C, ld = Workspace<F>::leading_dim(C);
+  // rows shorter than 64 classes are padded to whole vectors (log p = -inf, p = 0: every term of such
+  // an entry is 0), so the loops over Cw run no scalar remainder (see load_softmax_padded)
+  const int64_t Cw = C < 64 ? ld : C;
   const F inv_tau = F(p.inv_tau), Mf = F(M), g = F(p.scale * p.inv_tau);
   F* __restrict sum_logp = workspace + 2 * M * ld;
   F* __restrict sum_p = sum_logp + ld;
   F* R = workspace + mutual_buffers(M) * ld;
 
   for (int64_t n = begin; n < end; ++n) {
-    std::fill(sum_logp, sum_logp + C, F(0));
-    std::fill(sum_p, sum_p + C, F(0));
+    std::fill(sum_logp, sum_logp + Cw, F(0));
+    std::fill(sum_p, sum_p + Cw, F(0));
     for (int64_t i = 0; i < M; ++i) {
       F* __restrict lp = workspace + 2 * i * ld;
       F* __restrict pi = lp + ld;
-      const SoftmaxStats<F> t =
-          load_softmax(logits + i * p.s_m + n * p.s_n, p.s_c, C, inv_tau, lp, pi);
+      const T* row = logits + i * p.s_m + n * p.s_n;
+      const SoftmaxStats<F> t = Cw == C ? load_softmax(row, p.s_c, C, inv_tau, lp, pi)
+                                        : load_softmax_padded(row, p.s_c, C, Cw, inv_tau, lp, pi);
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = 0; c < Cw; ++c) {
         lp[c] -= t.log_sum;
         pi[c] *= t.inv_sum;
         sum_logp[c] += lp[c];
@@ -56,7 +60,7 @@ MMFAST_MULTIVERSION void mutual_rows(const MutualKDParams& p, int64_t begin, int
       const F* __restrict pi = lp + ld;
       double r = 0;
 #pragma omp simd reduction(+ : r)
-      for (int64_t c = 0; c < C; ++c)
+      for (int64_t c = 0; c < Cw; ++c)
         r += zero_where_zero(pi[c], pi[c] * (Mf * lp[c] - sum_logp[c]));
       R[i] = F(r);
       total += r;
