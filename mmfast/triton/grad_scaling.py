@@ -13,8 +13,6 @@ factor contiguous float32 [rows, Q], broadcast over ``repeat`` and ``D``: grad[k
 
 from __future__ import annotations
 
-import math
-
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -44,13 +42,12 @@ def _scale_unless_one_kernel(grad_ptr, factor_ptr, rows, inner, Q, BLOCK: tl.con
 
 def scale_unless_one_(grad: Tensor, factor: Tensor, layout: tuple[int, int, int, int]) -> bool:
     """grad[k, r, d, q] *= factor[r, q] in place (fp32 math) for grad contiguous [repeat, rows, D, Q] = ``layout``
-    and factor contiguous float32 [rows * Q], skipping the blocks whose factors are all 1. False (nothing
-    done) when the row is longer than the grid allows."""
+    and factor contiguous float32 [rows * Q] (non-empty: ``kernel_layout``), skipping the blocks whose factors
+    are all 1. False (nothing done) when the row is longer than the grid allows."""
     repeat, rows, D, Q = layout
     inner = D * Q
     grid = (repeat * rows, cdiv(inner, BLOCK))
     if grid[1] > 65535:
         return False
-    if math.prod(grid) > 0:
-        _scale_unless_one_kernel[grid](grad, factor, rows, inner, Q, BLOCK=BLOCK, Q_IS_ONE=Q == 1, num_warps=8)
+    _scale_unless_one_kernel[grid](grad, factor, rows, inner, Q, BLOCK=BLOCK, Q_IS_ONE=Q == 1, num_warps=8)
     return True
