@@ -254,6 +254,95 @@ def test_routed_bad_index_gives_nan_row(mix):
     assert dx[1:].isnan().all() and dw[1:].isnan().all() and not dx[0].isnan().any()
 
 
+# Row tiles: rows of at most cpu_routed_tile_max_classes() classes (mix loss and logits) run a vector
+# of rows at a time (16 rows in fp32, 8 in fp64); a tile with a masked row or a bad index runs row by
+# row. Every case runs both ways, each against the reference.
+def check_both_paths(*args, **kwargs):
+    ref, tiled = check_routed(*args, **kwargs)
+    with _native.cpu_routed_tile_max_classes(0):
+        _, rows = check_routed(*args, **kwargs)
+    return ref, tiled, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("C", [1, 10, 63])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("mix,div", list(itertools.product(range(2), range(4))))
+def test_routed_row_tiles_match_reference(mix, div, sparse, C, dtype):
+    # 37 rows: whole tiles and a remainder; row 20 masked: its tile runs row by row
+    x, z, w, idx = make_inputs(B=37, C=C, E=3, sparse=sparse, K=3, dtype=dtype, seed=C * 8 + div)
+    mask = torch.ones(37, 1, dtype=torch.bool)
+    mask[20] = False
+    check_both_paths(x, z, w, idx, mask, mix=mix, div=div)
+    check_both_paths(x, z, w, idx, mix=mix, div=div, needs=(True, False, False))
+    check_both_paths(x, z, w, idx, mix=mix, div=div, needs=(False, True, True))
+
+
+def test_routed_row_tiles_are_taken():
+    """The two paths round differently (the tiles take a vectorized log of each softmax sum), so
+    identical bits would mean the tiles never ran."""
+    x, z, w, idx = make_inputs(B=256, C=10, E=3, dtype=torch.float32, seed=2)
+    _, tiled, rows = check_both_paths(x, z, w, idx, mix=0, div=0)
+    assert not torch.equal(tiled[0], rows[0])  # the loss (dx does not depend on the log)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("mix,div", [(0, 0), (1, 1), (0, 2), (1, 3)])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_routed_row_tiles_dense_logits(layout, mix, div, sparse):
+    """class_dim=1 logits with 21 pixels per sample: tiles straddle samples, pixel stride 1 or C."""
+    g = torch.Generator().manual_seed(mix * 4 + div)
+    B, C, H, W, E = 3, 7, 3, 7, 3
+    if layout == "nchw":
+        x = torch.randn(B, C, H, W, generator=g).flatten(2)
+        z = torch.randn(E, B, C, H, W, generator=g).flatten(3)
+    else:
+        x = torch.randn(B, H, W, C, generator=g).permute(0, 3, 1, 2).flatten(2)
+        z = torch.randn(E, B, H, W, C, generator=g).permute(0, 1, 4, 2, 3).flatten(3)
+    _, _, w, idx = make_inputs(B=B, E=E, sparse=sparse, dtype=torch.float32)
+    check_both_paths(x, z, w, idx, mix=mix, div=div)
+    mask = torch.rand(B, H * W, generator=g) > 0.1
+    check_both_paths(x, z, w, idx, mask, mix=mix, div=div)
+
+
+@pytest.mark.parametrize("mix,div", list(itertools.product(range(2), range(4))))
+def test_routed_row_tiles_nan_inf_and_underflow(mix, div):
+    """A NaN, inf or underflowing entry affects its own lane only, as in the row path."""
+    x, z, w, idx = make_inputs(B=32, C=12, E=3, sparse=True, K=2, dtype=torch.float32, seed=13)
+    x[0, 3, 0] = float("nan")
+    z[:, 5, 5, 0] = float("nan")
+    x[9, :4, 0] = float("-inf")
+    z[:, 17, 2:6, 0] = float("-inf")
+    x[20, 7, 0] = float("-inf")
+    z[:, 20, 7, 0] = float("-inf")
+    check_both_paths(x, z, w, idx, mix=mix, div=div)
+    x, z, w, idx = make_inputs(B=32, C=12, E=3, sparse=True, K=3, dtype=torch.float64, seed=31, spread=150.0)
+    check_both_paths(x, z, w, idx, tau=0.5, mix=mix, div=div)
+
+
+@pytest.mark.parametrize("mix", range(2))
+def test_routed_row_tiles_bad_index(mix):
+    x, z, w, idx = make_inputs(B=48, C=9, E=3, sparse=True, K=2, dtype=torch.float32, seed=17)
+    idx[18, 0] = 3  # the second tile runs row by row: row 18 is NaN, its neighbours are not
+    idx[40, 1] = 10**12
+    ref, tiled, rows = check_both_paths(x, z, w, idx, mix=mix, div=0)
+    loss = tiled[0].flatten()
+    assert loss[[18, 40]].isnan().all() and not loss[:18].isnan().any() and not loss[19:40].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
+@pytest.mark.parametrize("mix,div", [(0, 0), (0, 1), (1, 2), (1, 3)])
+def test_routed_row_tiles_low_precision(dtype, mix, div):
+    x, z, w, idx = make_inputs(B=40, C=21, E=3, sparse=True, K=3, dtype=dtype, seed=5, spread=2.0)
+    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, mix, div, 0.3, 4.0, True, True, True)
+    ref, got = run_routed(x, z, w, idx, mix=mix, div=div)
+    for name, r, g, t in zip(OUTPUTS, ref, got, truth, strict=True):
+        err_ref = (r.double() - t).abs().amax().item()
+        err_got = (g.double() - t).abs().amax().item()
+        tol = torch.finfo(dtype).eps * t.abs().amax().item()
+        assert err_got <= err_ref + tol, f"{name}: kernel error {err_got:.3g} vs reference {err_ref:.3g}"
+
+
 def test_routed_thread_count_does_not_change_results():
     """Rows are independent: any partition over threads gives the same bits."""
     from mmfast import _C

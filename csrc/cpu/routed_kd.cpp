@@ -10,6 +10,7 @@
 // row is gathered into a per-thread buffer, exp(v - max) is stored once and reused for the loss
 // and the gradient, and log-probabilities are v - lse (no log per element).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -421,19 +422,342 @@ class RoutedRow {
   SoftmaxStats<F> q_{};
 };
 
+// Rows of at most cpu_routed_tile_max_classes() classes (mix loss and logits) run kTileRows<F> rows
+// at a time, one row per vector lane: a short row leaves most of a vector empty and its per-row
+// work (horizontal reductions, a log and a divide per softmax, routing) dominates, while across
+// rows every step is a vertical vector operation. Buffers are laid out [C][kTileRows] (class-major);
+// loads and stores go through per-lane element offsets, so any layout and sparse routing (a teacher
+// per lane) take the same path. A tile runs only when all its rows are unmasked and routed to valid
+// teachers; otherwise its rows take the row path (masked rows are never read).
+constexpr int64_t kDefaultTileMaxClasses = 63;
+std::atomic<int64_t> g_tile_max_classes{kDefaultTileMaxClasses};
+
+bool use_tiles(const RoutedKDParams& p) {
+  return p.mix != kMixProbs && p.C <= g_tile_max_classes.load(std::memory_order_relaxed);
+}
+
+template <typename F>
+constexpr int kTileRows = 64 / int(sizeof(F));  // one 512-bit vector of the compute type
+
+template <typename T, int DIV>
+class RoutedTile {
+  using F = compute_t<T>;
+  static constexpr int R = kTileRows<F>;
+
+ public:
+  // Scratch: u, exp(u), A, then the mix's v, e, b; each C * R elements.
+  static int64_t workspace_elements(int64_t C) { return 6 * C * R; }
+
+  MMFAST_INLINE RoutedTile(const RoutedKDParams& p, F* workspace)
+      : p_(p),
+        x_(static_cast<const T*>(p.x)),
+        z_(static_cast<const T*>(p.z)),
+        w_(static_cast<const F*>(p.w)),
+        loss_(static_cast<F*>(p.loss)),
+        dx_(static_cast<T*>(p.dx)),
+        dw_(static_cast<F*>(p.dw)),
+        dz_(static_cast<T*>(p.dz)),
+        C_(p.C),
+        K_(p.K),
+        inv_tau_(F(p.inv_tau)),
+        scale_(F(p.scale)),
+        grad_scale_(F(p.scale * p.inv_tau)),
+        js_{F(p.beta), F(1 - p.beta), F(std::log(p.beta)), F(std::log1p(-p.beta))},
+        u_(workspace),
+        eq_(workspace + 1 * p.C * R),
+        a_(workspace + 2 * p.C * R),
+        v_(workspace + 3 * p.C * R),
+        e_(workspace + 4 * p.C * R),
+        b_(workspace + 5 * p.C * R) {}
+
+  // Rows n .. n + R - 1: true when every row is unmasked and every index is in [0, E); then the
+  // per-lane offsets are set for run().
+  MMFAST_INLINE bool ready(int64_t n) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = n + r;
+      if (p_.mask != nullptr && p_.mask[row] == 0) return false;
+      const int64_t b = p_.S == 1 ? row : row / p_.S, s = row - b * p_.S;
+      for (int64_t k = 0; p_.idx != nullptr && k < K_; ++k) {
+        const int64_t e = p_.idx[b * K_ + k];
+        if (e < 0 || e >= p_.E) return false;
+      }
+      sample_[r] = b;
+      x_off_[r] = b * p_.sx_b + s * p_.sx_s;
+      z_lane_[r] = b * p_.sz_b + s * p_.sz_s;
+      g_off_[r] = b * C_ * p_.S + s;  // dx, and dz without its teacher term
+    }
+    n_ = n;
+    return true;
+  }
+
+  // mix "loss" (RoutedRow::mix_loss, each slot on its own: a teacher routed twice is read twice).
+  MMFAST_INLINE void mix_loss() {
+    load_student();
+    std::fill(a_, a_ + C_ * R, F(0));
+    alignas(64) F loss[R] = {};
+    for (int64_t k = 0; k < K_; ++k) {
+      route_slot(k);
+      const Stats t = load(z_, z_off_, p_.sz_c, v_, e_);
+      alignas(64) double terms[R] = {};
+      const F* __restrict v = v_;
+      const F* __restrict e = e_;
+      const F* __restrict u = u_;
+      const F* __restrict eq = eq_;
+      F* __restrict a = a_;
+      F* __restrict bb = b_;
+      for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = c * R + r;
+          const Pieces<F> pc = divergence_pieces<DIV>(v[i] - t.log_sum[r], u[i] - q_.log_sum[r],
+                                                      e[i] * t.inv_sum[r], eq[i] * q_.inv_sum[r], js_);
+          terms[r] += pc.terms;
+          a[i] += w_slot_[r] * pc.A;
+          bb[i] = pc.B;
+        }
+      }
+#pragma omp simd
+      for (int r = 0; r < R; ++r) {
+        loss[r] += w_slot_[r] * F(terms[r]);
+      }
+      for (int r = 0; dw_ != nullptr && r < R; ++r) dw_[(n_ + r) * K_ + k] = scale_ * F(terms[r]);
+      if (dz_ == nullptr) continue;
+      alignas(64) F sum_b[R];
+      sums(bb, sum_b);
+      alignas(64) F gk[R];
+#pragma omp simd
+      for (int r = 0; r < R; ++r) gk[r] = grad_scale_ * w_slot_[r];
+      store(dz_, dz_off_, p_.idx != nullptr, [&](int64_t i, int r) MMFAST_INLINE_LAMBDA {
+        return gk[r] * (bb[i] - (e[i] * t.inv_sum[r]) * sum_b[r]);
+      });
+    }
+    for (int r = 0; r < R; ++r) loss_[n_ + r] = scale_ * loss[r];
+    write_dx();
+  }
+
+  // mix "logits" (RoutedRow::mix_logits).
+  MMFAST_INLINE void mix_logits() {
+    load_student();
+    F* __restrict vbar = v_;
+    F* __restrict e = e_;
+    F* __restrict g = b_;
+    for (int64_t k = 0; k < K_; ++k) {
+      route_slot(k);
+      with_stride(p_.sz_c, [&](auto sc) MMFAST_INLINE_LAMBDA {
+        for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+          for (int r = 0; r < R; ++r) {
+            const F val = w_slot_[r] * (to_compute(z_[z_off_[r] + c * sc]) * inv_tau_);
+            vbar[c * R + r] = k > 0 ? vbar[c * R + r] + val : val;
+          }
+        }
+      });
+    }
+    const Stats t = shift_exp(vbar, e);
+    alignas(64) double terms[R] = {};
+    {
+      const F* __restrict u = u_;
+      const F* __restrict eq = eq_;
+      F* __restrict a = a_;
+      for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = c * R + r;
+          const Pieces<F> pc = divergence_pieces<DIV>(vbar[i] - t.log_sum[r], u[i] - q_.log_sum[r],
+                                                      e[i] * t.inv_sum[r], eq[i] * q_.inv_sum[r], js_);
+          terms[r] += pc.terms;
+          a[i] = pc.A;
+          g[i] = pc.B;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) loss_[n_ + r] = scale_ * F(terms[r]);
+    if (dw_ != nullptr || dz_ != nullptr) {
+      alignas(64) F sum_b[R];
+      sums(g, sum_b);
+      for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) g[c * R + r] -= (e[c * R + r] * t.inv_sum[r]) * sum_b[r];
+      }
+    }
+    for (int64_t k = 0; k < K_; ++k) {
+      if (dw_ == nullptr && dz_ == nullptr) break;
+      route_slot(k);
+      if (dw_ != nullptr) {
+        alignas(64) double dot[R] = {};
+        with_stride(p_.sz_c, [&](auto sc) MMFAST_INLINE_LAMBDA {
+          for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+            for (int r = 0; r < R; ++r)
+              dot[r] += (to_compute(z_[z_off_[r] + c * sc]) * inv_tau_) * g[c * R + r];
+          }
+        });
+        for (int r = 0; r < R; ++r) dw_[(n_ + r) * K_ + k] = scale_ * F(dot[r]);
+      }
+      if (dz_ != nullptr) {
+        alignas(64) F gk[R];
+#pragma omp simd
+        for (int r = 0; r < R; ++r) gk[r] = grad_scale_ * w_slot_[r];
+        store(dz_, dz_off_, p_.idx != nullptr,
+              [&](int64_t i, int r) MMFAST_INLINE_LAMBDA { return gk[r] * g[i]; });
+      }
+    }
+    write_dx();
+  }
+
+ private:
+  struct Stats {
+    alignas(64) F log_sum[R];
+    alignas(64) F inv_sum[R];
+  };
+
+  // Slot k of every lane: its weight, its teacher's logits offset and its dz offset.
+  MMFAST_INLINE void route_slot(int64_t k) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t b = sample_[r];
+      const int64_t e = p_.idx == nullptr ? k : p_.idx[b * K_ + k];
+      w_slot_[r] = w_[b * K_ + k];
+      z_off_[r] = e * p_.sz_e + z_lane_[r];
+      dz_off_[r] = e * p_.B * C_ * p_.S + g_off_[r];
+    }
+  }
+
+  MMFAST_INLINE void load_student() { q_ = load(x_, x_off_, p_.sx_c, u_, eq_); }
+
+  // v[c][r] = src[off[r] + c * stride] / tau - max_c, e = exp(v), and each lane's softmax stats.
+  MMFAST_INLINE Stats load(const T* __restrict src, const int64_t* __restrict off, int64_t stride,
+                           F* __restrict v, F* __restrict e) const {
+    if (stride == 1) {  // lane by lane: each lane's row is read contiguously
+      for (int r = 0; r < R; ++r) {
+        const T* __restrict row = src + off[r];
+        for (int64_t c = 0; c < C_; ++c) v[c * R + r] = to_compute(row[c]) * inv_tau_;
+      }
+    } else {
+      for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) v[c * R + r] = to_compute(src[off[r] + c * stride]) * inv_tau_;
+      }
+    }
+    return shift_exp(v, e);
+  }
+
+  // In place v -= max over the classes (per lane), e = exp(v); the lanes' softmax stats. A NaN may
+  // be skipped by the max but poisons its lane's sum, as in RoutedRow.
+  MMFAST_INLINE Stats shift_exp(F* __restrict v, F* __restrict e) const {
+    alignas(64) F m[R];
+#pragma omp simd
+    for (int r = 0; r < R; ++r) m[r] = -kInf<F>;
+    for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) m[r] = v[c * R + r] > m[r] ? v[c * R + r] : m[r];
+    }
+    alignas(64) double sum[R] = {};
+    for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) {
+        const F t = v[c * R + r] - m[r];
+        const F ex = exp_approx(t);
+        v[c * R + r] = t;
+        e[c * R + r] = ex;
+        sum[r] += ex;
+      }
+    }
+    // softmax_stats per lane, with the vectorizable log_approx of the sum rounded to F (for float:
+    // within 2 ulp of the row path's log in double, which is then rounded to float)
+    Stats s;
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      s.log_sum[r] = log_approx(F(sum[r]));
+      s.inv_sum[r] = F(1 / sum[r]);
+    }
+    return s;
+  }
+
+  // out[r] = sum_c buf[c][r], accumulated in double.
+  MMFAST_INLINE void sums(const F* __restrict buf, F* __restrict out) const {
+    alignas(64) double acc[R] = {};
+    for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) acc[r] += buf[c * R + r];
+    }
+#pragma omp simd
+    for (int r = 0; r < R; ++r) out[r] = F(acc[r]);
+  }
+
+  // dst[off[r] + c * S] (+)= value(c * R + r, r): gradients are [.., C, S] contiguous.
+  template <typename Value>
+  MMFAST_INLINE void store(T* __restrict dst, const int64_t* __restrict off, bool accumulate,
+                           Value&& value) const {
+    with_stride(p_.S, [&](auto sc) MMFAST_INLINE_LAMBDA {
+      for (int64_t c = 0; c < C_; ++c) {
+        if (accumulate) {
+#pragma omp simd
+          for (int r = 0; r < R; ++r) {
+            T& d = dst[off[r] + c * sc];
+            d = from_compute<T>(to_compute(d) + value(c * R + r, r));
+          }
+        } else {
+#pragma omp simd
+          for (int r = 0; r < R; ++r) dst[off[r] + c * sc] = from_compute<T>(value(c * R + r, r));
+        }
+      }
+    });
+  }
+
+  // dx = scale / tau * (A - q sum(A))
+  MMFAST_INLINE void write_dx() {
+    if (dx_ == nullptr) return;
+    alignas(64) F sum_a[R];
+    sums(a_, sum_a);
+    const F* __restrict a = a_;
+    const F* __restrict eq = eq_;
+    const F g = grad_scale_;
+    store(dx_, g_off_, false, [&](int64_t i, int r) MMFAST_INLINE_LAMBDA {
+      return (a[i] - (eq[i] * q_.inv_sum[r]) * sum_a[r]) * g;
+    });
+  }
+
+  const RoutedKDParams& p_;
+  const T* x_;
+  const T* z_;
+  const F* w_;
+  F* loss_;
+  T* dx_;
+  F* dw_;
+  T* dz_;
+  int64_t C_, K_;
+  F inv_tau_, scale_, grad_scale_;
+  JSWeights<F> js_;
+  F* u_;
+  F* eq_;
+  F* a_;
+  F* v_;
+  F* e_;
+  F* b_;
+  int64_t n_ = 0;
+  Stats q_{};
+  alignas(64) int64_t sample_[R];
+  alignas(64) int64_t x_off_[R];
+  alignas(64) int64_t z_lane_[R];
+  alignas(64) int64_t g_off_[R];
+  alignas(64) int64_t z_off_[R];
+  alignas(64) int64_t dz_off_[R];
+  alignas(64) F w_slot_[R];
+};
+
 template <typename T, int MIX, int DIV>
 MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, int64_t begin, int64_t end,
                                      compute_t<T>* workspace, int64_t* slot_ints) {
   RoutedRow<T, DIV> row(p, workspace, slot_ints);
-  for (int64_t n = begin; n < end; ++n) {
+  const auto one_row = [&](int64_t n) MMFAST_INLINE_LAMBDA {
     row.set_row(n);
     if (!row.route()) {  // a bad index wins over the mask, as in the reference
       row.write_bad_row();
-      continue;
+      return;
     }
     if (p.mask != nullptr && p.mask[n] == 0) {
       row.write_masked_row();
-      continue;
+      return;
     }
     row.load_student();
     if constexpr (MIX == kMixLoss) {
@@ -443,7 +767,24 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, int64_t begin, int
     } else {
       row.mix_probs();
     }
+  };
+  int64_t n = begin;
+  if constexpr (MIX != kMixProbs) {
+    constexpr int R = kTileRows<compute_t<T>>;
+    if (use_tiles(p)) {
+      RoutedTile<T, DIV> tile(p, workspace);
+      for (; n + R <= end; n += R) {
+        if (!tile.ready(n)) {
+          for (int r = 0; r < R; ++r) one_row(n + r);
+        } else if constexpr (MIX == kMixLoss) {
+          tile.mix_loss();
+        } else {
+          tile.mix_logits();
+        }
+      }
+    }
   }
+  for (; n < end; ++n) one_row(n);
 }
 
 template <typename T>
@@ -486,7 +827,9 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
   const int64_t rows = p.B * p.S;
   const int threads = resolve_threads(num_threads, rows);
   const int64_t buffers = RoutedRow<T, kKL>::num_buffers(p.mix, p.K);
-  Workspace<F> workspace(threads, buffers * Workspace<F>::leading_dim(p.C) + 2 * p.K);
+  const int64_t per_thread = std::max(buffers * Workspace<F>::leading_dim(p.C) + 2 * p.K,
+                                      use_tiles(p) ? RoutedTile<T, kKL>::workspace_elements(p.C) : 0);
+  Workspace<F> workspace(threads, per_thread);
   std::vector<int64_t> slot_ints(static_cast<std::size_t>(threads) * 2 * p.K);
   parallel_rows(rows, threads, [&](int64_t begin, int64_t end, int thread) {
     fn(p, begin, end, workspace.slice(thread), slot_ints.data() + thread * 2 * p.K);
@@ -495,6 +838,11 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
 
 }  // namespace
 }  // namespace cpu
+
+int64_t cpu_routed_tile_max_classes() { return cpu::g_tile_max_classes.load(); }
+void set_cpu_routed_tile_max_classes(int64_t classes) {
+  cpu::g_tile_max_classes.store(classes < 0 ? cpu::kDefaultTileMaxClasses : classes);
+}
 
 void routed_kd_cpu(const RoutedKDParams& p, int num_threads) {
   if (p.B * p.S <= 0) return;
