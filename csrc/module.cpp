@@ -198,9 +198,10 @@ PYBIND11_MODULE(_C, m) {
         "CPU kernels moving more bytes than this write large outputs with streaming stores");
   m.def("set_cpu_streaming_min_bytes", &set_cpu_streaming_min_bytes, py::arg("bytes"),
         "sets that threshold (a negative value: the last-level cache size, the default)");
-  m.def("cpu_routed_tile_max_classes", &cpu_routed_tile_max_classes,
-        "the CPU routed-KD kernel (mix loss, logits) runs rows of at most this many classes one per vector lane");
-  m.def("set_cpu_routed_tile_max_classes", &set_cpu_routed_tile_max_classes, py::arg("classes"),
+  m.def("cpu_row_tile_max_classes", &cpu_row_tile_max_classes,
+        "the CPU routed-KD (mix loss, logits) and mutual-KD kernels run rows of at most this many classes one per "
+        "vector lane");
+  m.def("set_cpu_row_tile_max_classes", &set_cpu_row_tile_max_classes, py::arg("classes"),
         "sets that bound (0: never; a negative value: the default)");
 
 #ifdef MMFAST_WITH_CUDA

@@ -56,20 +56,20 @@ def cpu_streaming_min_bytes(min_bytes: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def cpu_routed_tile_max_classes(classes: int) -> Iterator[None]:
-    """Within the block, the CPU routed-KD kernel (mix ``loss`` and ``logits``) runs rows of at most
-    ``classes`` classes a vector of rows at a time (one row per lane) and longer rows one at a time:
-    0 never tiles. Outside it the bound is what it was (by default 63). For tests and tuning; both
+def cpu_row_tile_max_classes(classes: int) -> Iterator[None]:
+    """Within the block, the CPU routed-KD (mix ``loss`` and ``logits``) and mutual-KD kernels run rows
+    of at most ``classes`` classes a vector of rows at a time (one row per lane) and longer rows one at
+    a time: 0 never tiles. Outside it the bound is what it was (by default 63). For tests and tuning; both
     paths compute the same values up to rounding."""
     C_ = load()
     if C_ is None:
         raise RuntimeError(f"mmfast._C is not built: {load_error()}")
-    previous = C_.cpu_routed_tile_max_classes()
-    C_.set_cpu_routed_tile_max_classes(classes)
+    previous = C_.cpu_row_tile_max_classes()
+    C_.set_cpu_row_tile_max_classes(classes)
     try:
         yield
     finally:
-        C_.set_cpu_routed_tile_max_classes(previous)
+        C_.set_cpu_row_tile_max_classes(previous)
 
 
 _CUDA_SCALE_BLOCK = 4096  # elements of a row per block (kScaleBlock in csrc/cuda/grad_scaling.cu)

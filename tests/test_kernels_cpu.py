@@ -254,12 +254,12 @@ def test_routed_bad_index_gives_nan_row(mix):
     assert dx[1:].isnan().all() and dw[1:].isnan().all() and not dx[0].isnan().any()
 
 
-# Row tiles: rows of at most cpu_routed_tile_max_classes() classes (mix loss and logits) run a vector
+# Row tiles: rows of at most cpu_row_tile_max_classes() classes (mix loss and logits) run a vector
 # of rows at a time (16 rows in fp32, 8 in fp64); a tile with a masked row or a bad index runs row by
 # row. Every case runs both ways, each against the reference.
 def check_both_paths(*args, **kwargs):
     ref, tiled = check_routed(*args, **kwargs)
-    with _native.cpu_routed_tile_max_classes(0):
+    with _native.cpu_row_tile_max_classes(0):
         _, rows = check_routed(*args, **kwargs)
     return ref, tiled, rows
 
@@ -415,6 +415,55 @@ def test_mutual_low_precision(dtype):
     truth = ref_mutual(logits.double(), 2.0, 4.0, True)
     for r, gt, t in zip(ref, got, truth, strict=True):
         assert gt.dtype == r.dtype and gt.shape == r.shape
+        err_ref = (r.double() - t).abs().amax().item()
+        err_got = (gt.double() - t).abs().amax().item()
+        assert err_got <= err_ref + torch.finfo(dtype).eps * t.abs().amax().item()
+
+
+def check_mutual_both_paths(logits, **kwargs):
+    ref, tiled = check_mutual(logits, **kwargs)
+    with _native.cpu_row_tile_max_classes(0):
+        _, rows = check_mutual(logits, **kwargs)
+    return ref, tiled, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("M,N,C", [(2, 37, 1), (3, 37, 10), (2, 40, 63), (1, 17, 5)])
+def test_mutual_row_tiles(M, N, C, dtype):
+    """Row tiles (16 rows in fp32, 8 in fp64) and the remainder rows, both paths vs the reference."""
+    g = torch.Generator().manual_seed(M * 100 + C)
+    logits = (torch.randn(M, N, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+    check_mutual_both_paths(logits)
+    check_mutual_both_paths(logits, need_grad=False)
+    strided = (torch.randn(N, 2 * C, M, generator=g, dtype=torch.float64) * 3).to(dtype).permute(2, 0, 1)[..., ::2]
+    check_mutual_both_paths(strided, tau=0.5)
+
+
+def test_mutual_row_tiles_are_taken():
+    """The paths round differently (a vectorized log per softmax sum): identical bits would mean the
+    tiles never ran."""
+    logits = torch.randn(3, 512, 10, generator=torch.Generator().manual_seed(1)) * 3
+    _, tiled, rows = check_mutual_both_paths(logits)
+    assert not torch.equal(tiled[0], rows[0])
+
+
+def test_mutual_row_tiles_edge_values():
+    g = torch.Generator().manual_seed(23)
+    edge = torch.randn(3, 32, 9, generator=g)
+    edge[0, 0, 2] = float("nan")
+    edge[:, 17, :3] = float("-inf")
+    edge[1, 20, 4] = float("-inf")
+    check_mutual_both_paths(edge)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
+def test_mutual_row_tiles_low_precision(dtype):
+    g = torch.Generator().manual_seed(29)
+    logits = (torch.randn(3, 48, 21, generator=g, dtype=torch.float64) * 2).to(dtype)
+    ref = ref_mutual(logits, 2.0, 4.0, True)
+    got = _native.mutual_kd_rows("cpu", logits, 2.0, 4.0, True)
+    truth = ref_mutual(logits.double(), 2.0, 4.0, True)
+    for r, gt, t in zip(ref, got, truth, strict=True):
         err_ref = (r.double() - t).abs().amax().item()
         err_got = (gt.double() - t).abs().amax().item()
         assert err_got <= err_ref + torch.finfo(dtype).eps * t.abs().amax().item()

@@ -4,7 +4,7 @@
 //   R_i = sum_c p_i (M log p_i - T),  loss = scale * sum_i R_i,
 //   d loss / d x_i = scale / tau * (M p_i - S + p_i (M log p_i - T - R_i)),
 // entries with p_i == 0 contributing 0 to the p_i (...) terms (a NaN p_i stays NaN). Each model's
-// row is exponentiated once.
+// row is exponentiated once. Rows of few classes run as row tiles (row_tiles.h).
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -12,6 +12,7 @@
 
 #include "mmfast/kernels.h"
 #include "row_ops.h"
+#include "row_tiles.h"
 
 namespace mmfast {
 namespace cpu {
@@ -21,8 +22,71 @@ namespace {
 // scalars R_i.
 int64_t mutual_buffers(int64_t M) { return 2 * M + 2; }
 
+// Rows n .. n + kTileRows - 1 as a row tile (row_tiles.h): the row loop's steps, one row per lane.
+// Scratch: log p_i and p_i for each model, T, S (each C * kTileRows), then the M x kTileRows R_i.
 template <typename T>
-MMFAST_MULTIVERSION void mutual_rows(const MutualKDParams& p, int64_t begin, int64_t end,
+MMFAST_INLINE void mutual_tile(const MutualKDParams& p, int64_t n, compute_t<T>* __restrict workspace) {
+  using F = compute_t<T>;
+  constexpr int R = kTileRows<F>;
+  const T* logits = static_cast<const T*>(p.logits);
+  T* grad = static_cast<T*>(p.grad);
+  const int64_t M = p.M, C = p.C, CR = C * R;
+  const F inv_tau = F(p.inv_tau), Mf = F(M), g = F(p.scale * p.inv_tau);
+  F* __restrict sum_logp = workspace + 2 * M * CR;
+  F* __restrict sum_p = sum_logp + CR;
+  F* __restrict R_i = sum_p + CR;
+  alignas(64) int64_t off[R];
+  std::fill(sum_logp, sum_logp + 2 * CR, F(0));
+  for (int64_t i = 0; i < M; ++i) {
+    F* __restrict lp = workspace + 2 * i * CR;
+    F* __restrict pi = lp + CR;
+    for (int r = 0; r < R; ++r) off[r] = i * p.s_m + (n + r) * p.s_n;
+    const TileStats<F> t = load_softmax_tile(logits, off, p.s_c, C, inv_tau, lp, pi);
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) {
+        const int64_t j = c * R + r;
+        lp[j] -= t.log_sum[r];
+        pi[j] *= t.inv_sum[r];
+        sum_logp[j] += lp[j];
+        sum_p[j] += pi[j];
+      }
+    }
+  }
+  alignas(64) double total[R] = {};
+  for (int64_t i = 0; i < M; ++i) {
+    const F* __restrict lp = workspace + 2 * i * CR;
+    const F* __restrict pi = lp + CR;
+    alignas(64) double r_i[R] = {};
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) {
+        const int64_t j = c * R + r;
+        r_i[r] += zero_where_zero(pi[j], pi[j] * (Mf * lp[j] - sum_logp[j]));
+      }
+    }
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      R_i[i * R + r] = F(r_i[r]);
+      total[r] += r_i[r];
+    }
+  }
+  F* loss = static_cast<F*>(p.loss);
+  for (int r = 0; r < R; ++r) loss[n + r] = F(p.scale) * F(total[r]);
+  for (int64_t i = 0; grad != nullptr && i < M; ++i) {
+    const F* __restrict lp = workspace + 2 * i * CR;
+    const F* __restrict pi = lp + CR;
+    const F* __restrict ri = R_i + i * R;
+    for (int r = 0; r < R; ++r) off[r] = (i * p.N + n + r) * C;
+    store_tile(grad, off, 1, C, false, [&](int64_t j, int r) MMFAST_INLINE_LAMBDA {
+      const F own = zero_where_zero(pi[j], pi[j] * (Mf * lp[j] - sum_logp[j] - ri[r]));
+      return (Mf * pi[j] - sum_p[j] + own) * g;
+    });
+  }
+}
+
+template <typename T>
+MMFAST_MULTIVERSION void mutual_rows(const MutualKDParams& p, bool tiles, int64_t begin, int64_t end,
                                      compute_t<T>* workspace) {
   using F = compute_t<T>;
   const T* logits = static_cast<const T*>(p.logits);
@@ -37,7 +101,11 @@ MMFAST_MULTIVERSION void mutual_rows(const MutualKDParams& p, int64_t begin, int
   F* __restrict sum_p = sum_logp + ld;
   F* R = workspace + mutual_buffers(M) * ld;
 
-  for (int64_t n = begin; n < end; ++n) {
+  int64_t n = begin;
+  if (tiles) {
+    for (; n + kTileRows<F> <= end; n += kTileRows<F>) mutual_tile<T>(p, n, workspace);
+  }
+  for (; n < end; ++n) {
     std::fill(sum_logp, sum_logp + Cw, F(0));
     std::fill(sum_p, sum_p + Cw, F(0));
     for (int64_t i = 0; i < M; ++i) {
@@ -82,9 +150,12 @@ template <typename T>
 void run_mutual(const MutualKDParams& p, int num_threads) {
   using F = compute_t<T>;
   const int threads = resolve_threads(num_threads, p.N);
-  Workspace<F> workspace(threads, mutual_buffers(p.M) * Workspace<F>::leading_dim(p.C) + p.M);
+  const int64_t rows = mutual_buffers(p.M) * Workspace<F>::leading_dim(p.C) + p.M;
+  const bool tiles = tile_rows(p.C);  // read once: the workspace is sized for it
+  const int64_t per_tile = tiles ? (mutual_buffers(p.M) * p.C + p.M) * kTileRows<F> : 0;
+  Workspace<F> workspace(threads, std::max(rows, per_tile));
   parallel_rows(p.N, threads, [&](int64_t begin, int64_t end, int thread) {
-    mutual_rows<T>(p, begin, end, workspace.slice(thread));
+    mutual_rows<T>(p, tiles, begin, end, workspace.slice(thread));
   });
 }
 

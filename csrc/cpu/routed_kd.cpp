@@ -10,7 +10,6 @@
 // row is gathered into a per-thread buffer, exp(v - max) is stored once and reused for the loss
 // and the gradient, and log-probabilities are v - lse (no log per element).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -21,6 +20,7 @@
 
 #include "mmfast/kernels.h"
 #include "row_ops.h"
+#include "row_tiles.h"
 
 namespace mmfast {
 namespace cpu {
@@ -422,22 +422,11 @@ class RoutedRow {
   SoftmaxStats<F> q_{};
 };
 
-// Rows of at most cpu_routed_tile_max_classes() classes (mix loss and logits) run kTileRows<F> rows
-// at a time, one row per vector lane: a short row leaves most of a vector empty and its per-row
-// work (horizontal reductions, a log and a divide per softmax, routing) dominates, while across
-// rows every step is a vertical vector operation. Buffers are laid out [C][kTileRows] (class-major);
-// loads and stores go through per-lane element offsets, so any layout and sparse routing (a teacher
-// per lane) take the same path. A tile runs only when all its rows are unmasked and routed to valid
-// teachers; otherwise its rows take the row path (masked rows are never read).
-constexpr int64_t kDefaultTileMaxClasses = 63;
-std::atomic<int64_t> g_tile_max_classes{kDefaultTileMaxClasses};
-
-bool use_tiles(const RoutedKDParams& p) {
-  return p.mix != kMixProbs && p.C <= g_tile_max_classes.load(std::memory_order_relaxed);
-}
-
-template <typename F>
-constexpr int kTileRows = 64 / int(sizeof(F));  // one 512-bit vector of the compute type
+// Rows of few classes (row_tiles.h; mix loss and logits) run a tile of rows at a time. Loads and
+// stores go through per-lane offsets, so any layout and sparse routing (a teacher per lane) take the
+// same path. A tile runs only when all its rows are unmasked and routed to valid teachers; otherwise
+// its rows take the row path (masked rows are never read).
+bool use_tiles(const RoutedKDParams& p) { return p.mix != kMixProbs && tile_rows(p.C); }
 
 template <typename T, int DIV>
 class RoutedTile {
@@ -553,7 +542,7 @@ class RoutedTile {
         }
       });
     }
-    const Stats t = shift_exp(vbar, e);
+    const Stats t = shift_exp_tile(vbar, C_, e);
     alignas(64) double terms[R] = {};
     {
       const F* __restrict u = u_;
@@ -606,10 +595,7 @@ class RoutedTile {
   }
 
  private:
-  struct Stats {
-    alignas(64) F log_sum[R];
-    alignas(64) F inv_sum[R];
-  };
+  using Stats = TileStats<F>;
 
   // Slot k of every lane: its weight, its teacher's logits offset and its dz offset.
   MMFAST_INLINE void route_slot(int64_t k) {
@@ -624,84 +610,13 @@ class RoutedTile {
 
   MMFAST_INLINE void load_student() { q_ = load(x_, x_off_, p_.sx_c, u_, eq_); }
 
-  // v[c][r] = src[off[r] + c * stride] / tau - max_c, e = exp(v), and each lane's softmax stats.
-  MMFAST_INLINE Stats load(const T* __restrict src, const int64_t* __restrict off, int64_t stride,
-                           F* __restrict v, F* __restrict e) const {
-    if (stride == 1) {  // lane by lane: each lane's row is read contiguously
-      for (int r = 0; r < R; ++r) {
-        const T* __restrict row = src + off[r];
-        for (int64_t c = 0; c < C_; ++c) v[c * R + r] = to_compute(row[c]) * inv_tau_;
-      }
-    } else {
-      for (int64_t c = 0; c < C_; ++c) {
-#pragma omp simd
-        for (int r = 0; r < R; ++r) v[c * R + r] = to_compute(src[off[r] + c * stride]) * inv_tau_;
-      }
-    }
-    return shift_exp(v, e);
+  MMFAST_INLINE Stats load(const T* src, const int64_t* off, int64_t stride, F* v, F* e) const {
+    return load_softmax_tile(src, off, stride, C_, inv_tau_, v, e);
   }
-
-  // In place v -= max over the classes (per lane), e = exp(v); the lanes' softmax stats. A NaN may
-  // be skipped by the max but poisons its lane's sum, as in RoutedRow.
-  MMFAST_INLINE Stats shift_exp(F* __restrict v, F* __restrict e) const {
-    alignas(64) F m[R];
-#pragma omp simd
-    for (int r = 0; r < R; ++r) m[r] = -kInf<F>;
-    for (int64_t c = 0; c < C_; ++c) {
-#pragma omp simd
-      for (int r = 0; r < R; ++r) m[r] = v[c * R + r] > m[r] ? v[c * R + r] : m[r];
-    }
-    alignas(64) double sum[R] = {};
-    for (int64_t c = 0; c < C_; ++c) {
-#pragma omp simd
-      for (int r = 0; r < R; ++r) {
-        const F t = v[c * R + r] - m[r];
-        const F ex = exp_approx(t);
-        v[c * R + r] = t;
-        e[c * R + r] = ex;
-        sum[r] += ex;
-      }
-    }
-    // softmax_stats per lane, with the vectorizable log_approx of the sum rounded to F (for float:
-    // within 2 ulp of the row path's log in double, which is then rounded to float)
-    Stats s;
-#pragma omp simd
-    for (int r = 0; r < R; ++r) {
-      s.log_sum[r] = log_approx(F(sum[r]));
-      s.inv_sum[r] = F(1 / sum[r]);
-    }
-    return s;
-  }
-
-  // out[r] = sum_c buf[c][r], accumulated in double.
-  MMFAST_INLINE void sums(const F* __restrict buf, F* __restrict out) const {
-    alignas(64) double acc[R] = {};
-    for (int64_t c = 0; c < C_; ++c) {
-#pragma omp simd
-      for (int r = 0; r < R; ++r) acc[r] += buf[c * R + r];
-    }
-#pragma omp simd
-    for (int r = 0; r < R; ++r) out[r] = F(acc[r]);
-  }
-
-  // dst[off[r] + c * S] (+)= value(c * R + r, r): gradients are [.., C, S] contiguous.
+  MMFAST_INLINE void sums(const F* buf, F* out) const { tile_sums(buf, C_, out); }
   template <typename Value>
-  MMFAST_INLINE void store(T* __restrict dst, const int64_t* __restrict off, bool accumulate,
-                           Value&& value) const {
-    with_stride(p_.S, [&](auto sc) MMFAST_INLINE_LAMBDA {
-      for (int64_t c = 0; c < C_; ++c) {
-        if (accumulate) {
-#pragma omp simd
-          for (int r = 0; r < R; ++r) {
-            T& d = dst[off[r] + c * sc];
-            d = from_compute<T>(to_compute(d) + value(c * R + r, r));
-          }
-        } else {
-#pragma omp simd
-          for (int r = 0; r < R; ++r) dst[off[r] + c * sc] = from_compute<T>(value(c * R + r, r));
-        }
-      }
-    });
+  MMFAST_INLINE void store(T* dst, const int64_t* off, bool accumulate, Value&& value) const {
+    store_tile(dst, off, p_.S, C_, accumulate, value);  // gradients are [.., C, S] contiguous
   }
 
   // dx = scale / tau * (A - q sum(A))
@@ -746,7 +661,7 @@ class RoutedTile {
 };
 
 template <typename T, int MIX, int DIV>
-MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, int64_t begin, int64_t end,
+MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_t begin, int64_t end,
                                      compute_t<T>* workspace, int64_t* slot_ints) {
   RoutedRow<T, DIV> row(p, workspace, slot_ints);
   const auto one_row = [&](int64_t n) MMFAST_INLINE_LAMBDA {
@@ -771,7 +686,7 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, int64_t begin, int
   int64_t n = begin;
   if constexpr (MIX != kMixProbs) {
     constexpr int R = kTileRows<compute_t<T>>;
-    if (use_tiles(p)) {
+    if (tiles) {
       RoutedTile<T, DIV> tile(p, workspace);
       for (; n + R <= end; n += R) {
         if (!tile.ready(n)) {
@@ -788,7 +703,7 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, int64_t begin, int
 }
 
 template <typename T>
-using RowsFn = void (*)(const RoutedKDParams&, int64_t, int64_t, compute_t<T>*, int64_t*);
+using RowsFn = void (*)(const RoutedKDParams&, bool, int64_t, int64_t, compute_t<T>*, int64_t*);
 
 template <typename T, int MIX>
 RowsFn<T> rows_fn_for_div(int32_t div) {
@@ -827,22 +742,18 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
   const int64_t rows = p.B * p.S;
   const int threads = resolve_threads(num_threads, rows);
   const int64_t buffers = RoutedRow<T, kKL>::num_buffers(p.mix, p.K);
+  const bool tiles = use_tiles(p);  // read once: the workspace is sized for it
   const int64_t per_thread = std::max(buffers * Workspace<F>::leading_dim(p.C) + 2 * p.K,
-                                      use_tiles(p) ? RoutedTile<T, kKL>::workspace_elements(p.C) : 0);
+                                      tiles ? RoutedTile<T, kKL>::workspace_elements(p.C) : 0);
   Workspace<F> workspace(threads, per_thread);
   std::vector<int64_t> slot_ints(static_cast<std::size_t>(threads) * 2 * p.K);
   parallel_rows(rows, threads, [&](int64_t begin, int64_t end, int thread) {
-    fn(p, begin, end, workspace.slice(thread), slot_ints.data() + thread * 2 * p.K);
+    fn(p, tiles, begin, end, workspace.slice(thread), slot_ints.data() + thread * 2 * p.K);
   });
 }
 
 }  // namespace
 }  // namespace cpu
-
-int64_t cpu_routed_tile_max_classes() { return cpu::g_tile_max_classes.load(); }
-void set_cpu_routed_tile_max_classes(int64_t classes) {
-  cpu::g_tile_max_classes.store(classes < 0 ? cpu::kDefaultTileMaxClasses : classes);
-}
 
 void routed_kd_cpu(const RoutedKDParams& p, int num_threads) {
   if (p.B * p.S <= 0) return;

@@ -17,11 +17,11 @@ void fake_score_cpu(const FakeScoreParams& p, int num_threads);
 int64_t cpu_streaming_min_bytes();
 void set_cpu_streaming_min_bytes(int64_t bytes);
 
-// The CPU routed-KD kernel (mix loss and logits) runs rows of at most this many classes a vector of
-// rows at a time (one row per lane), longer rows one at a time; a negative value set restores the
-// default. The values agree to rounding either way.
-int64_t cpu_routed_tile_max_classes();
-void set_cpu_routed_tile_max_classes(int64_t classes);
+// The CPU routed-KD (mix loss and logits) and mutual-KD kernels run rows of at most this many
+// classes a vector of rows at a time (one row per lane, csrc/cpu/row_tiles.h), longer rows one at a
+// time; a negative value set restores the default. The values agree to rounding either way.
+int64_t cpu_row_tile_max_classes();
+void set_cpu_row_tile_max_classes(int64_t classes);
 
 // CUDA: enqueue on `stream` (a cudaStream_t); returns a cudaError_t code (0 = success).
 int routed_kd_cuda(const RoutedKDParams& p, void* stream);

@@ -1,0 +1,117 @@
+// Row tiles: short rows processed a vector of rows at a time, one row per lane.
+//
+// A row of C < 64 classes leaves most of a vector empty, and its fixed per-row work (horizontal
+// reductions, a log and a divide per softmax) dominates. A tile holds kTileRows<F> rows class-major,
+// buf[c * kTileRows + r], so that every step over the classes is a vertical vector operation on
+// all rows at once and each per-row scalar (max, sum, log-sum) is one lane of a vector. Loads and
+// stores go through per-lane element offsets (off[r]), so any layout reaches the tiles.
+// The kernels tile rows of at most cpu_row_tile_max_classes() classes (mmfast/kernels.h).
+#pragma once
+
+#include <cstdint>
+
+#include "row_ops.h"
+
+namespace mmfast::cpu {
+
+// Rows per tile: one 512-bit vector of the compute type (two AVX2 vectors).
+template <typename F>
+constexpr int kTileRows = 64 / int(sizeof(F));
+
+// True when rows of C classes are processed in tiles (the knob of mmfast/kernels.h).
+bool tile_rows(int64_t C);
+
+template <typename F>
+struct TileStats {
+  alignas(64) F log_sum[kTileRows<F>];
+  alignas(64) F inv_sum[kTileRows<F>];
+};
+
+// In place v -= max over the classes (per lane), e = exp(v); each lane's softmax statistics
+// (SoftmaxStats). A NaN may be skipped by the max but poisons its lane's sum, as in the row path.
+// The log of each sum is the vectorizable log_approx of the sum rounded to F.
+template <typename F>
+MMFAST_INLINE TileStats<F> shift_exp_tile(F* __restrict v, int64_t C, F* __restrict e) {
+  constexpr int R = kTileRows<F>;
+  alignas(64) F m[R];
+#pragma omp simd
+  for (int r = 0; r < R; ++r) m[r] = -kInf<F>;
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int r = 0; r < R; ++r) m[r] = v[c * R + r] > m[r] ? v[c * R + r] : m[r];
+  }
+  alignas(64) double sum[R] = {};
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      const F t = v[c * R + r] - m[r];
+      const F ex = exp_approx(t);
+      v[c * R + r] = t;
+      e[c * R + r] = ex;
+      sum[r] += ex;
+    }
+  }
+  TileStats<F> s;
+#pragma omp simd
+  for (int r = 0; r < R; ++r) {
+    s.log_sum[r] = log_approx(F(sum[r]));
+    s.inv_sum[r] = F(1 / sum[r]);
+  }
+  return s;
+}
+
+// v[c][r] = src[off[r] + c * stride] * scale, then shift_exp_tile.
+template <typename T, typename F = compute_t<T>>
+MMFAST_INLINE TileStats<F> load_softmax_tile(const T* __restrict src, const int64_t* __restrict off,
+                                             int64_t stride, int64_t C, F scale, F* __restrict v,
+                                             F* __restrict e) {
+  constexpr int R = kTileRows<F>;
+  if (stride == 1) {  // lane by lane: each row is read contiguously (no gathers)
+    for (int r = 0; r < R; ++r) {
+      const T* __restrict row = src + off[r];
+      for (int64_t c = 0; c < C; ++c) v[c * R + r] = to_compute(row[c]) * scale;
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) v[c * R + r] = to_compute(src[off[r] + c * stride]) * scale;
+    }
+  }
+  return shift_exp_tile(v, C, e);
+}
+
+// out[r] = sum_c buf[c][r], accumulated in double.
+template <typename F>
+MMFAST_INLINE void tile_sums(const F* __restrict buf, int64_t C, F* __restrict out) {
+  constexpr int R = kTileRows<F>;
+  alignas(64) double acc[R] = {};
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int r = 0; r < R; ++r) acc[r] += buf[c * R + r];
+  }
+#pragma omp simd
+  for (int r = 0; r < R; ++r) out[r] = F(acc[r]);
+}
+
+// dst[off[r] + c * stride] = value(c * R + r, r) (accumulate: +=), converted to the storage type.
+template <typename T, typename Value>
+MMFAST_INLINE void store_tile(T* __restrict dst, const int64_t* __restrict off, int64_t stride, int64_t C,
+                              bool accumulate, Value&& value) {
+  constexpr int R = kTileRows<compute_t<T>>;
+  with_stride(stride, [&](auto s) MMFAST_INLINE_LAMBDA {
+    for (int64_t c = 0; c < C; ++c) {
+      if (accumulate) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) {
+          T& d = dst[off[r] + c * s];
+          d = from_compute<T>(to_compute(d) + value(c * R + r, r));
+        }
+      } else {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) dst[off[r] + c * s] = from_compute<T>(value(c * R + r, r));
+      }
+    }
+  });
+}
+
+}  // namespace mmfast::cpu
