@@ -200,9 +200,9 @@ PYBIND11_MODULE(_C, m) {
         "sets that threshold (a negative value: the last-level cache size, the default)");
   m.def("cpu_row_tile_max_classes", &cpu_row_tile_max_classes,
         "the CPU routed-KD (mix loss, logits) and mutual-KD kernels run rows of at most this many classes one per "
-        "vector lane");
+        "vector lane (-1: each kernel's own bound)");
   m.def("set_cpu_row_tile_max_classes", &set_cpu_row_tile_max_classes, py::arg("classes"),
-        "sets that bound (0: never; a negative value: the default)");
+        "sets that bound (0: never; a negative value: each kernel's own bound, the default)");
 
 #ifdef MMFAST_WITH_CUDA
   m.attr("with_cuda") = true;

@@ -254,11 +254,15 @@ def test_routed_bad_index_gives_nan_row(mix):
     assert dx[1:].isnan().all() and dw[1:].isnan().all() and not dx[0].isnan().any()
 
 
-# Row tiles: rows of at most cpu_row_tile_max_classes() classes (mix loss and logits) run a vector
-# of rows at a time (16 rows in fp32, 8 in fp64); a tile with a masked row or a bad index runs row by
-# row. Every case runs both ways, each against the reference.
+# Row tiles: short rows (mix loss and logits) run a vector of rows at a time (16 rows in fp32, 8 in
+# fp64); a tile with a masked row or a bad index runs row by row. Every case runs both ways (tiles
+# forced for any C, then never), each against the reference.
+ALWAYS_TILE = 1 << 40
+
+
 def check_both_paths(*args, **kwargs):
-    ref, tiled = check_routed(*args, **kwargs)
+    with _native.cpu_row_tile_max_classes(ALWAYS_TILE):
+        ref, tiled = check_routed(*args, **kwargs)
     with _native.cpu_row_tile_max_classes(0):
         _, rows = check_routed(*args, **kwargs)
     return ref, tiled, rows
@@ -278,12 +282,15 @@ def test_routed_row_tiles_match_reference(mix, div, sparse, C, dtype):
     check_both_paths(x, z, w, idx, mix=mix, div=div, needs=(False, True, True))
 
 
-def test_routed_row_tiles_are_taken():
+@pytest.mark.parametrize("mix", range(2))
+def test_routed_row_tiles_are_taken(mix):
     """The two paths round differently (the tiles take a vectorized log of each softmax sum), so
-    identical bits would mean the tiles never ran."""
+    identical bits would mean the tiles never ran; by default 10-class rows are tiled."""
     x, z, w, idx = make_inputs(B=256, C=10, E=3, dtype=torch.float32, seed=2)
-    _, tiled, rows = check_both_paths(x, z, w, idx, mix=0, div=0)
+    _, tiled, rows = check_both_paths(x, z, w, idx, mix=mix, div=0)
     assert not torch.equal(tiled[0], rows[0])  # the loss (dx does not depend on the log)
+    _, default = run_routed(x, z, w, idx, mix=mix, div=0)
+    assert all(torch.equal(a, b) for a, b in zip(default, tiled, strict=True))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -421,7 +428,8 @@ def test_mutual_low_precision(dtype):
 
 
 def check_mutual_both_paths(logits, **kwargs):
-    ref, tiled = check_mutual(logits, **kwargs)
+    with _native.cpu_row_tile_max_classes(ALWAYS_TILE):
+        ref, tiled = check_mutual(logits, **kwargs)
     with _native.cpu_row_tile_max_classes(0):
         _, rows = check_mutual(logits, **kwargs)
     return ref, tiled, rows
@@ -445,6 +453,8 @@ def test_mutual_row_tiles_are_taken():
     logits = torch.randn(3, 512, 10, generator=torch.Generator().manual_seed(1)) * 3
     _, tiled, rows = check_mutual_both_paths(logits)
     assert not torch.equal(tiled[0], rows[0])
+    default = _native.mutual_kd_rows("cpu", logits, 2.0, 4.0, True)
+    assert all(torch.equal(a, b) for a, b in zip(default, tiled, strict=True))
 
 
 def test_mutual_row_tiles_edge_values():

@@ -8,20 +8,21 @@
 namespace mmfast {
 namespace {
 
-// Measured on an AVX-512 EPYC (one thread, fp32, routed KD with E = 2): tiles are 6x faster than
-// rows at C = 8, 1.2-1.5x at C = 48..64, even at C = 96 and slower from C = 128 on.
-constexpr int64_t kDefaultTileMaxClasses = 63;
-std::atomic<int64_t> g_tile_max_classes{kDefaultTileMaxClasses};
+// -1: each kernel's own bound (tile_rows)
+std::atomic<int64_t> g_tile_max_classes{-1};
 
 }  // namespace
 
 int64_t cpu_row_tile_max_classes() { return g_tile_max_classes.load(std::memory_order_relaxed); }
 void set_cpu_row_tile_max_classes(int64_t classes) {
-  g_tile_max_classes.store(classes < 0 ? kDefaultTileMaxClasses : classes, std::memory_order_relaxed);
+  g_tile_max_classes.store(classes < 0 ? -1 : classes, std::memory_order_relaxed);
 }
 
 namespace cpu {
-bool tile_rows(int64_t C) { return C <= cpu_row_tile_max_classes(); }
+bool tile_rows(int64_t C, int64_t default_max_classes) {
+  const int64_t bound = cpu_row_tile_max_classes();
+  return C <= (bound < 0 ? default_max_classes : bound);
+}
 }  // namespace cpu
 
 }  // namespace mmfast

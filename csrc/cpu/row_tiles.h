@@ -5,7 +5,8 @@
 // buf[c * kTileRows + r], so that every step over the classes is a vertical vector operation on
 // all rows at once and each per-row scalar (max, sum, log-sum) is one lane of a vector. Loads and
 // stores go through per-lane element offsets (off[r]), so any layout reaches the tiles.
-// The kernels tile rows of at most cpu_row_tile_max_classes() classes (mmfast/kernels.h).
+// Each kernel tiles rows up to the class count where, measured, the row loop becomes faster; the knob
+// cpu_row_tile_max_classes() (mmfast/kernels.h) overrides that bound for tests and tuning.
 #pragma once
 
 #include <cstdint>
@@ -18,8 +19,9 @@ namespace mmfast::cpu {
 template <typename F>
 constexpr int kTileRows = 64 / int(sizeof(F));
 
-// True when rows of C classes are processed in tiles (the knob of mmfast/kernels.h).
-bool tile_rows(int64_t C);
+// True when rows of C classes are processed in tiles: C <= the knob of mmfast/kernels.h when it is set,
+// else C <= default_max_classes (the kernel's own bound).
+bool tile_rows(int64_t C, int64_t default_max_classes);
 
 template <typename F>
 struct TileStats {

@@ -19,7 +19,8 @@ void set_cpu_streaming_min_bytes(int64_t bytes);
 
 // The CPU routed-KD (mix loss and logits) and mutual-KD kernels run rows of at most this many
 // classes a vector of rows at a time (one row per lane, csrc/cpu/row_tiles.h), longer rows one at a
-// time; a negative value set restores the default. The values agree to rounding either way.
+// time. -1 (the default; any negative value set): each kernel's own measured bound. The values agree
+// to rounding either way.
 int64_t cpu_row_tile_max_classes();
 void set_cpu_row_tile_max_classes(int64_t classes);
 
