@@ -1,13 +1,15 @@
-"""Routed-KD throughput against the class count C at a fixed number of logits N*C (SPEC section 7: no
-throughput cliff from C = 10 to C = 256k).
+"""Routed-KD (or mutual-KD) throughput against the class count C at a fixed number of logits N*C (SPEC
+section 7: no throughput cliff from C = 10 to C = 256k).
 
-For each C, N = elements // C student rows and E dense teachers; every provider's forward + backward step is
-timed as ``python -m mmfast bench`` times it (``mmfast.bench.measure_group``: interleaved rounds; on a GPU
-CUDA-graph replays and the ``copy`` provider of the minimal bytes), and reported as GB/s on the minimal-byte
-model and, on a GPU, % of copy bandwidth. A cliff shows as a C where a provider's bandwidth drops.
+For each C, N = elements // C student rows and E dense teachers (--loss mutual: M = E models); every
+provider's forward + backward step is timed as ``python -m mmfast bench`` times it
+(``mmfast.bench.measure_group``: interleaved rounds; on a GPU CUDA-graph replays and the ``copy`` provider of
+the minimal bytes), and reported as GB/s on the minimal-byte model and, on a GPU, % of copy bandwidth. A cliff
+shows as a C where a provider's bandwidth drops.
 
 Usage: python benchmarks/class_sweep.py [--device cpu|cuda] [--dtype float32|bfloat16] [--elements N*C]
-       [--E 2] [--classes 10,100,...] [--budget 0.3] [--json PATH] [--plot PATH.png] [--no-compile]
+       [--loss routed|mutual] [--E 2] [--classes 10,100,...] [--budget 0.3] [--json PATH] [--plot PATH.png]
+       [--no-compile]
 Prints a markdown table; --json writes the rows, --plot a PNG of GB/s against C (needs matplotlib).
 """
 
@@ -26,10 +28,11 @@ DEFAULT_CLASSES = (10, 100, 1000, 8192, 32768, 131072, 262144)
 
 
 def sweep(device: torch.device, dtype: torch.dtype, elements: int, E: int, classes, budget_s: float,
-          compile_: bool) -> list[dict]:
+          compile_: bool, loss: str = "routed") -> list[dict]:
     rows = []
     for C in classes:
-        case = bench.RoutedCase(N=max(1, elements // C), C=C, E=E)
+        N = max(1, elements // C)
+        case = bench.RoutedCase(N=N, C=C, E=E) if loss == "routed" else bench.MutualCase(M=E, N=N, C=C)
         wanted = {"copy"} | ({"compile"} if compile_ else set())
         names = [p for p in bench.providers(case, device, dtype)
                  if p in wanted or (p.startswith("mmfast-") and p != "mmfast-torch")]
@@ -83,7 +86,8 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None)
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--elements", type=int, default=None, help="N*C (default: 2^24 on a GPU, 2^20 on a CPU)")
-    ap.add_argument("--E", type=int, default=2)
+    ap.add_argument("--loss", choices=("routed", "mutual"), default="routed")
+    ap.add_argument("--E", type=int, default=2, help="teachers (routed) or models (mutual)")
     ap.add_argument("--classes", default=",".join(map(str, DEFAULT_CLASSES)))
     ap.add_argument("--budget", type=float, default=0.3, help="seconds of timed rounds per provider and C")
     ap.add_argument("--json", default=None)
@@ -95,9 +99,13 @@ def main() -> None:
     elements = args.elements or (1 << 24 if device.type == "cuda" else 1 << 20)
     classes = [int(c) for c in args.classes.split(",")]
     info = bench.machine_info(device)
-    title = f"routed KD, N*C = {elements}, E = {args.E}, {args.dtype}, {info['device_name']}"
+    if args.loss == "routed":
+        what = f"routed KD, N*C = {elements}, E = {args.E}"
+    else:
+        what = f"mutual KD, N*C = {elements}, M = {args.E}"
+    title = f"{what}, {args.dtype}, {info['device_name']}"
     print(bench.describe_machine(info, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
-    rows = sweep(device, dtype, elements, args.E, classes, args.budget, not args.no_compile)
+    rows = sweep(device, dtype, elements, args.E, classes, args.budget, not args.no_compile, args.loss)
     print(f"\n## {title}\n\n{render(rows)}")
     if args.json:
         with open(args.json, "w") as f:
