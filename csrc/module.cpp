@@ -199,8 +199,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_streaming_min_bytes", &set_cpu_streaming_min_bytes, py::arg("bytes"),
         "sets that threshold (a negative value: the last-level cache size, the default)");
   m.def("cpu_row_tile_max_classes", &cpu_row_tile_max_classes,
-        "the CPU routed-KD (mix loss, logits) and mutual-KD kernels run rows of at most this many classes one per "
-        "vector lane (-1: each kernel's own bound)");
+        "the CPU routed-KD and mutual-KD kernels run rows of at most this many classes one per vector lane "
+        "(-1: each kernel's own bound)");
   m.def("set_cpu_row_tile_max_classes", &set_cpu_row_tile_max_classes, py::arg("classes"),
         "sets that bound (0: never; a negative value: each kernel's own bound, the default)");
 

@@ -57,10 +57,10 @@ def cpu_streaming_min_bytes(min_bytes: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def cpu_row_tile_max_classes(classes: int) -> Iterator[None]:
-    """Within the block, the CPU routed-KD (mix ``loss`` and ``logits``) and mutual-KD kernels run rows
-    of at most ``classes`` classes a vector of rows at a time (one row per lane) and longer rows one at
-    a time: 0 never tiles, -1 restores each kernel's own bound (the default: 63 classes for mix ``loss``,
-    40 for ``logits``, 27 for mutual KD, where the row loop becomes faster). Outside the block the bound is
+    """Within the block, the CPU routed-KD and mutual-KD kernels run rows of at most ``classes`` classes a
+    vector of rows at a time (one row per lane) and longer rows one at a time: 0 never tiles, -1 restores
+    each kernel's own bound (the default: 63 classes for mix ``loss``, 40 for ``logits`` and ``probs``, 27
+    for mutual KD, where the row loop becomes faster). Outside the block the bound is
     what it was. For tests and tuning; both paths compute the same values up to rounding."""
     C_ = load()
     if C_ is None:

@@ -254,7 +254,7 @@ def test_routed_bad_index_gives_nan_row(mix):
     assert dx[1:].isnan().all() and dw[1:].isnan().all() and not dx[0].isnan().any()
 
 
-# Row tiles: short rows (mix loss and logits) run a vector of rows at a time (16 rows in fp32, 8 in
+# Row tiles: short rows run a vector of rows at a time (16 rows in fp32, 8 in
 # fp64); a tile with a masked row or a bad index runs row by row. Every case runs both ways (tiles
 # forced for any C, then never), each against the reference.
 ALWAYS_TILE = 1 << 40
@@ -271,7 +271,7 @@ def check_both_paths(*args, **kwargs):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("C", [1, 10, 63])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-@pytest.mark.parametrize("mix,div", list(itertools.product(range(2), range(4))))
+@pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
 def test_routed_row_tiles_match_reference(mix, div, sparse, C, dtype):
     # 37 rows: whole tiles and a remainder; row 20 masked: its tile runs row by row
     x, z, w, idx = make_inputs(B=37, C=C, E=3, sparse=sparse, K=3, dtype=dtype, seed=C * 8 + div)
@@ -282,7 +282,7 @@ def test_routed_row_tiles_match_reference(mix, div, sparse, C, dtype):
     check_both_paths(x, z, w, idx, mix=mix, div=div, needs=(False, True, True))
 
 
-@pytest.mark.parametrize("mix", range(2))
+@pytest.mark.parametrize("mix", range(3))
 def test_routed_row_tiles_are_taken(mix):
     """The two paths round differently (the tiles take a vectorized log of each softmax sum), so
     identical bits would mean the tiles never ran; by default 10-class rows are tiled."""
@@ -294,7 +294,7 @@ def test_routed_row_tiles_are_taken(mix):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("mix,div", [(0, 0), (1, 1), (0, 2), (1, 3)])
+@pytest.mark.parametrize("mix,div", [(0, 0), (1, 1), (0, 2), (1, 3), (2, 0), (2, 1)])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_routed_row_tiles_dense_logits(layout, mix, div, sparse):
     """class_dim=1 logits with 21 pixels per sample: tiles straddle samples, pixel stride 1 or C."""
@@ -312,7 +312,7 @@ def test_routed_row_tiles_dense_logits(layout, mix, div, sparse):
     check_both_paths(x, z, w, idx, mask, mix=mix, div=div)
 
 
-@pytest.mark.parametrize("mix,div", list(itertools.product(range(2), range(4))))
+@pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
 def test_routed_row_tiles_nan_inf_and_underflow(mix, div):
     """A NaN, inf or underflowing entry affects its own lane only, as in the row path."""
     x, z, w, idx = make_inputs(B=32, C=12, E=3, sparse=True, K=2, dtype=torch.float32, seed=13)
@@ -327,7 +327,7 @@ def test_routed_row_tiles_nan_inf_and_underflow(mix, div):
     check_both_paths(x, z, w, idx, tau=0.5, mix=mix, div=div)
 
 
-@pytest.mark.parametrize("mix", range(2))
+@pytest.mark.parametrize("mix", range(3))
 def test_routed_row_tiles_bad_index(mix):
     x, z, w, idx = make_inputs(B=48, C=9, E=3, sparse=True, K=2, dtype=torch.float32, seed=17)
     idx[18, 0] = 3  # the second tile runs row by row: row 18 is NaN, its neighbours are not
@@ -338,7 +338,7 @@ def test_routed_row_tiles_bad_index(mix):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
-@pytest.mark.parametrize("mix,div", [(0, 0), (0, 1), (1, 2), (1, 3)])
+@pytest.mark.parametrize("mix,div", [(0, 0), (0, 1), (1, 2), (1, 3), (2, 0), (2, 1)])
 def test_routed_row_tiles_low_precision(dtype, mix, div):
     x, z, w, idx = make_inputs(B=40, C=21, E=3, sparse=True, K=3, dtype=dtype, seed=5, spread=2.0)
     truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, mix, div, 0.3, 4.0, True, True, True)

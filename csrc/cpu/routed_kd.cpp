@@ -65,6 +65,17 @@ MMFAST_INLINE Pieces<F> divergence_pieces(F lP, F lq, F P, F q, const JSWeights<
   }
 }
 
+// p_k dD/dP at one class (mix probs). For reverse KL, p_k G = -p_k q / P is formed in log space as
+// -exp(log p_k + log q - log P), as the reference does (P may underflow where p_k q does not).
+template <int DIV, typename F>
+MMFAST_INLINE F prob_times_grad(F pk, F lpk, F G, F lP, F lq) {
+  if constexpr (DIV == kReverseKL) {
+    return -exp_approx(lpk + lq - lP);
+  } else {
+    return pk * G;
+  }
+}
+
 // State and stages of one row; every stage is inlined into the multiversioned row loop.
 template <typename T, int DIV>
 class RoutedRow {
@@ -256,7 +267,7 @@ class RoutedRow {
         double sum_pg = 0;
 #pragma omp simd reduction(+ : sum_pg)
         for (int64_t c = 0; c < C_; ++c) {
-          const F v = prob_times_grad(pk[c], pg[c], G[c], lpbar[c], u[c] - log_sum_q);
+          const F v = prob_times_grad<DIV>(pk[c], pg[c], G[c], lpbar[c], u[c] - log_sum_q);
           pg[c] = v;
           sum_pg += v;
         }
@@ -356,16 +367,6 @@ class RoutedRow {
     return F(terms);
   }
 
-  // p_k dD/dP at one class. For reverse KL, p_k G = -p_k q / P is formed in log space as
-  // -exp(log p_k + log q - log P), as the reference does (P may underflow where p_k q does not).
-  static MMFAST_INLINE F prob_times_grad(F pk, F lpk, F G, F lP, F lq) {
-    if constexpr (DIV == kReverseKL) {
-      return -exp_approx(lpk + lq - lP);
-    } else {
-      return pk * G;
-    }
-  }
-
   // logsumexp_k(log w_k + log p_k[c]) over the row's distinct teachers (torch.logsumexp semantics).
   MMFAST_INLINE F mixture_logp(int64_t c) const {
     F hi = -kInf<F>;
@@ -422,16 +423,14 @@ class RoutedRow {
   SoftmaxStats<F> q_{};
 };
 
-// Rows of few classes (row_tiles.h; mix loss and logits) run a tile of rows at a time. Loads and
+// Rows of few classes (row_tiles.h) run a tile of rows at a time. Loads and
 // stores go through per-lane offsets, so any layout and sparse routing (a teacher per lane) take the
 // same path. A tile runs only when all its rows are unmasked and routed to valid teachers; otherwise
 // its rows take the row path (masked rows are never read).
 // The bounds: where tiles stop being faster than rows (one EPYC, 2 threads, fp32, E = 2, N*C = 2^20:
-// mix loss tiles 1.5-1.7x faster at C = 48..63, mix logits 1.3x at C = 32 and 0.95x at C = 48).
-bool use_tiles(const RoutedKDParams& p) {
-  if (p.mix == kMixProbs) return false;
-  return tile_rows(p.C, p.mix == kMixLoss ? 63 : 40);
-}
+// mix loss tiles 1.5-1.7x faster at C = 48..63; mix logits 1.3x at C = 32 and 0.95x at C = 48; mix
+// probs 1.04-1.14x at C = 32 and 0.85x at C = 48, E = 2 and 4).
+bool use_tiles(const RoutedKDParams& p) { return tile_rows(p.C, p.mix == kMixLoss ? 63 : 40); }
 
 template <typename T, int DIV>
 class RoutedTile {
@@ -439,8 +438,11 @@ class RoutedTile {
   static constexpr int R = kTileRows<F>;
 
  public:
-  // Scratch: u, exp(u), A, then the mix's v, e, b; each C * R elements.
-  static int64_t workspace_elements(int64_t C) { return 6 * C * R; }
+  // Scratch, each C * R elements: u, exp(u), A, then the mix's v, e, b (mix probs: P, log P, then log p_k
+  // and p_k per slot), then (mix probs) the K x R slot weights.
+  static int64_t workspace_elements(int mix, int64_t C, int64_t K) {
+    return mix == kMixProbs ? (5 + 2 * K) * C * R + K * R : 6 * C * R;
+  }
 
   MMFAST_INLINE RoutedTile(const RoutedKDParams& p, F* workspace)
       : p_(p),
@@ -462,10 +464,11 @@ class RoutedTile {
         a_(workspace + 2 * p.C * R),
         v_(workspace + 3 * p.C * R),
         e_(workspace + 4 * p.C * R),
-        b_(workspace + 5 * p.C * R) {}
+        b_(workspace + 5 * p.C * R),
+        slot_w_(p.mix == kMixProbs ? workspace + (5 + 2 * p.K) * p.C * R : nullptr) {}
 
   // Rows n .. n + R - 1: true when every row is unmasked and every index is in [0, E); then the
-  // per-lane offsets are set for run().
+  // per-lane offsets are set for mix_loss() / mix_logits().
   MMFAST_INLINE bool ready(int64_t n) {
     for (int r = 0; r < R; ++r) {
       const int64_t row = n + r;
@@ -599,8 +602,110 @@ class RoutedTile {
     write_dx();
   }
 
+  // mix "probs" (RoutedRow::mix_probs; log P of each slot's weight on its own, not summed per teacher).
+  MMFAST_INLINE void mix_probs() {
+    load_student();
+    const int64_t CR = C_ * R;
+    F* __restrict pbar = v_;  // P, then G
+    F* __restrict lpbar = e_;
+    std::fill(pbar, pbar + CR, F(0));
+    for (int64_t k = 0; k < K_; ++k) {
+      route_slot(k);
+      F* __restrict lp = slot_logp(k);
+      F* __restrict pk = slot_prob(k);
+      const Stats t = load(z_, z_off_, p_.sz_c, lp, pk);
+      for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = c * R + r;
+          lp[i] -= t.log_sum[r];
+          pk[i] *= t.inv_sum[r];
+          pbar[i] += w_slot_[r] * pk[i];
+        }
+      }
+      std::copy(w_slot_, w_slot_ + R, slot_w_ + k * R);
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < CR; ++i) lpbar[i] = log_approx(pbar[i]);
+    // where P is not a normal float (underflow, NaN, inf) take log P in log space, as the reference
+    for (int64_t i = 0; i < CR; ++i) {
+      const F P = pbar[i];
+      if (P >= std::numeric_limits<F>::min() && P <= std::numeric_limits<F>::max()) continue;
+      lpbar[i] = mixture_logp(i);
+      pbar[i] = std::exp(lpbar[i]);
+    }
+    F* __restrict G = pbar;
+    alignas(64) double terms[R] = {};
+    {
+      const F* __restrict u = u_;
+      const F* __restrict eq = eq_;
+      F* __restrict a = a_;
+      for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = c * R + r;
+          const Pieces<F> pc = divergence_pieces<DIV>(lpbar[i], u[i] - q_.log_sum[r], pbar[i],
+                                                      eq[i] * q_.inv_sum[r], js_);
+          terms[r] += pc.terms;
+          a[i] = pc.A;
+          G[i] = pc.G;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) loss_[n_ + r] = scale_ * F(terms[r]);
+    for (int64_t k = 0; k < K_ && (dw_ != nullptr || dz_ != nullptr); ++k) {
+      route_slot(k);
+      const F* __restrict u = u_;
+      const F* __restrict pk = slot_prob(k);
+      F* __restrict pg = slot_logp(k);  // p_k G, over log p_k
+      alignas(64) double sum_pg[R] = {};
+      for (int64_t c = 0; c < C_; ++c) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = c * R + r;
+          const F v = prob_times_grad<DIV>(pk[i], pg[i], G[i], lpbar[i], u[i] - q_.log_sum[r]);
+          pg[i] = v;
+          sum_pg[r] += v;
+        }
+      }
+      alignas(64) F pg_sum[R];
+#pragma omp simd
+      for (int r = 0; r < R; ++r) pg_sum[r] = F(sum_pg[r]);
+      for (int r = 0; dw_ != nullptr && r < R; ++r) dw_[(n_ + r) * K_ + k] = scale_ * pg_sum[r];
+      if (dz_ != nullptr) {
+        alignas(64) F gk[R];
+#pragma omp simd
+        for (int r = 0; r < R; ++r) gk[r] = grad_scale_ * w_slot_[r];
+        store(dz_, dz_off_, p_.idx != nullptr, [&](int64_t i, int r) MMFAST_INLINE_LAMBDA {
+          return gk[r] * (pg[i] - pk[i] * pg_sum[r]);
+        });
+      }
+    }
+    write_dx();
+  }
+
  private:
   using Stats = TileStats<F>;
+
+  MMFAST_INLINE F* slot_logp(int64_t k) const { return v_ + (2 + 2 * k) * C_ * R; }
+  MMFAST_INLINE F* slot_prob(int64_t k) const { return v_ + (3 + 2 * k) * C_ * R; }
+
+  // logsumexp_k(log w_k + log p_k) at tile element i = c * R + r (torch.logsumexp semantics).
+  MMFAST_INLINE F mixture_logp(int64_t i) const {
+    const int r = int(i % R);
+    F hi = -kInf<F>;
+    bool nan = false;
+    for (int64_t k = 0; k < K_; ++k) {
+      const F t = std::log(slot_w_[k * R + r]) + slot_logp(k)[i];
+      nan = nan || std::isnan(t);
+      hi = std::max(hi, t);
+    }
+    if (nan) return kNaN<F>;
+    if (std::isinf(hi)) return hi;
+    F sum = 0;
+    for (int64_t k = 0; k < K_; ++k) sum += std::exp(std::log(slot_w_[k * R + r]) + slot_logp(k)[i] - hi);
+    return hi + std::log(sum);
+  }
 
   // Slot k of every lane: its weight, its teacher's logits offset and its dz offset.
   MMFAST_INLINE void route_slot(int64_t k) {
@@ -654,6 +759,7 @@ class RoutedTile {
   F* v_;
   F* e_;
   F* b_;
+  F* slot_w_;  // mix probs: the weight of each slot and lane
   int64_t n_ = 0;
   Stats q_{};
   alignas(64) int64_t sample_[R];
@@ -689,18 +795,18 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_
     }
   };
   int64_t n = begin;
-  if constexpr (MIX != kMixProbs) {
-    constexpr int R = kTileRows<compute_t<T>>;
-    if (tiles) {
-      RoutedTile<T, DIV> tile(p, workspace);
-      for (; n + R <= end; n += R) {
-        if (!tile.ready(n)) {
-          for (int r = 0; r < R; ++r) one_row(n + r);
-        } else if constexpr (MIX == kMixLoss) {
-          tile.mix_loss();
-        } else {
-          tile.mix_logits();
-        }
+  constexpr int R = kTileRows<compute_t<T>>;
+  if (tiles) {
+    RoutedTile<T, DIV> tile(p, workspace);
+    for (; n + R <= end; n += R) {
+      if (!tile.ready(n)) {
+        for (int r = 0; r < R; ++r) one_row(n + r);
+      } else if constexpr (MIX == kMixLoss) {
+        tile.mix_loss();
+      } else if constexpr (MIX == kMixLogits) {
+        tile.mix_logits();
+      } else {
+        tile.mix_probs();
       }
     }
   }
@@ -749,7 +855,7 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
   const int64_t buffers = RoutedRow<T, kKL>::num_buffers(p.mix, p.K);
   const bool tiles = use_tiles(p);  // read once: the workspace is sized for it
   const int64_t per_thread = std::max(buffers * Workspace<F>::leading_dim(p.C) + 2 * p.K,
-                                      tiles ? RoutedTile<T, kKL>::workspace_elements(p.C) : 0);
+                                      tiles ? RoutedTile<T, kKL>::workspace_elements(p.mix, p.C, p.K) : 0);
   Workspace<F> workspace(threads, per_thread);
   std::vector<int64_t> slot_ints(static_cast<std::size_t>(threads) * 2 * p.K);
   parallel_rows(rows, threads, [&](int64_t begin, int64_t end, int thread) {

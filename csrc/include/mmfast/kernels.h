@@ -17,7 +17,7 @@ void fake_score_cpu(const FakeScoreParams& p, int num_threads);
 int64_t cpu_streaming_min_bytes();
 void set_cpu_streaming_min_bytes(int64_t bytes);
 
-// The CPU routed-KD (mix loss and logits) and mutual-KD kernels run rows of at most this many
+// The CPU routed-KD and mutual-KD kernels run rows of at most this many
 // classes a vector of rows at a time (one row per lane, csrc/cpu/row_tiles.h), longer rows one at a
 // time. -1 (the default; any negative value set): each kernel's own measured bound. The values agree
 // to rounding either way.
