@@ -145,7 +145,10 @@ MMFAST_INLINE SoftmaxStats<F> load_softmax(const T* __restrict src, int64_t stri
 template <typename T, typename F = compute_t<T>>
 MMFAST_INLINE SoftmaxStats<F> load_softmax_padded(const T* __restrict src, int64_t stride, int64_t C, int64_t Cw,
                                                   F scale, F* __restrict v, F* __restrict e) {
-  for (int64_t c = 0; c < C; ++c) v[c] = to_compute(src[c * stride]) * scale;
+  with_stride(stride, [&](auto s) MMFAST_INLINE_LAMBDA {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) v[c] = to_compute(src[c * s]) * scale;
+  });
   for (int64_t c = C; c < Cw; ++c) v[c] = -kInf<F>;
   return shift_exp(v, row_max(v, Cw, F(1)), Cw, e);
 }
