@@ -24,7 +24,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
 # (GPU_CHECK_TESTS), a -k filter (GPU_CHECK_TESTS_K, default: the GPU backends' tests) and extra pytest
 # arguments (GPU_CHECK_PYTEST_ARGS, e.g. "-n 16" with xdist).
 # default: no pytest-benchmark pass (bench,report: the same cases as the CLI, twice the time); ptxas: CI prints it;
-# sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, ~2 min)
+# sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, mutual KD over C = 10..32k, ~3 min)
 STEPS=",${GPU_CHECK_STEPS:-env,build,import,tests,cli,climd},"
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
 # only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
@@ -122,9 +122,12 @@ if [[ -s $OUT/cli.json ]]; then
   run_step climd 30 "$LOG" "cd /tmp && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md"
 fi
 
-# (f) routed-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional step "sweep"
-run_step sweep "${GPU_CHECK_SWEEP_CAP:-120}" "$LOG" "
-  cd /tmp && $PY $REPO/benchmarks/class_sweep.py --json $OUT/sweep.json --plot $OUT/sweep.png
+# (f) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional
+# step "sweep"
+run_step sweep "${GPU_CHECK_SWEEP_CAP:-180}" "$LOG" "
+  cd /tmp && $PY $REPO/benchmarks/class_sweep.py --json $OUT/sweep.json --plot $OUT/sweep.png &&
+  $PY $REPO/benchmarks/class_sweep.py --loss mutual --E 3 --classes 10,100,1000,32768 \
+    --json $OUT/sweep-mutual.json --plot $OUT/sweep-mutual.png
 "
 
 # (g) benchmarks -> bench.json -> bench.md
