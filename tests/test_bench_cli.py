@@ -59,11 +59,16 @@ def test_no_or_unknown_subcommand_prints_usage():
         assert "usage:" in proc.stderr and "bench" in proc.stderr
 
 
-def _load_report():
-    spec = importlib.util.spec_from_file_location("mmfast_bench_report", REPO / "benchmarks" / "report.py")
+def _load_script(name: str):
+    """A module of benchmarks/ (not a package) loaded from its file."""
+    spec = importlib.util.spec_from_file_location(f"mmfast_bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_report():
+    return _load_script("report")
 
 
 def _record(group: str, provider: str, median: float, iqr: float, nbytes: int | None) -> dict:
@@ -155,3 +160,16 @@ def test_cpu_allocator_is_described(monkeypatch):
     assert bench.cpu_allocator() == "jemalloc (LD_PRELOAD)"
     info = bench.machine_info(torch.device("cpu"))
     assert "host allocator: jemalloc (LD_PRELOAD)" in bench.describe_machine(info, "today")
+
+
+def test_class_sweep_rows_for_routed_and_mutual_kd():
+    """benchmarks/class_sweep.py: one row per C and provider, with the minimal-byte bandwidth."""
+    sweep = _load_script("class_sweep")
+    for loss in ("routed", "mutual"):
+        rows = sweep.sweep(torch.device("cpu"), torch.float32, 2048, 2, [3, 40], 0.01, False, loss)
+        assert {(r["C"], r["provider"]) for r in rows} >= {(3, "mmfast-cpu"), (40, "mmfast-cpu")}, rows
+        for r in rows:
+            assert r["error"] is None and r["median_s"] > 0 and r["gb_s"] > 0, r
+            assert r["N"] == 2048 // r["C"]
+        table = sweep.render(rows)
+        assert table.count("\n") == len(rows) + 1
