@@ -350,20 +350,39 @@ def test_routed_row_tiles_low_precision(dtype, mix, div):
         assert err_got <= err_ref + tol, f"{name}: kernel error {err_got:.3g} vs reference {err_ref:.3g}"
 
 
-def test_routed_thread_count_does_not_change_results():
-    """Rows are independent: any partition over threads gives the same bits."""
+@pytest.mark.parametrize("B,C", [(37, 300), (517, 10)], ids=["rows", "tiles"])
+@pytest.mark.parametrize("mix", range(3))
+def test_routed_thread_count_does_not_change_results(B, C, mix):
+    """Rows are independent, and a row's path (row tile or row loop) depends on its index only: any
+    partition over threads gives the same bits."""
     from mmfast import _C
 
-    x, z, w, idx = make_inputs(B=37, C=300, E=3, sparse=True, K=2, dtype=torch.float32, seed=19)
+    x, z, w, idx = make_inputs(B=B, C=C, E=3, sparse=True, K=2, dtype=torch.float32, seed=19)
+    mask = torch.rand(B, 1, generator=torch.Generator().manual_seed(5)) > 0.05
     results = []
-    for threads in (1, 2, 3, 0):
-        loss = torch.empty(37, 1)
+    for threads in (1, 2, 3, 7, 0):
+        loss = torch.empty(B, 1)
         dx = torch.empty_like(x)
-        dw = torch.empty(37, 1, 2)
+        dw = torch.empty(B, 1, 2)
         dz = torch.zeros_like(z)
-        params = _native.routed_kd_params(x, z, w, idx, None, 2.0, 0, 0, 0.3, 4.0, loss, dx, dw, dz)
+        params = _native.routed_kd_params(x, z, w, idx, mask, 2.0, mix, 0, 0.3, 4.0, loss, dx, dw, dz)
         _C.routed_kd_cpu(params, threads)
         results.append((loss, dx, dw, dz))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_mutual_thread_count_does_not_change_results():
+    from mmfast import _C
+
+    logits = torch.randn(3, 517, 10, generator=torch.Generator().manual_seed(3))
+    results = []
+    for threads in (1, 2, 3, 7, 0):
+        loss = torch.empty(517)
+        grad = torch.empty_like(logits)
+        _C.mutual_kd_cpu(_native.mutual_kd_params(logits, 2.0, 4.0, loss, grad), threads)
+        results.append((loss, grad))
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)

@@ -156,9 +156,10 @@ void run_mutual(const MutualKDParams& p, int num_threads) {
   const bool tiles = tile_rows(p.C, 27);
   const int64_t per_tile = tiles ? (mutual_buffers(p.M) * p.C + p.M) * kTileRows<F> : 0;
   Workspace<F> workspace(threads, std::max(rows, per_tile));
-  parallel_rows(p.N, threads, [&](int64_t begin, int64_t end, int thread) {
-    mutual_rows<T>(p, tiles, begin, end, workspace.slice(thread));
-  });
+  parallel_rows(
+      p.N, threads,
+      [&](int64_t begin, int64_t end, int thread) { mutual_rows<T>(p, tiles, begin, end, workspace.slice(thread)); },
+      tiles ? kTileRows<F> : 1);  // a row's path (tile or row loop) does not depend on the thread count
 }
 
 }  // namespace

@@ -858,9 +858,12 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
                                       tiles ? RoutedTile<T, kKL>::workspace_elements(p.mix, p.C, p.K) : 0);
   Workspace<F> workspace(threads, per_thread);
   std::vector<int64_t> slot_ints(static_cast<std::size_t>(threads) * 2 * p.K);
-  parallel_rows(rows, threads, [&](int64_t begin, int64_t end, int thread) {
-    fn(p, tiles, begin, end, workspace.slice(thread), slot_ints.data() + thread * 2 * p.K);
-  });
+  parallel_rows(
+      rows, threads,
+      [&](int64_t begin, int64_t end, int thread) {
+        fn(p, tiles, begin, end, workspace.slice(thread), slot_ints.data() + thread * 2 * p.K);
+      },
+      tiles ? kTileRows<F> : 1);  // a row's path (tile or row loop) does not depend on the thread count
 }
 
 }  // namespace

@@ -208,9 +208,12 @@ inline int resolve_threads(int num_threads, int64_t rows) {
 
 // body(begin, end, thread) over contiguous row chunks, dynamically scheduled (masked rows are
 // free, so static shares can be uneven); chunks stay contiguous for the strided [B, C, S] layout.
+// Every chunk but the last is a multiple of `align` rows long, so chunks begin at multiples of it
+// whatever the thread count (row tiles then cover the same rows in any partition).
 template <typename Body>
-void parallel_rows(int64_t rows, int threads, Body&& body) {
-  const int64_t chunk = std::max<int64_t>(1, rows / (int64_t{threads} * 8));
+void parallel_rows(int64_t rows, int threads, Body&& body, int64_t align = 1) {
+  int64_t chunk = std::max<int64_t>(1, rows / (int64_t{threads} * 8));
+  chunk = (chunk + align - 1) / align * align;
   const int64_t chunks = (rows + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t i = 0; i < chunks; ++i)
