@@ -39,38 +39,34 @@ def load_error() -> str | None:
 
 
 @contextlib.contextmanager
-def cpu_streaming_min_bytes(min_bytes: int) -> Iterator[None]:
+def _native_setting(name: str, value: int) -> Iterator[None]:
+    """``_C.set_<name>(value)`` within the block, the previous value restored after it."""
+    C_ = load()
+    if C_ is None:
+        raise RuntimeError(f"mmfast._C is not built: {load_error()}")
+    previous = getattr(C_, name)()
+    getattr(C_, f"set_{name}")(value)
+    try:
+        yield
+    finally:
+        getattr(C_, f"set_{name}")(previous)
+
+
+def cpu_streaming_min_bytes(min_bytes: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CPU kernels that move more than ``min_bytes`` (read + written) write their
     large outputs with streaming (non-temporal) stores: 0 always, a huge value never. Outside it the
     threshold is what it was (by default the last-level cache size). For tests and tuning; the
     values written are the same either way."""
-    C_ = load()
-    if C_ is None:
-        raise RuntimeError(f"mmfast._C is not built: {load_error()}")
-    previous = C_.cpu_streaming_min_bytes()
-    C_.set_cpu_streaming_min_bytes(min_bytes)
-    try:
-        yield
-    finally:
-        C_.set_cpu_streaming_min_bytes(previous)
+    return _native_setting("cpu_streaming_min_bytes", min_bytes)
 
 
-@contextlib.contextmanager
-def cpu_row_tile_max_classes(classes: int) -> Iterator[None]:
+def cpu_row_tile_max_classes(classes: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CPU routed-KD and mutual-KD kernels run rows of at most ``classes`` classes a
     vector of rows at a time (one row per lane) and longer rows one at a time: 0 never tiles, -1 restores
     each kernel's own bound (the default: 63 classes for mix ``loss``, 40 for ``logits`` and ``probs``, 27
-    for mutual KD, where the row loop becomes faster). Outside the block the bound is
-    what it was. For tests and tuning; both paths compute the same values up to rounding."""
-    C_ = load()
-    if C_ is None:
-        raise RuntimeError(f"mmfast._C is not built: {load_error()}")
-    previous = C_.cpu_row_tile_max_classes()
-    C_.set_cpu_row_tile_max_classes(classes)
-    try:
-        yield
-    finally:
-        C_.set_cpu_row_tile_max_classes(previous)
+    for mutual KD, where the row loop becomes faster). Outside the block the bound is what it was. For
+    tests and tuning; both paths compute the same values up to rounding."""
+    return _native_setting("cpu_row_tile_max_classes", classes)
 
 
 _CUDA_SCALE_BLOCK = 4096  # elements of a row per block (kScaleBlock in csrc/cuda/grad_scaling.cu)

@@ -50,6 +50,17 @@ def assert_rows_close(got, ref, class_dim, rtol, what="", unit=0.0):
     assert worst <= 1.0, f"{what}: error {worst:.3g}x the bound rtol={rtol:g} x row scale"
 
 
+def assert_no_worse_than_reference(got, ref, truth, dtype, names):
+    """Low precision: each output's max error against the float64 ``truth`` is at most the reference's own
+    error at ``dtype`` plus one ulp of the output's scale."""
+    for name, g, r, t in zip(names, got, ref, truth, strict=True):
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        err_ref = (r.double() - t).abs().amax().item()
+        err_got = (g.double() - t).abs().amax().item()
+        tol = torch.finfo(dtype).eps * t.abs().amax().item()
+        assert err_got <= err_ref + tol, f"{name}: kernel error {err_got:.3g} vs reference {err_ref:.3g}"
+
+
 def run_routed(
     x, z, w, idx=None, mask=None, tau=2.0, mix=0, div=0, beta=0.3, scale=None, needs=(True, True, True)
 ):
@@ -196,12 +207,7 @@ def test_routed_low_precision(dtype, mix, div):
     truth = ref_routed(
         x.double(), z.double(), w.double(), idx, None, 2.0, mix, div, 0.3, 4.0, True, True, True
     )
-    for name, r, g, t in zip(OUTPUTS, ref, got, truth, strict=True):
-        assert g.dtype == r.dtype and g.shape == r.shape
-        err_ref = (r.double() - t).abs().amax().item()
-        err_got = (g.double() - t).abs().amax().item()
-        tol = torch.finfo(dtype).eps * t.abs().amax().item()
-        assert err_got <= err_ref + tol, f"{name}: kernel error {err_got:.3g} vs reference {err_ref:.3g}"
+    assert_no_worse_than_reference(got, ref, truth, dtype, OUTPUTS)
 
 
 @pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
@@ -282,6 +288,19 @@ def test_routed_row_tiles_match_reference(mix, div, sparse, C, dtype):
     check_both_paths(x, z, w, idx, mix=mix, div=div, needs=(False, True, True))
 
 
+def test_row_tile_knob_is_restored():
+    from mmfast import _C
+
+    assert _C.cpu_row_tile_max_classes() == -1  # each kernel's own bound
+    with _native.cpu_row_tile_max_classes(5):
+        assert _C.cpu_row_tile_max_classes() == 5
+        with pytest.raises(RuntimeError, match="inner"), _native.cpu_row_tile_max_classes(0):
+            assert _C.cpu_row_tile_max_classes() == 0
+            raise RuntimeError("inner")
+        assert _C.cpu_row_tile_max_classes() == 5
+    assert _C.cpu_row_tile_max_classes() == -1
+
+
 @pytest.mark.parametrize("mix", range(3))
 def test_routed_row_tiles_are_taken(mix):
     """The two paths round differently (the tiles take a vectorized log of each softmax sum), so
@@ -343,11 +362,7 @@ def test_routed_row_tiles_low_precision(dtype, mix, div):
     x, z, w, idx = make_inputs(B=40, C=21, E=3, sparse=True, K=3, dtype=dtype, seed=5, spread=2.0)
     truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, mix, div, 0.3, 4.0, True, True, True)
     ref, got = run_routed(x, z, w, idx, mix=mix, div=div)
-    for name, r, g, t in zip(OUTPUTS, ref, got, truth, strict=True):
-        err_ref = (r.double() - t).abs().amax().item()
-        err_got = (g.double() - t).abs().amax().item()
-        tol = torch.finfo(dtype).eps * t.abs().amax().item()
-        assert err_got <= err_ref + tol, f"{name}: kernel error {err_got:.3g} vs reference {err_ref:.3g}"
+    assert_no_worse_than_reference(got, ref, truth, dtype, OUTPUTS)
 
 
 @pytest.mark.parametrize("B,C", [(37, 300), (517, 10)], ids=["rows", "tiles"])
@@ -439,11 +454,7 @@ def test_mutual_low_precision(dtype):
     ref = ref_mutual(logits, 2.0, 4.0, True)
     got = _native.mutual_kd_rows("cpu", logits, 2.0, 4.0, True)
     truth = ref_mutual(logits.double(), 2.0, 4.0, True)
-    for r, gt, t in zip(ref, got, truth, strict=True):
-        assert gt.dtype == r.dtype and gt.shape == r.shape
-        err_ref = (r.double() - t).abs().amax().item()
-        err_got = (gt.double() - t).abs().amax().item()
-        assert err_got <= err_ref + torch.finfo(dtype).eps * t.abs().amax().item()
+    assert_no_worse_than_reference(got, ref, truth, dtype, ("loss", "grad"))
 
 
 def check_mutual_both_paths(logits, **kwargs):
@@ -492,7 +503,4 @@ def test_mutual_row_tiles_low_precision(dtype):
     ref = ref_mutual(logits, 2.0, 4.0, True)
     got = _native.mutual_kd_rows("cpu", logits, 2.0, 4.0, True)
     truth = ref_mutual(logits.double(), 2.0, 4.0, True)
-    for r, gt, t in zip(ref, got, truth, strict=True):
-        err_ref = (r.double() - t).abs().amax().item()
-        err_got = (gt.double() - t).abs().amax().item()
-        assert err_got <= err_ref + torch.finfo(dtype).eps * t.abs().amax().item()
+    assert_no_worse_than_reference(got, ref, truth, dtype, ("loss", "grad"))
