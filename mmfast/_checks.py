@@ -24,6 +24,11 @@ def set_value_checks(enabled: bool) -> None:
     _value_checks = bool(enabled)
 
 
+def value_checks_enabled() -> bool:
+    """What :func:`set_value_checks` last set (``MMFAST_CHECK_VALUES`` before that)."""
+    return _value_checks
+
+
 def value_checks_active(*tensors: Tensor) -> bool:
     """True when value checks may read data: enabled, eager, and not capturing a CUDA graph."""
     if not _value_checks or torch.compiler.is_compiling():

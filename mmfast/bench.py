@@ -42,7 +42,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 import mmfast
+from mmfast import _checks
 from mmfast.reference.fdistill import fdistill_loss_autograd
 from mmfast.reference.masked_reconstruction import masked_reconstruction_loss_autograd
 from mmfast.reference.mutual_kd import mutual_kd_loss_autograd
@@ -423,9 +424,21 @@ def _loss_fn(case: Case, provider: str) -> tuple[Callable[..., Tensor], Callable
     if provider == "compile":
         return _compiled(eager), contextlib.nullcontext
     if provider.startswith("mmfast-"):
-        mmfast.set_value_checks(False)  # host-synchronising checks are not part of the kernel's cost
-        return case.mmfast_loss(), functools.partial(mmfast.use_backend, provider.removeprefix("mmfast-"))
+        return case.mmfast_loss(), functools.partial(_mmfast_context, provider.removeprefix("mmfast-"))
     raise ValueError(f"unknown loss provider {provider!r}")
+
+
+@contextlib.contextmanager
+def _mmfast_context(backend: str) -> Iterator[None]:
+    """An mmfast provider's step: its backend forced and the host-synchronising value checks off (they are
+    not part of the kernel's cost); the caller's settings are back after the step."""
+    checks = _checks.value_checks_enabled()
+    mmfast.set_value_checks(False)
+    try:
+        with mmfast.use_backend(backend):
+            yield
+    finally:
+        mmfast.set_value_checks(checks)
 
 
 @functools.cache

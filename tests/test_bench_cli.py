@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import mmfast
@@ -160,6 +161,20 @@ def test_cpu_allocator_is_described(monkeypatch):
     assert bench.cpu_allocator() == "jemalloc (LD_PRELOAD)"
     info = bench.machine_info(torch.device("cpu"))
     assert "host allocator: jemalloc (LD_PRELOAD)" in bench.describe_machine(info, "today")
+
+
+def test_bench_leaves_value_checks_as_they_were():
+    """The mmfast providers time their steps without the value checks, but only within each step."""
+    from mmfast import _checks, bench
+
+    assert _checks.value_checks_enabled()
+    case = bench.RoutedCase(N=8, C=5, E=2)
+    results = bench.measure_group(case, torch.float32, ["mmfast-cpu", "mmfast-torch"], torch.device("cpu"),
+                                  budget_s=0.01)
+    assert all(r.error is None for r in results), results
+    assert _checks.value_checks_enabled()
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        mmfast.routed_kd_loss(torch.randn(3, 4), torch.randn(2, 3, 4), -torch.ones(3, 2))
 
 
 def test_class_sweep_rows_for_routed_and_mutual_kd():
