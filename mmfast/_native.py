@@ -63,7 +63,7 @@ def cpu_streaming_min_bytes(min_bytes: int) -> contextlib.AbstractContextManager
 def cpu_row_tile_max_classes(classes: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CPU routed-KD and mutual-KD kernels run rows of at most ``classes`` classes a
     vector of rows at a time (one row per lane) and longer rows one at a time: 0 never tiles, -1 restores
-    each kernel's own bound (the default: 63 classes for mix ``loss``, 40 for ``logits`` and ``probs``, 27
+    each kernel's own bound (the default: 63 classes for mix ``loss`` and ``probs``, 40 for ``logits``, 27
     for mutual KD, where the row loop becomes faster). Outside the block the bound is what it was. For
     tests and tuning; both paths compute the same values up to rounding."""
     return _native_setting("cpu_row_tile_max_classes", classes)

@@ -427,10 +427,11 @@ class RoutedRow {
 // stores go through per-lane offsets, so any layout and sparse routing (a teacher per lane) take the
 // same path. A tile runs only when all its rows are unmasked and routed to valid teachers; otherwise
 // its rows take the row path (masked rows are never read).
-// The bounds: where tiles stop being faster than rows (one EPYC, 2 threads, fp32, E = 2, N*C = 2^20:
-// mix loss tiles 1.5-1.7x faster at C = 48..63; mix logits 1.3x at C = 32 and 0.95x at C = 48; mix
-// probs 1.04-1.14x at C = 32 and 0.85x at C = 48, E = 2 and 4).
-bool use_tiles(const RoutedKDParams& p) { return tile_rows(p.C, p.mix == kMixLoss ? 63 : 40); }
+// The bounds: where tiles stop being faster than rows (one EPYC, 2 threads, fp32, E = 2, N*C = 2^20):
+// mix loss tiles are 1.5-1.7x faster at C = 48..63; mix logits 1.3x at C = 32 and 0.95x at C = 48;
+// mix probs (E = 2 and 4) 1.04-1.14x at C = 32, 0.85x at C = 48 and 1.5-1.6x at C = 63 (its row loop
+// is not padded, so it is fast only at multiples of the vector width: tiles win on average up to 63).
+bool use_tiles(const RoutedKDParams& p) { return tile_rows(p.C, p.mix == kMixLogits ? 40 : 63); }
 
 template <typename T, int DIV>
 class RoutedTile {
