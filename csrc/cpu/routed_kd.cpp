@@ -76,18 +76,12 @@ MMFAST_INLINE F prob_times_grad(F pk, F lpk, F G, F lP, F lq) {
   }
 }
 
-// State and stages of one row; every stage is inlined into the multiversioned row loop.
-template <typename T, int DIV>
-class RoutedRow {
+// The params' pointers, typed, and the per-call constants: shared by the row and the tile paths.
+template <typename T>
+struct RoutedOperands {
   using F = compute_t<T>;
 
- public:
-  // Scratch buffers per thread (leading_dim(C) apart): shifted student logits u, exp(u), A, then
-  // the mix's own buffers from index kFirstMixBuffer on; after them 2 scalars per routing slot.
-  static constexpr int kFirstMixBuffer = 3;
-  static int num_buffers(int mix, int64_t K) { return mix == kMixProbs ? 5 + 2 * int(K) : 6; }
-
-  MMFAST_INLINE RoutedRow(const RoutedKDParams& p, F* workspace, int64_t* slot_ints)
+  explicit RoutedOperands(const RoutedKDParams& p)
       : p_(p),
         x_(static_cast<const T*>(p.x)),
         z_(static_cast<const T*>(p.z)),
@@ -98,12 +92,42 @@ class RoutedRow {
         dz_(static_cast<T*>(p.dz)),
         C_(p.C),
         K_(p.K),
-        ld_(Workspace<F>::leading_dim(p.C)),
-        Cw_(p.mix != kMixProbs && p.C < kPadBelow ? ld_ : p.C),
         inv_tau_(F(p.inv_tau)),
         scale_(F(p.scale)),
         grad_scale_(F(p.scale * p.inv_tau)),
-        js_{F(p.beta), F(1 - p.beta), F(std::log(p.beta)), F(std::log1p(-p.beta))},
+        js_{F(p.beta), F(1 - p.beta), F(std::log(p.beta)), F(std::log1p(-p.beta))} {}
+
+  const RoutedKDParams& p_;
+  const T* x_;
+  const T* z_;
+  const F* w_;
+  F* loss_;
+  T* dx_;
+  F* dw_;
+  T* dz_;
+  int64_t C_, K_;
+  F inv_tau_, scale_, grad_scale_;
+  JSWeights<F> js_;
+};
+
+// State and stages of one row; every stage is inlined into the multiversioned row loop.
+template <typename T, int DIV>
+class RoutedRow : RoutedOperands<T> {
+  using Ops = RoutedOperands<T>;
+  using Ops::p_, Ops::x_, Ops::z_, Ops::w_, Ops::loss_, Ops::dx_, Ops::dw_, Ops::dz_, Ops::C_, Ops::K_,
+      Ops::inv_tau_, Ops::scale_, Ops::grad_scale_, Ops::js_;
+  using F = compute_t<T>;
+
+ public:
+  // Scratch buffers per thread (leading_dim(C) apart): shifted student logits u, exp(u), A, then
+  // the mix's own buffers from index kFirstMixBuffer on; after them 2 scalars per routing slot.
+  static constexpr int kFirstMixBuffer = 3;
+  static int num_buffers(int mix, int64_t K) { return mix == kMixProbs ? 5 + 2 * int(K) : 6; }
+
+  MMFAST_INLINE RoutedRow(const RoutedKDParams& p, F* workspace, int64_t* slot_ints)
+      : Ops(p),
+        ld_(Workspace<F>::leading_dim(p.C)),
+        Cw_(p.mix != kMixProbs && p.C < kPadBelow ? ld_ : p.C),
         ws_(workspace),
         u_(buffer(0)),
         eq_(buffer(1)),
@@ -399,18 +423,8 @@ class RoutedRow {
     });
   }
 
-  const RoutedKDParams& p_;
-  const T* x_;
-  const T* z_;
-  const F* w_;
-  F* loss_;
-  T* dx_;
-  F* dw_;
-  T* dz_;
-  int64_t C_, K_, ld_;
+  int64_t ld_;
   int64_t Cw_;  // the compute loops' length: C_, or leading_dim(C_) for a padded short row (see load)
-  F inv_tau_, scale_, grad_scale_;
-  JSWeights<F> js_;
   F* ws_;
   F* u_;
   F* eq_;
@@ -434,7 +448,10 @@ class RoutedRow {
 bool use_tiles(const RoutedKDParams& p) { return tile_rows(p.C, p.mix == kMixLogits ? 40 : 63); }
 
 template <typename T, int DIV>
-class RoutedTile {
+class RoutedTile : RoutedOperands<T> {
+  using Ops = RoutedOperands<T>;
+  using Ops::p_, Ops::x_, Ops::z_, Ops::w_, Ops::loss_, Ops::dx_, Ops::dw_, Ops::dz_, Ops::C_, Ops::K_,
+      Ops::inv_tau_, Ops::scale_, Ops::grad_scale_, Ops::js_;
   using F = compute_t<T>;
   static constexpr int R = kTileRows<F>;
 
@@ -446,20 +463,7 @@ class RoutedTile {
   }
 
   MMFAST_INLINE RoutedTile(const RoutedKDParams& p, F* workspace)
-      : p_(p),
-        x_(static_cast<const T*>(p.x)),
-        z_(static_cast<const T*>(p.z)),
-        w_(static_cast<const F*>(p.w)),
-        loss_(static_cast<F*>(p.loss)),
-        dx_(static_cast<T*>(p.dx)),
-        dw_(static_cast<F*>(p.dw)),
-        dz_(static_cast<T*>(p.dz)),
-        C_(p.C),
-        K_(p.K),
-        inv_tau_(F(p.inv_tau)),
-        scale_(F(p.scale)),
-        grad_scale_(F(p.scale * p.inv_tau)),
-        js_{F(p.beta), F(1 - p.beta), F(std::log(p.beta)), F(std::log1p(-p.beta))},
+      : Ops(p),
         u_(workspace),
         eq_(workspace + 1 * p.C * R),
         a_(workspace + 2 * p.C * R),
@@ -743,17 +747,6 @@ class RoutedTile {
     });
   }
 
-  const RoutedKDParams& p_;
-  const T* x_;
-  const T* z_;
-  const F* w_;
-  F* loss_;
-  T* dx_;
-  F* dw_;
-  T* dz_;
-  int64_t C_, K_;
-  F inv_tau_, scale_, grad_scale_;
-  JSWeights<F> js_;
   F* u_;
   F* eq_;
   F* a_;
