@@ -5,6 +5,10 @@ Every loss provider is timed on a training step, forward + backward::
 
     x.grad = None (untimed setup)  |  loss = f(...); loss.backward(); [cuda sync]  (timed)
 
+and, unless told not to (``python -m mmfast bench --no-forward``), on its forward alone (the ``fwd`` column;
+``bwd`` = step - fwd). One extra untimed step measures the memory the step allocates at its peak beyond its
+inputs (``peak MiB``: ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's allocation events on a CPU).
+
 Providers:
   ``eager``        the loss as a user writes it (``mmfast.reference.*_loss_autograd``), autograd backward
   ``compile``      ``torch.compile`` of that function (compiled and warmed up before timing)
@@ -39,8 +43,10 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
@@ -459,7 +465,7 @@ class Step:
     run: Callable[[], float | None]
     timing: str = "wall"
     keep_alive: object = None  # a captured graph and its output tensors
-    peak_bytes: int | None = None  # GPU: device memory the step allocates at its peak (see _step_peak_bytes)
+    peak_bytes: int | None = None  # loss providers: memory the step allocates at its peak (see step_peak_bytes)
 
 
 def _graph_step(body: Callable[[], object], flush: Tensor, warmup: int = 3) -> Step:
@@ -495,29 +501,79 @@ def _graph_step(body: Callable[[], object], flush: Tensor, warmup: int = 3) -> S
     return Step(setup, run, "cuda-graph", keep_alive=(graph, outputs))
 
 
-def _step_peak_bytes(body: Callable[[], object]) -> int:
-    """Device memory one eager run of ``body`` allocates at its peak, beyond what was allocated before it
+# the profiler's own start/stop lines, which its C++ side writes to stderr at any log level
+_PROFILER_LOG_LINE = re.compile(r"^(USDT|STAGE):\S+ \S+ \d+:\d+ \S+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_profiler_log() -> Iterator[None]:
+    """Drop the profiler's start/stop lines from stderr (file descriptor 2) within the block; everything else
+    written there meanwhile is passed on when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _PROFILER_LOG_LINE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def step_peak_bytes(body: Callable[[], object], device: torch.device) -> int | None:
+    """Memory one eager run of ``body`` allocates at its peak on ``device``, beyond what was allocated before it
     (inputs excluded; outputs, saved tensors and temporaries included). ``body`` is run once first, so that
-    compilation and autotuning buffers are not counted."""
+    compilation and autotuning buffers are not counted.
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU: the running sum of the profiler's allocation and free events
+    of torch's CPU allocator (every tensor, also those torch.compile's generated code allocates); what a native
+    kernel allocates itself is not seen (mmfast's CPU kernels: per-thread row scratch, O(threads * C)). None
+    where this torch's profiler does not expose its memory events."""
     body()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = body()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = body()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del out
+        return peak
+    from torch.profiler import ProfilerActivity, profile
+
+    with _without_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = body()
+        del out
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
+        return None
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in deltas:
+        running += nbytes
+        peak = max(peak, running)
     return peak
 
 
 def make_step(
     case: Case, provider: str, device: torch.device, dtype: torch.dtype, seed: int = 0, *, graph: bool | None = None,
+    forward_only: bool = False,
 ) -> Step:
     """The benchmark round of ``provider`` on ``case``: forward + backward (gradients of every input that requires
-    grad). On a GPU (``graph`` None or True) the round is a CUDA-graph replay timed with CUDA events (see
-    :func:`_graph_step`); if capturing fails, the step says so by raising (``graph=True``) or falls back to the
-    synchronised wall clock with the reason in ``Step.timing`` (``graph=None``). ``graph=False``: wall clock.
-    On a GPU a loss provider's step also reports its peak memory (``Step.peak_bytes``)."""
+    grad); with ``forward_only`` (loss providers) the forward alone, recording the autograd graph that a backward
+    would use (dropped with the loss). On a GPU (``graph`` None or True) the round is a CUDA-graph replay timed
+    with CUDA events (see :func:`_graph_step`); if capturing fails, the step says so by raising (``graph=True``)
+    or falls back to the synchronised wall clock with the reason in ``Step.timing`` (``graph=None``).
+    ``graph=False``: wall clock.
+    A loss provider's step also reports its peak memory (``Step.peak_bytes``, :func:`step_peak_bytes`)."""
     cuda = device.type == "cuda"
     use_graph = cuda and graph is not False
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -529,6 +585,8 @@ def make_step(
             sync()
 
     if provider in ("exp-floor", "copy"):
+        if forward_only:
+            raise ValueError(f"forward_only: {provider!r} is not a loss provider")
         if provider == "exp-floor":
             src = torch.randn(case.exp_elements(), device=device)  # fp32: the kernels exponentiate in fp32
             dst = torch.empty_like(src)
@@ -547,14 +605,16 @@ def make_step(
         kwargs = case.inputs(device, dtype, seed)
         leaves = [t for t in kwargs.values() if isinstance(t, Tensor) and t.requires_grad]
 
-        def body() -> tuple[Tensor, ...]:
+        def body() -> Tensor | tuple[Tensor, ...]:
             with context():
-                return torch.autograd.grad(fn(**kwargs), leaves)
+                loss = fn(**kwargs)
+                return loss if forward_only else torch.autograd.grad(loss, leaves)
 
         def setup_wall() -> None:
             cold_cache()
 
-    peak = _step_peak_bytes(body) if cuda and provider not in ("exp-floor", "copy") else None
+    measure_peak = provider not in ("exp-floor", "copy") and not forward_only
+    peak = step_peak_bytes(body, device) if measure_peak else None
     if use_graph:
         try:
             return dataclasses.replace(_graph_step(body, flush), peak_bytes=peak)
@@ -598,39 +658,58 @@ def _describe_error(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
 
 
+def is_loss_provider(name: str) -> bool:
+    """A provider that runs the loss (the baselines and the mmfast backends), not a reference kernel."""
+    return name in LOSS_BASELINES or name.startswith("mmfast-")
+
+
 def measure_group(
     case: Case, dtype: torch.dtype, names: Sequence[str], device: torch.device, *,
     budget_s: float, warmup_rounds: int = 3, min_rounds: int = 5, on_warm: Callable[[], None] | None = None,
+    forward: bool = False,
 ) -> list[Result]:
     """Time the providers ``names`` on one case and dtype, interleaved round by round.
 
     Every provider is warmed up first; the timed rounds then alternate between providers, so that a
     change in background load (a shared CPU) affects all of them alike and the ratios stay meaningful.
-    A provider that raises gets a row with its error; the others still run.
+    A provider that raises gets a row with its error; the others still run. With ``forward`` the forward
+    alone of every loss provider is timed too, in rounds of its own interleaved with the others
+    (``Result.forward_s``; NaN when only the forward failed).
     """
     group = case.label(dtype)
-    steps, rounds, errors = {}, {}, {}
+    steps: dict[tuple[str, bool], Step] = {}
+    rounds: dict[tuple[str, bool], int] = {}
+    errors: dict[tuple[str, bool], str] = {}
     for name in names:
-        try:
-            steps[name] = make_step(case, name, device, dtype)
-            rounds[name] = plan_rounds(warm_up(steps[name], warmup_rounds), budget_s, min_rounds)
-        except Exception as e:
-            steps.pop(name, None)
-            errors[name] = _describe_error(e)
+        for forward_only in (False, True) if forward and is_loss_provider(name) else (False,):
+            key = (name, forward_only)
+            try:
+                steps[key] = make_step(case, name, device, dtype, forward_only=forward_only)
+                rounds[key] = plan_rounds(warm_up(steps[key], warmup_rounds), budget_s, min_rounds)
+            except Exception as e:
+                steps.pop(key, None)
+                errors[key] = _describe_error(e)
         if on_warm is not None:
             on_warm()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[tuple[str, bool], list[float]] = {key: [] for key in steps}
     for r in range(max(rounds.values(), default=0)):
-        for name in [n for n in steps if r < rounds[n]]:
+        for key in [k for k in steps if r < rounds[k]]:
             try:
-                times[name].append(_time_round(steps[name]))
+                times[key].append(_time_round(steps[key]))
             except Exception as e:
-                del steps[name]
-                errors[name] = _describe_error(e)
+                del steps[key]
+                errors[key] = _describe_error(e)
+
+    def forward_median(name: str) -> float | None:
+        key = (name, True)
+        if key in steps:
+            return statistics.median(times[key])
+        return math.nan if key in errors else None
+
     return [
-        Result(group, name, math.nan, math.nan, 0, error=errors[name]) if name in errors
-        else Result.from_times(group, name, times[name], provider_bytes(case, name, dtype), steps[name].timing,
-                               steps[name].peak_bytes)
+        Result(group, name, math.nan, math.nan, 0, error=errors[(name, False)]) if (name, False) in errors
+        else Result.from_times(group, name, times[(name, False)], provider_bytes(case, name, dtype),
+                               steps[(name, False)].timing, steps[(name, False)].peak_bytes, forward_median(name))
         for name in names
     ]
 
@@ -648,16 +727,17 @@ class Result:
     bytes: int | None = None
     error: str | None = None
     timing: str = "wall"  # Step.timing: "wall", "cuda-graph" or "wall (graph capture failed: ...)"
-    peak_bytes: int | None = None  # Step.peak_bytes (GPU loss providers)
+    peak_bytes: int | None = None  # Step.peak_bytes (loss providers)
+    forward_s: float | None = None  # median of the forward alone (measure_group(forward=True)); NaN: it failed
 
     @classmethod
     def from_times(
         cls, group: str, provider: str, times: Sequence[float], bytes_: int | None, timing: str = "wall",
-        peak_bytes: int | None = None,
+        peak_bytes: int | None = None, forward_s: float | None = None,
     ) -> Result:
         q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
         return cls(group, provider, statistics.median(times), q3 - q1, len(times), bytes_, timing=timing,
-                   peak_bytes=peak_bytes)
+                   peak_bytes=peak_bytes, forward_s=forward_s)
 
     def to_json(self) -> dict:
         """A pytest-benchmark record (the fields :func:`load_results` reads)."""
@@ -666,7 +746,7 @@ class Result:
             "name": f"{self.group} [{self.provider}]",
             "stats": {"median": self.median_s, "iqr": self.iqr_s, "rounds": self.rounds},
             "extra_info": {"provider": self.provider, "bytes": self.bytes, "error": self.error, "timing": self.timing,
-                           "peak_bytes": self.peak_bytes},
+                           "peak_bytes": self.peak_bytes, "forward_median": self.forward_s},
         }
 
 
@@ -689,6 +769,7 @@ def load_results(doc: dict) -> list[Result]:
             error=extra.get("error"),
             timing=extra.get("timing", "wall"),
             peak_bytes=extra.get("peak_bytes"),
+            forward_s=extra.get("forward_median"),
         ))
     return results
 
@@ -708,8 +789,9 @@ def render_tables(results: Sequence[Result]) -> str:
 
     ``vs eager`` / ``vs compile``: t_baseline / t (above 1 is faster). ``/ exp-floor``: t / t_exp
     (the CPU target is <= 1.5 for mmfast-cpu). ``GB/s``: bytes moved / t; ``% copy``: that bandwidth
-    over the copy provider's. ``peak MiB`` (GPU): the device memory a loss step allocates at its peak beyond
-    its inputs.
+    over the copy provider's. ``fwd`` (loss providers, when measured): the median of the forward alone;
+    ``bwd``: median - fwd (the backward's share of the step). ``peak MiB``: the memory a loss step allocates at
+    its peak beyond its inputs (:func:`step_peak_bytes`).
     """
     groups: dict[str, list[Result]] = {}
     for r in results:
@@ -722,7 +804,9 @@ def _render_group(group: str, rows: list[Result]) -> str:
     t_eager, t_compile, t_exp = medians.get("eager"), medians.get("compile"), medians.get("exp-floor")
     copy = next((r for r in rows if r.provider == "copy" and r.error is None and r.bytes), None)
     copy_bw = copy.bytes / copy.median_s if copy and copy.median_s > 0 else None
-    header = ["provider", "median", "IQR", "vs eager", "vs compile", "/ exp-floor", "GB/s"]
+    forwards = any(r.forward_s is not None for r in rows if r.error is None)
+    header = ["provider", "median", "IQR", *(("fwd", "bwd") if forwards else ()),
+              "vs eager", "vs compile", "/ exp-floor", "GB/s"]
     if copy_bw:
         header.append("% copy")
     peaks = any(r.peak_bytes is not None for r in rows if r.error is None)
@@ -733,12 +817,14 @@ def _render_group(group: str, rows: list[Result]) -> str:
         if r.error is not None:
             cells = [r.provider, f"failed: {r.error}"] + [""] * (len(header) - 2)
         else:
-            is_loss = r.provider in LOSS_BASELINES or r.provider.startswith("mmfast-")
+            is_loss = is_loss_provider(r.provider)
             bw = r.bytes / r.median_s if r.bytes and r.median_s > 0 else None
-            cells = [
-                r.provider,
-                _fmt_time(r.median_s),
-                _fmt_time(r.iqr_s),
+            cells = [r.provider, _fmt_time(r.median_s), _fmt_time(r.iqr_s)]
+            if forwards:
+                backward = r.median_s - r.forward_s if r.forward_s is not None else None
+                cells += [_fmt_time(r.forward_s) if r.forward_s is not None else "",
+                          _fmt_time(backward) if backward is not None else ""]
+            cells += [
                 _fmt_ratio(t_eager / r.median_s) if is_loss and t_eager else "",
                 _fmt_ratio(t_compile / r.median_s) if is_loss and t_compile else "",
                 _fmt_ratio(r.median_s / t_exp) if is_loss and t_exp else "",
@@ -844,6 +930,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a few small shapes, short timings (what CI runs)")
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), default=None, metavar="SUITE",
                         help=f"only this op's cases (repeatable; default: all of {', '.join(SUITES)})")
+    parser.add_argument("--no-forward", action="store_true",
+                        help="do not time the forward alone (the fwd and bwd columns)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the results as pytest-benchmark JSON (read by benchmarks/report.py)")
 
@@ -863,7 +951,8 @@ def run(args: argparse.Namespace) -> int:
     info = machine_info(device)
     print(describe_machine(info, date))
     print(describe_backends(device))
-    print("forward + backward per training step; speedup = t_baseline / t\n")
+    print("median: forward + backward per training step; speedup = t_baseline / t"
+          + ("" if args.no_forward else "; fwd: the forward alone, bwd = median - fwd") + "\n")
 
     plan = matrix(cases, device)
     skipped = {case.label(dtype): reason for case, dtype, _, reason in plan if reason}
@@ -882,7 +971,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"## {case.description}\n", flush=True)
             group = measure_group(
                 case, dtype, names, device, budget_s=budget_s, warmup_rounds=2 if args.quick else 3,
-                min_rounds=3 if args.quick else 5, on_warm=progress.update,
+                min_rounds=3 if args.quick else 5, on_warm=progress.update, forward=not args.no_forward,
             )
             results += group
             # each table as soon as it is measured: a run cut short keeps what it measured

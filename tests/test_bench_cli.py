@@ -132,8 +132,8 @@ def test_gpu_timing_is_reported_and_survives_json():
 
 
 def test_gpu_peak_memory_column_and_json():
-    """GPU loss rows carry their step's peak memory: a ``peak MiB`` column (empty for rows without it), kept
-    through JSON; groups without any peak (CPU) have no such column."""
+    """Loss rows carry their step's peak memory: a ``peak MiB`` column (empty for rows without it), kept
+    through JSON; groups without any peak have no such column."""
     from mmfast import bench
 
     rows = [bench.Result("g bf16", "eager", 2e-3, 1e-4, 5, 4000, timing="cuda-graph", peak_bytes=48 * 2**20),
@@ -146,6 +146,53 @@ def test_gpu_peak_memory_column_and_json():
     assert _row(table, "copy")[col] == ""
     assert bench.load_results({"benchmarks": [r.to_json() for r in rows]}) == rows
     assert "peak MiB" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])
+
+
+def test_forward_columns_and_json():
+    """measure_group(forward=True) times each loss provider's forward alone: ``fwd`` and ``bwd`` (= median - fwd)
+    columns, empty for reference kernels, kept through JSON; a CPU step reports its peak memory too."""
+    from mmfast import bench
+
+    case = bench.RoutedCase(N=16, C=7, E=2)
+    names = ["eager", "mmfast-cpu", "exp-floor"]
+    results = bench.measure_group(case, torch.float32, names, torch.device("cpu"), budget_s=0.01, forward=True)
+    by_name = {r.provider: r for r in results}
+    assert all(r.error is None for r in results), results
+    for name in ("eager", "mmfast-cpu"):
+        assert 0 < by_name[name].forward_s < 10 * by_name[name].median_s
+        # student gradient [16, 7] fp32 plus per-row statistics; eager also keeps its [E, N, C] intermediates
+        assert by_name[name].peak_bytes >= 16 * 7 * 4
+    assert by_name["mmfast-cpu"].peak_bytes < by_name["eager"].peak_bytes
+    assert by_name["exp-floor"].forward_s is None and by_name["exp-floor"].peak_bytes is None
+    assert all(r.forward_s is None for r in bench.measure_group(case, torch.float32, names[:1], torch.device("cpu"),
+                                                                 budget_s=0.01))
+
+    rows = [bench.Result("g fp32", "compile", 3e-3, 1e-4, 5, 4000, forward_s=2e-3),
+            bench.Result("g fp32", "mmfast-cpu", 1e-3, 1e-4, 5, 4000, forward_s=9e-4),
+            bench.Result("g fp32", "exp-floor", 5e-4, 1e-5, 5, 4000)]
+    table = bench.render_tables(rows)
+    header = _row(table, "provider")
+    fwd, bwd = header.index("fwd"), header.index("bwd")
+    assert header.index("IQR") < fwd < bwd < header.index("vs eager")
+    assert _row(table, "compile")[fwd] == "2.000 ms" and _row(table, "compile")[bwd] == "1.000 ms"
+    assert _row(table, "mmfast-cpu")[fwd] == "900.0 us" and _row(table, "mmfast-cpu")[bwd] == "100.0 us"
+    assert _row(table, "exp-floor")[fwd] == "" and _row(table, "exp-floor")[bwd] == ""
+    assert _row(table, "mmfast-cpu")[header.index("vs compile")] == "3.00x"
+    assert bench.load_results({"benchmarks": [r.to_json() for r in rows]}) == rows
+    assert "fwd" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])
+
+
+def test_profiler_log_lines_are_dropped_and_the_rest_kept(capfd):
+    """The CPU peak measurement runs the profiler, whose C++ side prints start/stop lines to stderr: they are
+    dropped, anything else written to stderr meanwhile is passed on."""
+    from mmfast import bench
+
+    with bench._without_profiler_log():
+        os.write(2, b"USDT:2026-11-27 14:58:56 3537:3537 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a real message\n")
+        print("a Python warning", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "profiler_start" not in err and "a real message" in err and "a Python warning" in err
 
 
 def test_cpu_allocator_is_described(monkeypatch):
