@@ -5,8 +5,9 @@ Every loss provider is timed on a training step, forward + backward::
 
     x.grad = None (untimed setup)  |  loss = f(...); loss.backward(); [cuda sync]  (timed)
 
-and, unless told not to (``python -m mmfast bench --no-forward``), on its forward alone (the ``fwd`` column;
-``bwd`` = step - fwd). One extra untimed step measures the memory the step allocates at its peak beyond its
+with, unless told not to (``python -m mmfast bench --no-forward``), its forward and backward timed apart (the
+``fwd`` and ``bwd`` columns: the two parts of each wall-clock round; a CUDA-graph step's forward is replayed
+alone and ``bwd`` = step - fwd). One extra untimed step measures the memory the step allocates at its peak beyond its
 inputs (``peak MiB``: ``torch.cuda.max_memory_allocated`` on a GPU, the profiler's allocation events on a CPU).
 
 Providers:
@@ -466,6 +467,8 @@ class Step:
     timing: str = "wall"
     keep_alive: object = None  # a captured graph and its output tensors
     peak_bytes: int | None = None  # loss providers: memory the step allocates at its peak (see step_peak_bytes)
+    # wall-clock loss steps: ``run`` timed in two parts, (forward, backward) seconds, each ending with a device sync
+    split: Callable[[], tuple[float, float]] | None = None
 
 
 def _graph_step(body: Callable[[], object], flush: Tensor, warmup: int = 3) -> Step:
@@ -613,6 +616,17 @@ def make_step(
         def setup_wall() -> None:
             cold_cache()
 
+        def split() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            with context():
+                loss = fn(**kwargs)
+                sync()
+                t1 = time.perf_counter()
+                grads = torch.autograd.grad(loss, leaves)
+                del loss, grads
+                sync()
+            return t1 - t0, time.perf_counter() - t1
+
     measure_peak = provider not in ("exp-floor", "copy") and not forward_only
     peak = step_peak_bytes(body, device) if measure_peak else None
     if use_graph:
@@ -630,7 +644,8 @@ def make_step(
         body()
         sync()
 
-    return Step(setup_wall, run, reason, peak_bytes=peak)
+    loss_step = provider not in ("exp-floor", "copy") and not forward_only
+    return Step(setup_wall, run, reason, peak_bytes=peak, split=split if loss_step else None)
 
 
 def warm_up(step: Step, rounds: int = 3) -> float:
@@ -672,44 +687,65 @@ def measure_group(
 
     Every provider is warmed up first; the timed rounds then alternate between providers, so that a
     change in background load (a shared CPU) affects all of them alike and the ratios stay meaningful.
-    A provider that raises gets a row with its error; the others still run. With ``forward`` the forward
-    alone of every loss provider is timed too, in rounds of its own interleaved with the others
-    (``Result.forward_s``; NaN when only the forward failed).
+    A provider that raises gets a row with its error; the others still run.
+
+    With ``forward`` every loss provider's forward and backward are timed apart (``Result.forward_s`` and
+    ``Result.backward_s``): on the wall clock as the two parts of each step round (``Step.split``); for a
+    CUDA-graph step the forward is captured alone and replayed in rounds of its own, and the backward is the
+    step's median less the forward's (device times). A NaN forward: only the forward's own step failed.
     """
     group = case.label(dtype)
     steps: dict[tuple[str, bool], Step] = {}
     rounds: dict[tuple[str, bool], int] = {}
     errors: dict[tuple[str, bool], str] = {}
     for name in names:
-        for forward_only in (False, True) if forward and is_loss_provider(name) else (False,):
-            key = (name, forward_only)
+        key = (name, False)
+        try:
+            steps[key] = make_step(case, name, device, dtype)
+            rounds[key] = plan_rounds(warm_up(steps[key], warmup_rounds), budget_s, min_rounds)
+        except Exception as e:
+            steps.pop(key, None)
+            errors[key] = _describe_error(e)
+        if forward and key in steps and is_loss_provider(name) and steps[key].split is None:
+            alone = (name, True)
             try:
-                steps[key] = make_step(case, name, device, dtype, forward_only=forward_only)
-                rounds[key] = plan_rounds(warm_up(steps[key], warmup_rounds), budget_s, min_rounds)
+                steps[alone] = make_step(case, name, device, dtype, forward_only=True)
+                rounds[alone] = plan_rounds(warm_up(steps[alone], warmup_rounds), budget_s, min_rounds)
             except Exception as e:
-                steps.pop(key, None)
-                errors[key] = _describe_error(e)
+                steps.pop(alone, None)
+                errors[alone] = _describe_error(e)
         if on_warm is not None:
             on_warm()
     times: dict[tuple[str, bool], list[float]] = {key: [] for key in steps}
+    parts: dict[str, list[tuple[float, float]]] = {}
     for r in range(max(rounds.values(), default=0)):
         for key in [k for k in steps if r < rounds[k]]:
+            step = steps[key]
             try:
-                times[key].append(_time_round(steps[key]))
+                if forward and step.split is not None:
+                    step.setup()
+                    fwd, bwd = step.split()
+                    parts.setdefault(key[0], []).append((fwd, bwd))
+                    times[key].append(fwd + bwd)
+                else:
+                    times[key].append(_time_round(step))
             except Exception as e:
                 del steps[key]
                 errors[key] = _describe_error(e)
 
-    def forward_median(name: str) -> float | None:
-        key = (name, True)
-        if key in steps:
-            return statistics.median(times[key])
-        return math.nan if key in errors else None
+    def forward_backward(name: str) -> tuple[float | None, float | None]:
+        if name in parts:
+            return (statistics.median(f for f, _ in parts[name]), statistics.median(b for _, b in parts[name]))
+        alone = (name, True)
+        if alone in steps:
+            return statistics.median(times[alone]), None
+        return (math.nan if alone in errors else None), None
 
     return [
         Result(group, name, math.nan, math.nan, 0, error=errors[(name, False)]) if (name, False) in errors
         else Result.from_times(group, name, times[(name, False)], provider_bytes(case, name, dtype),
-                               steps[(name, False)].timing, steps[(name, False)].peak_bytes, forward_median(name))
+                               steps[(name, False)].timing, steps[(name, False)].peak_bytes,
+                               *forward_backward(name))
         for name in names
     ]
 
@@ -728,16 +764,18 @@ class Result:
     error: str | None = None
     timing: str = "wall"  # Step.timing: "wall", "cuda-graph" or "wall (graph capture failed: ...)"
     peak_bytes: int | None = None  # Step.peak_bytes (loss providers)
-    forward_s: float | None = None  # median of the forward alone (measure_group(forward=True)); NaN: it failed
+    # measure_group(forward=True): medians of the forward and of the backward (None: the median less the forward)
+    forward_s: float | None = None
+    backward_s: float | None = None
 
     @classmethod
     def from_times(
         cls, group: str, provider: str, times: Sequence[float], bytes_: int | None, timing: str = "wall",
-        peak_bytes: int | None = None, forward_s: float | None = None,
+        peak_bytes: int | None = None, forward_s: float | None = None, backward_s: float | None = None,
     ) -> Result:
         q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
         return cls(group, provider, statistics.median(times), q3 - q1, len(times), bytes_, timing=timing,
-                   peak_bytes=peak_bytes, forward_s=forward_s)
+                   peak_bytes=peak_bytes, forward_s=forward_s, backward_s=backward_s)
 
     def to_json(self) -> dict:
         """A pytest-benchmark record (the fields :func:`load_results` reads)."""
@@ -746,7 +784,8 @@ class Result:
             "name": f"{self.group} [{self.provider}]",
             "stats": {"median": self.median_s, "iqr": self.iqr_s, "rounds": self.rounds},
             "extra_info": {"provider": self.provider, "bytes": self.bytes, "error": self.error, "timing": self.timing,
-                           "peak_bytes": self.peak_bytes, "forward_median": self.forward_s},
+                           "peak_bytes": self.peak_bytes, "forward_median": self.forward_s,
+                           "backward_median": self.backward_s},
         }
 
 
@@ -770,6 +809,7 @@ def load_results(doc: dict) -> list[Result]:
             timing=extra.get("timing", "wall"),
             peak_bytes=extra.get("peak_bytes"),
             forward_s=extra.get("forward_median"),
+            backward_s=extra.get("backward_median"),
         ))
     return results
 
@@ -789,9 +829,9 @@ def render_tables(results: Sequence[Result]) -> str:
 
     ``vs eager`` / ``vs compile``: t_baseline / t (above 1 is faster). ``/ exp-floor``: t / t_exp
     (the CPU target is <= 1.5 for mmfast-cpu). ``GB/s``: bytes moved / t; ``% copy``: that bandwidth
-    over the copy provider's. ``fwd`` (loss providers, when measured): the median of the forward alone;
-    ``bwd``: median - fwd (the backward's share of the step). ``peak MiB``: the memory a loss step allocates at
-    its peak beyond its inputs (:func:`step_peak_bytes`).
+    over the copy provider's. ``fwd`` / ``bwd`` (loss providers, when measured): medians of the forward and of the
+    backward (see :func:`measure_group`; where the backward was not timed apart, median - fwd). ``peak MiB``: the
+    memory a loss step allocates at its peak beyond its inputs (:func:`step_peak_bytes`).
     """
     groups: dict[str, list[Result]] = {}
     for r in results:
@@ -821,7 +861,9 @@ def _render_group(group: str, rows: list[Result]) -> str:
             bw = r.bytes / r.median_s if r.bytes and r.median_s > 0 else None
             cells = [r.provider, _fmt_time(r.median_s), _fmt_time(r.iqr_s)]
             if forwards:
-                backward = r.median_s - r.forward_s if r.forward_s is not None else None
+                backward = r.backward_s
+                if backward is None and r.forward_s is not None:
+                    backward = r.median_s - r.forward_s
                 cells += [_fmt_time(r.forward_s) if r.forward_s is not None else "",
                           _fmt_time(backward) if backward is not None else ""]
             cells += [
@@ -931,7 +973,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), default=None, metavar="SUITE",
                         help=f"only this op's cases (repeatable; default: all of {', '.join(SUITES)})")
     parser.add_argument("--no-forward", action="store_true",
-                        help="do not time the forward alone (the fwd and bwd columns)")
+                        help="do not time the forward and the backward apart (the fwd and bwd columns)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the results as pytest-benchmark JSON (read by benchmarks/report.py)")
 
@@ -952,7 +994,7 @@ def run(args: argparse.Namespace) -> int:
     print(describe_machine(info, date))
     print(describe_backends(device))
     print("median: forward + backward per training step; speedup = t_baseline / t"
-          + ("" if args.no_forward else "; fwd: the forward alone, bwd = median - fwd") + "\n")
+          + ("" if args.no_forward else "; fwd, bwd: its two parts, medians of each") + "\n")
 
     plan = matrix(cases, device)
     skipped = {case.label(dtype): reason for case, dtype, _, reason in plan if reason}

@@ -148,9 +148,11 @@ def test_gpu_peak_memory_column_and_json():
     assert "peak MiB" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])
 
 
-def test_forward_columns_and_json():
-    """measure_group(forward=True) times each loss provider's forward alone: ``fwd`` and ``bwd`` (= median - fwd)
-    columns, empty for reference kernels, kept through JSON; a CPU step reports its peak memory too."""
+def test_forward_backward_columns_and_json():
+    """measure_group(forward=True) times each loss provider's forward and backward apart: ``fwd`` and ``bwd``
+    columns, empty for reference kernels, kept through JSON. On the wall clock they are the two parts of each
+    step round; where only the forward was timed alone (CUDA graphs), bwd is the median less fwd. A CPU step
+    reports its peak memory too."""
     from mmfast import bench
 
     case = bench.RoutedCase(N=16, C=7, E=2)
@@ -159,25 +161,27 @@ def test_forward_columns_and_json():
     by_name = {r.provider: r for r in results}
     assert all(r.error is None for r in results), results
     for name in ("eager", "mmfast-cpu"):
-        assert 0 < by_name[name].forward_s < 10 * by_name[name].median_s
+        r = by_name[name]
+        assert 0 < r.forward_s < r.median_s and 0 < r.backward_s < r.median_s
+        assert r.forward_s + r.backward_s == pytest.approx(r.median_s, rel=0.5)  # medians of the parts and sums
         # student gradient [16, 7] fp32 plus per-row statistics; eager also keeps its [E, N, C] intermediates
-        assert by_name[name].peak_bytes >= 16 * 7 * 4
+        assert r.peak_bytes >= 16 * 7 * 4
     assert by_name["mmfast-cpu"].peak_bytes < by_name["eager"].peak_bytes
     assert by_name["exp-floor"].forward_s is None and by_name["exp-floor"].peak_bytes is None
-    assert all(r.forward_s is None for r in bench.measure_group(case, torch.float32, names[:1], torch.device("cpu"),
-                                                                 budget_s=0.01))
+    plain = bench.measure_group(case, torch.float32, names[:1], torch.device("cpu"), budget_s=0.01)
+    assert plain[0].forward_s is None and plain[0].backward_s is None
 
-    rows = [bench.Result("g fp32", "compile", 3e-3, 1e-4, 5, 4000, forward_s=2e-3),
-            bench.Result("g fp32", "mmfast-cpu", 1e-3, 1e-4, 5, 4000, forward_s=9e-4),
+    rows = [bench.Result("g fp32", "compile", 3e-3, 1e-4, 5, 4000, forward_s=2e-3, backward_s=1.1e-3),
+            bench.Result("g fp32", "mmfast-cuda", 1e-3, 1e-4, 5, 4000, timing="cuda-graph", forward_s=9e-4),
             bench.Result("g fp32", "exp-floor", 5e-4, 1e-5, 5, 4000)]
     table = bench.render_tables(rows)
     header = _row(table, "provider")
     fwd, bwd = header.index("fwd"), header.index("bwd")
     assert header.index("IQR") < fwd < bwd < header.index("vs eager")
-    assert _row(table, "compile")[fwd] == "2.000 ms" and _row(table, "compile")[bwd] == "1.000 ms"
-    assert _row(table, "mmfast-cpu")[fwd] == "900.0 us" and _row(table, "mmfast-cpu")[bwd] == "100.0 us"
+    assert _row(table, "compile")[fwd] == "2.000 ms" and _row(table, "compile")[bwd] == "1.100 ms"
+    assert _row(table, "mmfast-cuda")[fwd] == "900.0 us" and _row(table, "mmfast-cuda")[bwd] == "100.0 us"
     assert _row(table, "exp-floor")[fwd] == "" and _row(table, "exp-floor")[bwd] == ""
-    assert _row(table, "mmfast-cpu")[header.index("vs compile")] == "3.00x"
+    assert _row(table, "mmfast-cuda")[header.index("vs compile")] == "3.00x"
     assert bench.load_results({"benchmarks": [r.to_json() for r in rows]}) == rows
     assert "fwd" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])
 

@@ -158,3 +158,24 @@ def test_benchmark_step_is_a_timed_graph_replay(provider):
             expected = torch.autograd.grad(fn(**kwargs), leaves)
         for got, want in zip(outputs, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("provider", [p for p in _BENCH_PROVIDERS if p not in ("copy", "exp-floor")])
+def test_benchmark_forward_alone_is_a_timed_graph_replay(provider):
+    """The bench's ``fwd`` column on a GPU: the loss's forward captured alone replays with a positive device time,
+    and the loss value equals an eager forward; measure_group(forward=True) reports it with bwd = step - fwd."""
+    from mmfast import bench
+
+    case, dev = bench.ROUTED_CASES[0], torch.device("cuda")
+    step = bench.make_step(case, provider, dev, torch.float32, graph=True, forward_only=True)
+    assert step.timing == "cuda-graph" and step.split is None and step.peak_bytes is None
+    times = [bench._time_round(step) for _ in range(3)]
+    assert all(0 < t < 1.0 for t in times), times
+    _, loss = step.keep_alive
+    fn, context = bench._loss_fn(case, provider)
+    with context():
+        expected = fn(**case.inputs(dev, torch.float32, 0))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    (result,) = bench.measure_group(case, torch.float32, [provider], dev, budget_s=0.01, forward=True)
+    assert result.error is None and result.timing == "cuda-graph"
+    assert 0 < result.forward_s and result.backward_s is None
