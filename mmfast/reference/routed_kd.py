@@ -109,7 +109,7 @@ def routed_kd_rows(
         sel = indices.repeat_interleave(S, dim=0)
         bad = ((sel < 0) | (sel >= E)).any(dim=1)
         sel = sel.clamp(0, E - 1)
-    v = v_all[sel.t(), rows]  # [K, N, C]
+    v = v_all[:K] if indices is None else v_all[sel.t(), rows]  # [K, N, C]: the routed teachers of each row
 
     lq = torch.log_softmax(u, dim=-1)
     q = lq.exp()
@@ -122,7 +122,7 @@ def routed_kd_rows(
         loss = (w * D.t()).sum(-1)
         A = (wk * A).sum(0)
         dw = D.t()
-        dv = wk * (Bv - p * Bv.sum(-1, keepdim=True))
+        dv = wk * (Bv - p * Bv.sum(-1, keepdim=True)) if need_dz else None
     elif mix == 1:
         vbar = (wk * v).sum(0)
         lP = torch.log_softmax(vbar, dim=-1)
@@ -130,8 +130,8 @@ def routed_kd_rows(
         terms, A, Bv, _ = divergence_terms(divergence, lP, lq, beta)
         loss = terms.sum(-1)
         dvbar = Bv - P * Bv.sum(-1, keepdim=True)
-        dw = (dvbar.unsqueeze(0) * v).sum(-1).t()
-        dv = wk * dvbar
+        dw = (dvbar.unsqueeze(0) * v).sum(-1).t() if need_dw else None
+        dv = wk * dvbar if need_dz else None
     elif mix == 2:
         lp = torch.log_softmax(v, dim=-1)
         p = lp.exp()
@@ -141,7 +141,7 @@ def routed_kd_rows(
         # p * dL/dP; for reverse KL p * G = -p q / P is formed in log space (P may underflow)
         pG = -torch.exp(lp + lq - lP) if divergence == 1 else p * G
         dw = pG.sum(-1).t()
-        dv = wk * (pG - p * pG.sum(-1, keepdim=True))
+        dv = wk * (pG - p * pG.sum(-1, keepdim=True)) if need_dz else None
     else:
         raise ValueError(f"unknown mix code {mix}")
 
@@ -151,6 +151,8 @@ def routed_kd_rows(
     zero = torch.zeros((), dtype=cdt, device=dev)
 
     def finish(t: Tensor, row_dim: int) -> Tensor:
+        if mask is None and indices is None:  # every row valid
+            return t
         shape = [1] * t.dim()
         shape[row_dim] = N
         t = torch.where(bad.view(shape), nan, t)
@@ -166,8 +168,11 @@ def routed_kd_rows(
         dw_out = finish(dw * scale, 0).reshape(B, S, K).contiguous()
     if need_dz:
         g = finish(dv * (scale * inv_tau), 1)  # [K, N, C]
-        dz_rows = torch.zeros(E, N, C, dtype=cdt, device=dev)
-        dz_rows.index_put_((sel.t(), rows.expand(K, N)), g, accumulate=True)
+        if indices is None and K == E:  # dense routing: teacher k is slot k
+            dz_rows = g
+        else:
+            dz_rows = torch.zeros(E, N, C, dtype=cdt, device=dev)
+            dz_rows.index_put_((sel.t(), rows.expand(K, N)), g, accumulate=True)
         dz = dz_rows.reshape(E, B, S, C).permute(0, 1, 3, 2).contiguous().to(z.dtype)
     return loss_rows, dx, dw_out, dz
 
