@@ -5,9 +5,10 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Writes only under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt, cli.json and
-# cli.md (the bench tables); with GPU_CHECK_STEPS=...,ptxas,bench,report also ptxas.txt, bench.json
-# (pytest-benchmark) and bench.md (benchmarks/report.py). A failed step is recorded
+# Writes only under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt, cli.json,
+# cli.md (the bench tables) and cli.png (step times split into forward and backward, peak memory); with
+# GPU_CHECK_STEPS=...,ptxas,bench,report also ptxas.txt, bench.json (pytest-benchmark) and bench.md
+# (benchmarks/report.py). A failed step is recorded
 # and the later steps still run; every step has a timeout, cut to what is left of the script's budget
 # ($GPU_CHECK_BUDGET_S, default 560 s: a 15-minute lease less the machine's start; give the run tool
 # timeout_s 600). Tests and benchmarks run from /tmp, so that the repository's
@@ -119,7 +120,7 @@ run_step tests "${GPU_CHECK_TESTS_CAP:-200}" "$OUT/tests.txt" "cd /tmp && $PYTES
 run_step cli "${GPU_CHECK_CLI_CAP:-300}" "$LOG" "cd /tmp && $PY -m mmfast bench ${GPU_CHECK_CLI_ARGS:-} --json $OUT/cli.json"
 # the table of whatever was measured, even when the budget cut the run
 if [[ -s $OUT/cli.json ]]; then
-  run_step climd 30 "$LOG" "cd /tmp && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md"
+  run_step climd 60 "$LOG" "cd /tmp && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md --plot $OUT/cli.png"
 fi
 
 # (f) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional

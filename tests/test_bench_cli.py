@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -184,6 +185,29 @@ def test_forward_backward_columns_and_json():
     assert _row(table, "mmfast-cuda")[header.index("vs compile")] == "3.00x"
     assert bench.load_results({"benchmarks": [r.to_json() for r in rows]}) == rows
     assert "fwd" not in bench.render_tables([bench.Result("g fp32", "eager", 1e-3, 0, 5, 4000)])
+
+
+def test_report_plot(tmp_path):
+    """benchmarks/report.py --plot draws each group's loss providers (forward and backward parts, peak memory);
+    the reference kernels and failed rows are left out, and a file with no loss results is an error."""
+    from mmfast import bench
+
+    report = _load_report()
+    rows = [bench.Result("a fp32", "eager", 3e-3, 1e-4, 5, 4000, forward_s=2e-3, backward_s=1e-3, peak_bytes=2**21),
+            bench.Result("a fp32", "mmfast-cpu", 1e-3, 1e-4, 5, 4000, forward_s=9e-4, backward_s=1e-4),
+            bench.Result("a fp32", "exp-floor", 5e-4, 1e-5, 5, 4000),
+            bench.Result("b fp32", "compile", 2e-3, 1e-4, 5, 4000),
+            bench.Result("b fp32", "mmfast-cpu", math.nan, math.nan, 0, error="boom")]
+    doc = {"machine_info": {"device_name": "Test CPU", "torch": "2.13"}, "datetime": "today",
+           "benchmarks": [r.to_json() for r in rows]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(doc))
+    png, md = tmp_path / "bench.png", tmp_path / "bench.md"
+    assert report.main([str(path), "-o", str(md), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "| fwd | bwd |" in md.read_text()
+    with pytest.raises(ValueError, match="no loss provider results"):
+        report.plot(rows[2:3], str(tmp_path / "none.png"))
 
 
 def test_profiler_log_lines_are_dropped_and_the_rest_kept(capfd):
