@@ -210,6 +210,20 @@ def test_report_plot(tmp_path):
         report.plot(rows[2:3], str(tmp_path / "none.png"))
 
 
+@pytest.mark.skipif(not mmfast.backend_info(torch.device("cpu"))["available"]["cpu"],
+                    reason="the native CPU extension is not built")
+def test_row_mask_patterns_script(monkeypatch, capsys):
+    """benchmarks/row_mask_patterns.py times the bare kernel under periodic and random row masks."""
+    script = _load_script("row_mask_patterns")
+    monkeypatch.setattr(sys, "argv", ["row_mask_patterns.py", "--N", "64", "--D", "32", "--rounds", "2"])
+    script.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| mask")]
+    assert len(rows) == 11 and rows[0].startswith("| none | 100% |")
+    assert "| keep 3, skip 1 | 75% |" in out and "| random 25% | 25% |" in out
+    assert rows[0].split("|")[4].strip() == "1.00" and rows[-1].split("|")[5].strip() == "0.50"
+
+
 def test_profiler_log_lines_are_dropped_and_the_rest_kept(capfd):
     """The CPU peak measurement runs the profiler, whose C++ side prints start/stop lines to stderr: they are
     dropped, anything else written to stderr meanwhile is passed on."""
