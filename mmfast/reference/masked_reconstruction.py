@@ -116,16 +116,20 @@ def masked_reconstruction_rows(
         e, de = elementwise_terms(P - Yt, loss, beta)
         weight = m if w is None else w if m is None else w * m
         le, g_p = (e, de) if weight is None else (e * weight, de * weight)
-        g_yt = -g_p
+        g_yt = -g_p if need_dy else None
         out = le if per_element else le.sum(1).reshape(R)
-        raw = e if (per_element or m is not None) else e.sum(1).reshape(R)
-    g_y = normalize_backward(g_yt, Yt, rstd) if (normalize_target and need_dy) else g_yt
+        if need_dm:
+            raw = e if (per_element or m is not None) else e.sum(1).reshape(R)
+    # the gradients that are not requested are not formed
+    g_y = None
+    if need_dy:
+        g_y = normalize_backward(g_yt, Yt, rstd) if normalize_target else g_yt
 
     if w is not None:  # excluded rows: exactly 0, whatever their data
         keep = w != 0
         out = torch.where(keep.reshape(R) if out.dim() == 1 else keep, out, 0.0)
-        g_p = torch.where(keep, g_p, 0.0)
-        g_y = torch.where(keep, g_y, 0.0)
+        g_p = torch.where(keep, g_p, 0.0) if need_dp else None
+        g_y = torch.where(keep, g_y, 0.0) if need_dy else None
 
     # outputs never alias one another (nor the inputs): distinct empties, raw cloned where shared
     msum = m.sum(1).reshape(R) if (m is not None and not per_element) else pred.new_empty(0, dtype=cdt)
