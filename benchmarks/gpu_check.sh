@@ -25,7 +25,8 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
 # (GPU_CHECK_TESTS), a -k filter (GPU_CHECK_TESTS_K, default: the GPU backends' tests) and extra pytest
 # arguments (GPU_CHECK_PYTEST_ARGS, e.g. "-n 16" with xdist).
 # default: no pytest-benchmark pass (bench,report: the same cases as the CLI, twice the time); ptxas: CI prints it;
-# sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, mutual KD over C = 10..32k, ~3 min)
+# sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, mutual KD over C = 10..32k, ~3 min);
+# tiles: benchmarks/triton_tiles.py (launch-tuning sweep of the Triton softmax kernels, tiles.md / tiles.json)
 STEPS=",${GPU_CHECK_STEPS:-env,build,import,tests,cli,climd},"
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
 # only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
@@ -131,7 +132,13 @@ run_step sweep "${GPU_CHECK_SWEEP_CAP:-180}" "$LOG" "
     --json $OUT/sweep-mutual.json --plot $OUT/sweep-mutual.png
 "
 
-# (g) benchmarks -> bench.json -> bench.md
+# (g) launch tuning of the Triton routed- and mutual-KD kernels: candidate ROW_TILES per shape, fp32 and bf16
+# (optional step "tiles", ~3 min; GPU_CHECK_TILES_ARGS=--quick for two shapes)
+run_step tiles "${GPU_CHECK_TILES_CAP:-240}" "$OUT/tiles.md" "
+  cd /tmp && $PY $REPO/benchmarks/triton_tiles.py ${GPU_CHECK_TILES_ARGS:-} --json $OUT/tiles.json
+"
+
+# (h) benchmarks -> bench.json -> bench.md
 run_step bench 300 "$LOG" "
   cd /tmp && $PYTEST $REPO/benchmarks --benchmark-only --benchmark-json=$OUT/bench.json \
     --benchmark-max-time=0.25 --benchmark-min-rounds=10

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -29,11 +30,14 @@ def _row(table: str, provider: str) -> list[str]:
 
 
 def _run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    """``python -m mmfast ARGS`` from /tmp, with this interpreter and the mmfast these tests import."""
+    """``python -m mmfast ARGS`` from an empty folder (the working directory comes first on the module path: a
+    stray ``*.py`` there, or the repository's ./mmfast, would shadow what is imported), with this interpreter
+    and the mmfast these tests import."""
     path = [str(Path(mmfast.__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
-    return subprocess.run([sys.executable, "-m", "mmfast", *args], cwd="/tmp", env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-m", "mmfast", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
 
 
 def test_bench_quick_prints_comparison_table(tmp_path):
@@ -65,6 +69,7 @@ def _load_script(name: str):
     """A module of benchmarks/ (not a package) loaded from its file."""
     spec = importlib.util.spec_from_file_location(f"mmfast_bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -222,6 +227,29 @@ def test_row_mask_patterns_script(monkeypatch, capsys):
     assert len(rows) == 11 and rows[0].startswith("| none | 100% |")
     assert "| keep 3, skip 1 | 75% |" in out and "| random 25% | 25% |" in out
     assert rows[0].split("|")[4].strip() == "1.00" and rows[-1].split("|")[5].strip() == "0.50"
+
+
+def test_triton_tiles_script(tmp_path, capsys):
+    """benchmarks/triton_tiles.py (a GPU lease's tuning sweep) runs every candidate launch tuple of the routed-
+    and mutual-KD Triton kernels; on a CPU in the interpreter, at tiny shapes. Each candidate's outputs match
+    the default's (a failed comparison would be a row with its error), and the table marks the default and the
+    best of each shape; the module tuples are restored."""
+    pytest.importorskip("triton")
+    from mmfast.triton import mutual_kd, routed_kd
+
+    defaults = routed_kd.ROW_TILES, mutual_kd.ROW_TILES
+    script = _load_script("triton_tiles")
+    path = tmp_path / "tiles.json"
+    assert script.main(["--json", str(path)]) == 0
+    assert (routed_kd.ROW_TILES, mutual_kd.ROW_TILES) == defaults
+    rows = json.loads(path.read_text())["rows"]
+    shapes = {r["shape"] for r in rows}
+    assert len(shapes) == 2 and all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
+    for shape in shapes:
+        mine = [r for r in rows if r["shape"] == shape]
+        assert len(mine) == len(script.candidates(tuple(mine[0]["tiles"]))) and sum(r["default"] for r in mine) == 1
+    table = capsys.readouterr().out
+    assert table.count("| default") + table.count(", best") + table.count("| best") >= 2 * len(shapes) - 1
 
 
 def test_profiler_log_lines_are_dropped_and_the_rest_kept(capfd):
