@@ -11,7 +11,7 @@
 # (benchmarks/report.py). A failed step is recorded
 # and the later steps still run; every step has a timeout, cut to what is left of the script's budget
 # ($GPU_CHECK_BUDGET_S, default 560 s: a 15-minute lease less the machine's start; give the run tool
-# timeout_s 600). Tests and benchmarks run from /tmp, so that the repository's
+# timeout_s 600). Tests and benchmarks run from an empty temporary folder, so that the repository's
 # ./mmfast does not shadow the installed build (if the build fails they run on the source tree).
 set -u -o pipefail
 
@@ -37,6 +37,9 @@ if [[ -z ${GPU_CHECK_PYTEST_ARGS+x} ]] && $PY -c "import xdist" 2>/dev/null; the
 else
   PYTEST_ARGS=${GPU_CHECK_PYTEST_ARGS:-}
 fi
+# tests and benchmarks run from an empty folder: the working directory comes first on the module path, so the
+# repository's ./mmfast (or any stray *.py) must not be there
+RUN_DIR=$(mktemp -d)
 LOG=$OUT/gpu_check.log
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 SUMMARY=()
@@ -94,7 +97,7 @@ if run_step build 300 "$LOG" "
     -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 .
 "; then
   run_step import 60 "$LOG" "
-    cd /tmp && $PY -c '
+    cd $RUN_DIR && $PY -c '
 import json, mmfast, mmfast._C
 assert not mmfast.__file__.startswith(\"$REPO/\"), \"the source tree shadows the installed build: \" + mmfast.__file__
 print(mmfast.__file__, \"with_cuda =\", mmfast._C.with_cuda)
@@ -114,20 +117,20 @@ else
 fi
 
 # (d) tests (GPU tests are selected automatically when CUDA is present)
-run_step tests "${GPU_CHECK_TESTS_CAP:-200}" "$OUT/tests.txt" "cd /tmp && $PYTEST --maxfail=50 $PYTEST_ARGS ${TESTS_K:+-k '$TESTS_K'} $TESTS"
+run_step tests "${GPU_CHECK_TESTS_CAP:-200}" "$OUT/tests.txt" "cd $RUN_DIR && $PYTEST --maxfail=50 $PYTEST_ARGS ${TESTS_K:+-k '$TESTS_K'} $TESTS"
 
 # (e) the command-line comparison table
 # GPU_CHECK_CLI_ARGS: e.g. "--suite fdistill --suite routed_kd" (suites run in that order); cap GPU_CHECK_CLI_CAP
-run_step cli "${GPU_CHECK_CLI_CAP:-300}" "$LOG" "cd /tmp && $PY -m mmfast bench ${GPU_CHECK_CLI_ARGS:-} --json $OUT/cli.json"
+run_step cli "${GPU_CHECK_CLI_CAP:-300}" "$LOG" "cd $RUN_DIR && $PY -m mmfast bench ${GPU_CHECK_CLI_ARGS:-} --json $OUT/cli.json"
 # the table of whatever was measured, even when the budget cut the run
 if [[ -s $OUT/cli.json ]]; then
-  run_step climd 60 "$LOG" "cd /tmp && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md --plot $OUT/cli.png"
+  run_step climd 60 "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md --plot $OUT/cli.png"
 fi
 
 # (f) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional
 # step "sweep"
 run_step sweep "${GPU_CHECK_SWEEP_CAP:-180}" "$LOG" "
-  cd /tmp && $PY $REPO/benchmarks/class_sweep.py --json $OUT/sweep.json --plot $OUT/sweep.png &&
+  cd $RUN_DIR && $PY $REPO/benchmarks/class_sweep.py --json $OUT/sweep.json --plot $OUT/sweep.png &&
   $PY $REPO/benchmarks/class_sweep.py --loss mutual --E 3 --classes 10,100,1000,32768 \
     --json $OUT/sweep-mutual.json --plot $OUT/sweep-mutual.png
 "
@@ -135,16 +138,16 @@ run_step sweep "${GPU_CHECK_SWEEP_CAP:-180}" "$LOG" "
 # (g) launch tuning of the Triton routed- and mutual-KD kernels: candidate ROW_TILES per shape, fp32 and bf16
 # (optional step "tiles", ~3 min; GPU_CHECK_TILES_ARGS=--quick for two shapes)
 run_step tiles "${GPU_CHECK_TILES_CAP:-240}" "$OUT/tiles.md" "
-  cd /tmp && $PY $REPO/benchmarks/triton_tiles.py ${GPU_CHECK_TILES_ARGS:-} --json $OUT/tiles.json
+  cd $RUN_DIR && $PY $REPO/benchmarks/triton_tiles.py ${GPU_CHECK_TILES_ARGS:-} --json $OUT/tiles.json
 "
 
 # (h) benchmarks -> bench.json -> bench.md
 run_step bench 300 "$LOG" "
-  cd /tmp && $PYTEST $REPO/benchmarks --benchmark-only --benchmark-json=$OUT/bench.json \
+  cd $RUN_DIR && $PYTEST $REPO/benchmarks --benchmark-only --benchmark-json=$OUT/bench.json \
     --benchmark-max-time=0.25 --benchmark-min-rounds=10
 "
 if [[ -s $OUT/bench.json ]]; then
-  run_step report 60 "$LOG" "cd /tmp && $PY $REPO/benchmarks/report.py $OUT/bench.json -o $OUT/bench.md"
+  run_step report 60 "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/report.py $OUT/bench.json -o $OUT/bench.md"
 fi
 
 log ""
