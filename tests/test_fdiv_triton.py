@@ -34,10 +34,19 @@ DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 RTOL, ATOL = 2e-5, 2e-6
 
 
-def tiles(monkeypatch, tile):
-    """Use ``tile``-element whole-row and packing tiles and half-tile streaming blocks in the three kernel modules."""
-    for module in (tfd, tui, tfs):
+def tiles(monkeypatch, tile, split=False):
+    """Use ``tile``-element whole-row and packing tiles and half-tile streaming blocks in the three kernel modules;
+    ``split``: streamed rows are split across programs whenever there are fewer than 64 of them (else never)."""
+    for module in (tfd, tfs):  # uni_instruct reads fdistill.ROW_TILES; fake_score has its own binding
         monkeypatch.setattr(module, "ROW_TILES", (tile, 4, max(tile // 2, 1), 4, tile, 4))
+    monkeypatch.setattr(tfd, "SPLIT_PROGRAMS_PER_SM", 64 if split else 0)
+    monkeypatch.setattr(tfd, "CPU_SPLIT_PROGRAMS", 64)
+
+
+def split_chunks(B, D, tile):
+    """How many chunks each streamed row of the test's shape is cut into (1: not split)."""
+    block, _, single, _, _ = tfd.row_plan(B, D, tfd.ROW_TILES)
+    return 1 if single else tfd.split_plan(B, D, block, DEV)[0]
 
 
 def inputs(B, D, seed, row_stride=None):
@@ -59,9 +68,11 @@ def close(got, want, what):
 SHAPES = [(3, 7, 64), (1, 1, 64), (2, 37, 16), (5, 33, 64), (4, 10, 8)]
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
 @pytest.mark.parametrize("B,D,tile", SHAPES)
-def test_fdistill(monkeypatch, B, D, tile):
-    tiles(monkeypatch, tile)
+def test_fdistill(monkeypatch, B, D, tile, split):
+    tiles(monkeypatch, tile, split)
+    assert (split_chunks(B, D, tile) > 1) == (split and D > tile)
     x, a, b, r = inputs(B, D, seed=B * 100 + D, row_stride=D + 3)
     h = fdiv_ref.fdiv_weight(r, "js")
     for need in (True, False):
@@ -75,9 +86,11 @@ FLAGS = [(False, False, False, 0.0), (True, False, False, 0.5), (False, True, Fa
          (False, True, True, 0.0), (True, True, True, 1.0)]
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
 @pytest.mark.parametrize("B,D,tile", SHAPES)
-def test_uni_instruct_every_flag(monkeypatch, B, D, tile):
-    tiles(monkeypatch, tile)
+def test_uni_instruct_every_flag(monkeypatch, B, D, tile, split):
+    tiles(monkeypatch, tile, split)
+    assert (split_chunks(B, D, tile) > 1) == (split and D > tile)
     x, a, b, r = inputs(B, D, seed=B * 10 + D)
     div = "softened_reverse_kl" if D % 2 else "pearson_chi2"
     coef = torch.stack(fdiv_ref.fdiv_coefficients(r, div), dim=1)
@@ -89,9 +102,10 @@ def test_uni_instruct_every_flag(monkeypatch, B, D, tile):
             close(g_, w_, f"{name} {div} fgm={fgm} di={di} batch_norm={batch_norm} alpha={alpha}")
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
 @pytest.mark.parametrize("need", [(True, False, False), (False, True, True), (False, False, False)])
-def test_uni_instruct_gradient_subsets(monkeypatch, need):
-    tiles(monkeypatch, 16)
+def test_uni_instruct_gradient_subsets(monkeypatch, need, split):
+    tiles(monkeypatch, 16, split)
     x, a, b, r = inputs(3, 21, seed=5, row_stride=25)
     coef = torch.stack(fdiv_ref.fdiv_coefficients(r, "kl"), dim=1)
     args = (x, a, b, coef, None, 1.0, 1.0, True, True, *need)

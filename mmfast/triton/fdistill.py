@@ -6,7 +6,9 @@ Per sample (row) b of x, a, b [B, D] (stride(1) == 1, any row strides) and h [B]
   loss_b = scale * 0.5 * w_b^2 sum_j (b - a)^2,  dx = scale * g
 Each program owns ROWS rows as a [ROWS, BLOCK] tile: pass 1 the two row sums, pass 2 (gradient only)
 writes dx. A row that fits in one block (SINGLE) is loaded once and kept in registers; a streamed row is
-re-read in pass 2 last block first (the blocks most likely still cached). fp32 math.
+re-read in pass 2 last block first (the blocks most likely still cached). Streamed rows too few to fill the
+device (``split_plan``) are cut into chunks across programs: one launch writes each chunk's partial row sums,
+a second reduces them per row in chunk order (deterministic) and writes the chunk's gradient. fp32 math.
 """
 
 from __future__ import annotations
@@ -28,6 +30,47 @@ from .routed_kd import cdiv, next_pow2, num_warps_for
 # several to a program. No register spills at sm_90 for the Uni-Instruct kernel (ptxas -v, bf16 and fp32).
 # Tests shrink it to run the streaming and packing paths on short rows.
 ROW_TILES = (16384, 32, 4096, 16, 2048, 8)
+# Streamed rows are split across programs when there are fewer rows than this many programs per SM (on CPU
+# tensors, in the interpreter: than CPU_SPLIT_PROGRAMS programs); 0 never splits (tests).
+SPLIT_PROGRAMS_PER_SM = 4
+CPU_SPLIT_PROGRAMS = 8
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_plan(B: int, D: int, block: int, device: torch.device) -> tuple[int, int, int]:
+    """(n_split, chunk, SPLIT_P2) for B streamed rows of D elements in ``block``-element blocks: each row cut
+    into n_split chunks of ``chunk`` elements (a multiple of ``block``) so that B * n_split programs fill the
+    device; n_split == 1: no split. SPLIT_P2 is the power of two >= n_split the reduction loads."""
+    if SPLIT_PROGRAMS_PER_SM <= 0:
+        return 1, D, 1
+    if device.type == "cuda":
+        target = SPLIT_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
+    else:
+        target = CPU_SPLIT_PROGRAMS
+    n_split = min(cdiv(D, block), cdiv(target, B)) if B < target else 1
+    if n_split <= 1:
+        return 1, D, 1
+    chunk = cdiv(cdiv(D, n_split), block) * block
+    n_split = cdiv(D, chunk)
+    return n_split, chunk, next_pow2(n_split)
+
+
+@triton.jit
+def chunk_part(part_ptr, pid, k, NK: tl.constexpr):
+    """Pointer to partial sum k of program pid in a [programs, NK] buffer."""
+    return part_ptr + pid.to(tl.int64) * NK + k
+
+
+@triton.jit
+def row_total(part_ptr, row, n_split, k, NK: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """Sum over the row's chunks (in chunk order) of partial sum k."""
+    chunks = tl.arange(0, SPLIT_P2)
+    offs = (row.to(tl.int64) * n_split + chunks) * NK + k
+    return tl.sum(tl.load(part_ptr + offs, mask=chunks < n_split, other=0.0), axis=0)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -113,6 +156,47 @@ def _fdistill_kernel(
                 store_rows(dx_ptr, eb * gw, rows, cols, D, row_in)
 
 
+@triton.jit
+def _fdistill_split_kernel(
+    x_ptr, a_ptr, b_ptr, h_ptr, loss_ptr, dx_ptr, part_ptr,
+    D, sx, sa, sb, scale, n_split, chunk,
+    PHASE: tl.constexpr, NEED_DX: tl.constexpr, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr,
+):
+    """Program (row, chunk) of a split row: PHASE 1 writes the chunk's sum |x - a| and sum (b - a)^2; PHASE 2
+    reduces the row's partials, writes the loss (chunk 0) and the chunk's dx."""
+    pid = tl.program_id(0)
+    row = pid // n_split
+    c_begin = (pid % n_split) * chunk
+    c_end = tl.minimum(D, c_begin + chunk)
+    r64 = row.to(tl.int64)
+    xr, ar, br = x_ptr + r64 * sx, a_ptr + r64 * sa, b_ptr + r64 * sb
+    if PHASE == 1:
+        s_abs = tl.zeros([BLOCK], tl.float32)
+        s_sq = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(c_begin, c_end, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            ok = cols < c_end
+            av = tl.load(ar + cols, mask=ok, other=0.0).to(tl.float32)
+            s_abs += tl.abs(tl.load(xr + cols, mask=ok, other=0.0).to(tl.float32) - av)
+            e = tl.load(br + cols, mask=ok, other=0.0).to(tl.float32) - av
+            s_sq += e * e
+        tl.store(chunk_part(part_ptr, pid, 0, 2), tl.sum(s_abs, axis=0))
+        tl.store(chunk_part(part_ptr, pid, 1, 2), tl.sum(s_sq, axis=0))
+    else:
+        s_abs = row_total(part_ptr, row, n_split, 0, 2, SPLIT_P2)
+        s_sq = row_total(part_ptr, row, n_split, 1, 2, SPLIT_P2)
+        w = tl.load(h_ptr + row).to(tl.float32) / (s_abs / D + 1e-6)
+        tl.store(loss_ptr + row, (0.5 * scale) * (w * w) * s_sq, mask=c_begin == 0)
+        if NEED_DX:
+            gw = w * scale
+            for c0 in range(c_begin, c_end, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
+                ok = cols < c_end
+                av = tl.load(ar + cols, mask=ok, other=0.0).to(tl.float32)
+                e = tl.load(br + cols, mask=ok, other=0.0).to(tl.float32) - av
+                tl.store(dx_ptr + r64 * D + cols, (e * gw).to(dx_ptr.dtype.element_ty), mask=ok)
+
+
 def fdistill_rows(
     x: Tensor, a: Tensor, b: Tensor, h: Tensor, scale: float, need_dx: bool
 ) -> tuple[Tensor, Tensor]:
@@ -123,6 +207,15 @@ def fdistill_rows(
     if B == 0:
         return loss, dx
     block, rows, single, grid, num_warps = row_plan(B, D, ROW_TILES)
+    n_split, chunk, split_p2 = (1, D, 1) if single else split_plan(B, D, block, x.device)
+    if n_split > 1:
+        part = torch.empty(B * n_split, 2, dtype=torch.float32, device=x.device)
+        for phase in (1, 2):
+            _fdistill_split_kernel[(B * n_split,)](
+                x, a, b, h.contiguous(), loss, dx, part, D, x.stride(0), a.stride(0), b.stride(0), float(scale),
+                n_split, chunk, PHASE=phase, NEED_DX=need_dx, BLOCK=block, SPLIT_P2=split_p2, num_warps=num_warps,
+            )
+        return loss, dx
     _fdistill_kernel[(grid,)](
         x, a, b, h.contiguous(), loss, dx,
         B, D, x.stride(0), a.stride(0), b.stride(0), float(scale),

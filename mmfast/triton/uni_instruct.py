@@ -9,7 +9,9 @@ lam_di), with d = a - b, u = (a - x) - alpha d, wf = max(mean |x - a|, 1e-5), c 
           da = c lam_sim (u + (1 - alpha) d) + [fgm] 2 c lam_fgm d,   db = c lam_sim (alpha d - u) - [fgm] 2 c lam_fgm d
           (as da = cs u + ka d, db = kb d - cs u with per-row cs = c lam_sim, ka, kb)
 A switched-off term is not evaluated. Rows that fit one block are loaded once (SINGLE); streamed rows are
-re-read in pass 2 last block first. fp32 math.
+re-read in pass 2 last block first, or, too few to fill the device, split across programs in two launches
+(``mmfast.triton.fdistill.split_plan``: chunk partial sums, then per-row totals in chunk order and the chunk's
+gradients). fp32 math.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from torch import Tensor
 
 from mmfast.reference.routed_kd import compute_dtype
 
-from .fdistill import ROW_TILES, load_rows, row_plan, store_rows
+from . import fdistill
+from .fdistill import chunk_part, load_rows, row_plan, row_total, split_plan, store_rows
 
 
 @triton.jit
@@ -145,6 +148,82 @@ def _uni_instruct_kernel(
                              NEED_DX, NEED_DA, NEED_DB)
 
 
+@triton.jit
+def _uni_instruct_split_kernel(
+    x_ptr, a_ptr, b_ptr, coef_ptr, norm_ptr, loss_ptr, dx_ptr, da_ptr, db_ptr, part_ptr,
+    D, sx, sa, sb, alpha, scale, n_split, chunk,
+    PHASE: tl.constexpr, FGM: tl.constexpr, DI: tl.constexpr, BATCH_NORM: tl.constexpr, SUM_DD: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, BLOCK: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+):
+    """Program (row, chunk) of a split row: PHASE 1 writes the chunk's S_abs, S_du, S_dd, S_xd; PHASE 2 reduces
+    the row's partials, writes the loss (chunk 0) and the chunk's gradients (same math as the one-launch kernel,
+    on a [1, BLOCK] tile)."""
+    pid = tl.program_id(0)
+    row = pid // n_split
+    c_begin = (pid % n_split) * chunk
+    c_end = tl.minimum(D, c_begin + chunk)
+    rows = row.to(tl.int64) + tl.arange(0, 1)
+    row_in = rows >= 0
+    xo, ao, bo = rows * sx, rows * sa, rows * sb
+    if PHASE == 1:
+        s_abs = tl.zeros([1], tl.float32)
+        s_du = tl.zeros([1], tl.float32)
+        s_dd = tl.zeros([1], tl.float32)
+        s_xd = tl.zeros([1], tl.float32)
+        for c0 in range(c_begin, c_end, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            xb, db_, ub, adist = _block_terms(x_ptr, a_ptr, b_ptr, xo, ao, bo, cols, c_end, row_in, alpha)
+            s_abs += tl.sum(adist, axis=1)
+            s_du += tl.sum(db_ * ub, axis=1)
+            if SUM_DD:
+                s_dd += tl.sum(db_ * db_, axis=1)
+            if DI:
+                s_xd += tl.sum(xb * db_, axis=1)
+        tl.store(chunk_part(part_ptr, pid, 0, 4) + tl.arange(0, 1), s_abs)
+        tl.store(chunk_part(part_ptr, pid, 1, 4) + tl.arange(0, 1), s_du)
+        tl.store(chunk_part(part_ptr, pid, 2, 4) + tl.arange(0, 1), s_dd)
+        tl.store(chunk_part(part_ptr, pid, 3, 4) + tl.arange(0, 1), s_xd)
+    else:
+        s_abs = row_total(part_ptr, row, n_split, 0, 4, SPLIT_P2)
+        s_du = row_total(part_ptr, row, n_split, 1, 4, SPLIT_P2)
+        s_dd = row_total(part_ptr, row, n_split, 2, 4, SPLIT_P2)
+        s_xd = row_total(part_ptr, row, n_split, 3, 4, SPLIT_P2)
+        m = s_abs / D
+        wf = tl.where(m < 1e-5, 1e-5, m)  # max(m, 1e-5) that keeps a NaN
+        c = scale / wf
+        cbase = coef_ptr + row.to(tl.int64) * 3
+        lam_sim = tl.load(cbase).to(tl.float32)
+        lam_fgm = 0.0
+        loss = lam_sim * s_du
+        if FGM:
+            lam_fgm = tl.load(cbase + 1).to(tl.float32)
+            loss += lam_fgm * s_dd
+        k_dx = -lam_sim
+        if DI:
+            lam_di = tl.load(cbase + 2).to(tl.float32)
+            if BATCH_NORM:
+                di_coef = lam_di * tl.load(norm_ptr).to(tl.float32)
+            else:
+                di_coef = lam_di * tl.sqrt(s_dd)
+            loss += di_coef * s_xd
+            k_dx = di_coef - lam_sim
+        tl.store(loss_ptr + row, loss * c, mask=c_begin == 0)
+        if NEED_DX or NEED_DA or NEED_DB:
+            cs = lam_sim * c
+            f2 = 2.0 * lam_fgm * c  # 0 without fgm
+            ka = cs * (1.0 - alpha) + f2
+            kb = cs * alpha - f2
+            # outputs are contiguous [B, D]: the row's base pointers, row index 0 and the chunk end as the bound
+            r_out = row.to(tl.int64) * D
+            first = tl.zeros([1], tl.int64)
+            for c0 in range(c_begin, c_end, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK)
+                _, db_, ub, _ = _block_terms(x_ptr, a_ptr, b_ptr, xo, ao, bo, cols, c_end, row_in, alpha)
+                _store_grads(dx_ptr + r_out, da_ptr + r_out, db_ptr + r_out, db_, ub, k_dx * c, cs, ka, kb, first,
+                             cols, c_end, row_in, NEED_DX, NEED_DA, NEED_DB)
+
+
 def uni_instruct_rows(
     x: Tensor,
     a: Tensor,
@@ -170,7 +249,19 @@ def uni_instruct_rows(
         return loss, dx, da, db
     batch_norm = di and di_norm is not None
     norm = di_norm.contiguous() if batch_norm else loss
-    block, rows, single, grid, num_warps = row_plan(B, D, ROW_TILES)
+    block, rows, single, grid, num_warps = row_plan(B, D, fdistill.ROW_TILES)
+    n_split, chunk, split_p2 = (1, D, 1) if single else split_plan(B, D, block, dev)
+    if n_split > 1:
+        part = torch.empty(B * n_split, 4, dtype=torch.float32, device=dev)
+        for phase in (1, 2):
+            _uni_instruct_split_kernel[(B * n_split,)](
+                x, a, b, coef.contiguous(), norm, loss, dx, da, db, part,
+                D, x.stride(0), a.stride(0), b.stride(0), float(alpha), float(scale), n_split, chunk,
+                PHASE=phase, FGM=fgm, DI=di, BATCH_NORM=batch_norm, SUM_DD=fgm or (di and not batch_norm),
+                NEED_DX=need_dx, NEED_DA=need_da, NEED_DB=need_db, BLOCK=block, SPLIT_P2=split_p2,
+                num_warps=num_warps,
+            )
+        return loss, dx, da, db
     _uni_instruct_kernel[(grid,)](
         x, a, b, coef.contiguous(), norm, loss, dx, da, db,
         B, D, x.stride(0), a.stride(0), b.stride(0), float(alpha), float(scale),
