@@ -48,7 +48,8 @@ def split_plan(B: int, D: int, block: int, device: torch.device) -> tuple[int, i
     if SPLIT_PROGRAMS_PER_SM <= 0:
         return 1, D, 1
     if device.type == "cuda":
-        target = SPLIT_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = SPLIT_PROGRAMS_PER_SM * _sm_count(index)
     else:
         target = CPU_SPLIT_PROGRAMS
     n_split = min(cdiv(D, block), cdiv(target, B)) if B < target else 1

@@ -49,6 +49,58 @@ def _store_grads(dx_ptr, da_ptr, db_ptr, d, u, gx, cs, ka, kb, rows, cols, D, ro
 
 
 @triton.jit
+def _streamed_sums(x_ptr, a_ptr, b_ptr, xo, ao, bo, c_begin, c_end, row_in, alpha,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr, SUM_DD: tl.constexpr, DI: tl.constexpr):
+    """(S_abs, S_du, S_dd, S_xd) [ROWS] over columns [c_begin, c_end), BLOCK at a time (S_dd only with SUM_DD,
+    S_xd only with DI; 0 otherwise)."""
+    s_abs = tl.zeros([ROWS], tl.float32)
+    s_du = tl.zeros([ROWS], tl.float32)
+    s_dd = tl.zeros([ROWS], tl.float32)
+    s_xd = tl.zeros([ROWS], tl.float32)
+    for c0 in range(c_begin, c_end, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        xb, db_, ub, adist = _block_terms(x_ptr, a_ptr, b_ptr, xo, ao, bo, cols, c_end, row_in, alpha)
+        s_abs += tl.sum(adist, axis=1)
+        s_du += tl.sum(db_ * ub, axis=1)
+        if SUM_DD:
+            s_dd += tl.sum(db_ * db_, axis=1)
+        if DI:
+            s_xd += tl.sum(xb * db_, axis=1)
+    return s_abs, s_du, s_dd, s_xd
+
+
+@triton.jit
+def _row_loss(s_abs, s_du, s_dd, s_xd, coef_ptr, norm_ptr, rows, row_in, D, scale, alpha,
+              ROWS: tl.constexpr, FGM: tl.constexpr, DI: tl.constexpr, BATCH_NORM: tl.constexpr):
+    """The loss [ROWS] from the row sums, and the gradients' per-row factors [ROWS, 1]: dx = gx d,
+    da = cs u + ka d, db = kb d - cs u."""
+    m = s_abs / D
+    wf = tl.where(m < 1e-5, 1e-5, m)  # max(m, 1e-5) that keeps a NaN
+    c = scale / wf
+    cbase = coef_ptr + rows * 3
+    lam_sim = tl.load(cbase, mask=row_in, other=0.0).to(tl.float32)
+    lam_fgm = tl.zeros([ROWS], tl.float32)
+    loss = lam_sim * s_du
+    if FGM:
+        lam_fgm = tl.load(cbase + 1, mask=row_in, other=0.0).to(tl.float32)
+        loss += lam_fgm * s_dd
+    k_dx = -lam_sim
+    if DI:
+        lam_di = tl.load(cbase + 2, mask=row_in, other=0.0).to(tl.float32)
+        if BATCH_NORM:
+            di_coef = lam_di * tl.load(norm_ptr).to(tl.float32)
+        else:
+            di_coef = lam_di * tl.sqrt(s_dd)
+        loss += di_coef * s_xd
+        k_dx = di_coef - lam_sim
+    cs = lam_sim * c
+    f2 = 2.0 * lam_fgm * c  # 0 without fgm
+    ka = cs * (1.0 - alpha) + f2  # da = lam_sim c (u + (1 - alpha) d) + 2 lam_fgm c d
+    kb = cs * alpha - f2  # db = lam_sim c (alpha d - u) - 2 lam_fgm c d
+    return loss * c, (k_dx * c)[:, None], cs[:, None], ka[:, None], kb[:, None]
+
+
+@triton.jit
 def _uni_instruct_kernel(
     x_ptr,
     a_ptr,
@@ -94,48 +146,14 @@ def _uni_instruct_kernel(
         if DI:
             s_xd = tl.sum(xv * d, axis=1)
     else:
-        s_abs = tl.zeros([ROWS], tl.float32)
-        s_du = tl.zeros([ROWS], tl.float32)
-        s_dd = tl.zeros([ROWS], tl.float32)
-        s_xd = tl.zeros([ROWS], tl.float32)
-        for c0 in range(0, D, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            xb, db_, ub, adist = _block_terms(x_ptr, a_ptr, b_ptr, xo, ao, bo, cols, D, row_in, alpha)
-            s_abs += tl.sum(adist, axis=1)
-            s_du += tl.sum(db_ * ub, axis=1)
-            if SUM_DD:
-                s_dd += tl.sum(db_ * db_, axis=1)
-            if DI:
-                s_xd += tl.sum(xb * db_, axis=1)
-    m = s_abs / D
-    wf = tl.where(m < 1e-5, 1e-5, m)  # max(m, 1e-5) that keeps a NaN
-    c = scale / wf
-    cbase = coef_ptr + rows * 3
-    lam_sim = tl.load(cbase, mask=row_in, other=0.0).to(tl.float32)
-    lam_fgm = tl.zeros([ROWS], tl.float32)
-    loss = lam_sim * s_du
-    if FGM:
-        lam_fgm = tl.load(cbase + 1, mask=row_in, other=0.0).to(tl.float32)
-        loss += lam_fgm * s_dd
-    k_dx = -lam_sim
-    if DI:
-        lam_di = tl.load(cbase + 2, mask=row_in, other=0.0).to(tl.float32)
-        if BATCH_NORM:
-            di_coef = lam_di * tl.load(norm_ptr).to(tl.float32)
-        else:
-            di_coef = lam_di * tl.sqrt(s_dd)
-        loss += di_coef * s_xd
-        k_dx = di_coef - lam_sim
-    tl.store(loss_ptr + rows, loss * c, mask=row_in)
+        s_abs, s_du, s_dd, s_xd = _streamed_sums(x_ptr, a_ptr, b_ptr, xo, ao, bo, 0, D, row_in, alpha,
+                                                 ROWS, BLOCK, SUM_DD, DI)
+    loss, gx, cs, ka, kb = _row_loss(s_abs, s_du, s_dd, s_xd, coef_ptr, norm_ptr, rows, row_in, D, scale, alpha,
+                                     ROWS, FGM, DI, BATCH_NORM)
+    tl.store(loss_ptr + rows, loss, mask=row_in)
 
     # pass 2: gradients
     if NEED_DX or NEED_DA or NEED_DB:
-        gx = (k_dx * c)[:, None]
-        cs_row = lam_sim * c
-        f2 = 2.0 * lam_fgm * c  # 0 without fgm
-        cs = cs_row[:, None]
-        ka = (cs_row * (1.0 - alpha) + f2)[:, None]  # da = lam_sim c (u + (1 - alpha) d) + 2 lam_fgm c d
-        kb = (cs_row * alpha - f2)[:, None]  # db = lam_sim c (alpha d - u) - 2 lam_fgm c d
         if SINGLE:
             _store_grads(dx_ptr, da_ptr, db_ptr, d, u, gx, cs, ka, kb, rows, tl.arange(0, BLOCK), D, row_in,
                          NEED_DX, NEED_DA, NEED_DB)
@@ -167,60 +185,28 @@ def _uni_instruct_split_kernel(
     row_in = rows >= 0
     xo, ao, bo = rows * sx, rows * sa, rows * sb
     if PHASE == 1:
-        s_abs = tl.zeros([1], tl.float32)
-        s_du = tl.zeros([1], tl.float32)
-        s_dd = tl.zeros([1], tl.float32)
-        s_xd = tl.zeros([1], tl.float32)
-        for c0 in range(c_begin, c_end, BLOCK):
-            cols = c0 + tl.arange(0, BLOCK)
-            xb, db_, ub, adist = _block_terms(x_ptr, a_ptr, b_ptr, xo, ao, bo, cols, c_end, row_in, alpha)
-            s_abs += tl.sum(adist, axis=1)
-            s_du += tl.sum(db_ * ub, axis=1)
-            if SUM_DD:
-                s_dd += tl.sum(db_ * db_, axis=1)
-            if DI:
-                s_xd += tl.sum(xb * db_, axis=1)
-        tl.store(chunk_part(part_ptr, pid, 0, 4) + tl.arange(0, 1), s_abs)
-        tl.store(chunk_part(part_ptr, pid, 1, 4) + tl.arange(0, 1), s_du)
-        tl.store(chunk_part(part_ptr, pid, 2, 4) + tl.arange(0, 1), s_dd)
-        tl.store(chunk_part(part_ptr, pid, 3, 4) + tl.arange(0, 1), s_xd)
+        s_abs, s_du, s_dd, s_xd = _streamed_sums(x_ptr, a_ptr, b_ptr, xo, ao, bo, c_begin, c_end, row_in, alpha,
+                                                 1, BLOCK, SUM_DD, DI)
+        sums = (s_abs, s_du, s_dd, s_xd)
+        for k in tl.static_range(4):
+            tl.store(chunk_part(part_ptr, pid, k, 4) + tl.arange(0, 1), sums[k])
     else:
-        s_abs = row_total(part_ptr, row, n_split, 0, 4, SPLIT_P2)
-        s_du = row_total(part_ptr, row, n_split, 1, 4, SPLIT_P2)
-        s_dd = row_total(part_ptr, row, n_split, 2, 4, SPLIT_P2)
-        s_xd = row_total(part_ptr, row, n_split, 3, 4, SPLIT_P2)
-        m = s_abs / D
-        wf = tl.where(m < 1e-5, 1e-5, m)  # max(m, 1e-5) that keeps a NaN
-        c = scale / wf
-        cbase = coef_ptr + row.to(tl.int64) * 3
-        lam_sim = tl.load(cbase).to(tl.float32)
-        lam_fgm = 0.0
-        loss = lam_sim * s_du
-        if FGM:
-            lam_fgm = tl.load(cbase + 1).to(tl.float32)
-            loss += lam_fgm * s_dd
-        k_dx = -lam_sim
-        if DI:
-            lam_di = tl.load(cbase + 2).to(tl.float32)
-            if BATCH_NORM:
-                di_coef = lam_di * tl.load(norm_ptr).to(tl.float32)
-            else:
-                di_coef = lam_di * tl.sqrt(s_dd)
-            loss += di_coef * s_xd
-            k_dx = di_coef - lam_sim
-        tl.store(loss_ptr + row, loss * c, mask=c_begin == 0)
+        one = tl.zeros([1], tl.float32)
+        s_abs = one + row_total(part_ptr, row, n_split, 0, 4, SPLIT_P2)
+        s_du = one + row_total(part_ptr, row, n_split, 1, 4, SPLIT_P2)
+        s_dd = one + row_total(part_ptr, row, n_split, 2, 4, SPLIT_P2)
+        s_xd = one + row_total(part_ptr, row, n_split, 3, 4, SPLIT_P2)
+        loss, gx, cs, ka, kb = _row_loss(s_abs, s_du, s_dd, s_xd, coef_ptr, norm_ptr, rows, row_in, D, scale,
+                                         alpha, 1, FGM, DI, BATCH_NORM)
+        tl.store(loss_ptr + rows, loss, mask=(c_begin + tl.zeros([1], tl.int32)) == 0)  # chunk 0 writes it
         if NEED_DX or NEED_DA or NEED_DB:
-            cs = lam_sim * c
-            f2 = 2.0 * lam_fgm * c  # 0 without fgm
-            ka = cs * (1.0 - alpha) + f2
-            kb = cs * alpha - f2
             # outputs are contiguous [B, D]: the row's base pointers, row index 0 and the chunk end as the bound
             r_out = row.to(tl.int64) * D
             first = tl.zeros([1], tl.int64)
             for c0 in range(c_begin, c_end, BLOCK):
                 cols = c0 + tl.arange(0, BLOCK)
                 _, db_, ub, _ = _block_terms(x_ptr, a_ptr, b_ptr, xo, ao, bo, cols, c_end, row_in, alpha)
-                _store_grads(dx_ptr + r_out, da_ptr + r_out, db_ptr + r_out, db_, ub, k_dx * c, cs, ka, kb, first,
+                _store_grads(dx_ptr + r_out, da_ptr + r_out, db_ptr + r_out, db_, ub, gx, cs, ka, kb, first,
                              cols, c_end, row_in, NEED_DX, NEED_DA, NEED_DB)
 
 
