@@ -37,8 +37,7 @@ RTOL, ATOL = 2e-5, 2e-6
 def tiles(monkeypatch, tile, split=False):
     """Use ``tile``-element whole-row and packing tiles and half-tile streaming blocks in the three kernel modules;
     ``split``: streamed rows are split across programs whenever there are fewer than 64 of them (else never)."""
-    for module in (tfd, tfs):  # uni_instruct reads fdistill.ROW_TILES; fake_score has its own binding
-        monkeypatch.setattr(module, "ROW_TILES", (tile, 4, max(tile // 2, 1), 4, tile, 4))
+    monkeypatch.setattr(tfd, "ROW_TILES", (tile, 4, max(tile // 2, 1), 4, tile, 4))  # read by all three kernels
     monkeypatch.setattr(tfd, "SPLIT_PROGRAMS_PER_SM", 64 if split else 0)
     monkeypatch.setattr(tfd, "CPU_SPLIT_PROGRAMS", 64)
 
@@ -116,9 +115,11 @@ def test_uni_instruct_gradient_subsets(monkeypatch, need, split):
         assert (g_.numel() > 0) == n
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
 @pytest.mark.parametrize("B,D,tile", SHAPES)
-def test_fake_score(monkeypatch, B, D, tile):
-    tiles(monkeypatch, tile)
+def test_fake_score(monkeypatch, B, D, tile, split):
+    tiles(monkeypatch, tile, split)
+    assert (split_chunks(B, D, tile) > 1) == (split and D > tile)
     x, b, _, r = inputs(B, D, seed=D)
     lam = fdiv_ref.edm_weight(r, 0.5)
     for need in (True, False):
@@ -127,10 +128,13 @@ def test_fake_score(monkeypatch, B, D, tile):
             close(g_, w_, f"{name} need={need}")
 
 
-def test_nan_and_zero_distance(monkeypatch):
-    """A NaN in one sample stays in that sample; x == a gives finite values (the wf / m clamps)."""
-    tiles(monkeypatch, 16)
-    x, a, b, r = inputs(3, 12, seed=8)
+@pytest.mark.parametrize("D,split", [(12, False), (40, False), (40, True)], ids=["whole", "streamed", "split"])
+def test_nan_and_zero_distance(monkeypatch, D, split):
+    """A NaN in one sample stays in that sample (also when its row is split across programs); x == a gives finite
+    values (the wf / m clamps)."""
+    tiles(monkeypatch, 16, split)
+    assert (split_chunks(3, D, 16) > 1) == split
+    x, a, b, r = inputs(3, D, seed=8)
     x[0, 5] = float("nan")
     x[1] = a[1]
     coef = torch.stack(fdiv_ref.fdiv_coefficients(r, "jeffreys"), dim=1)
