@@ -15,6 +15,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+import mmfast.triton.fdistill as tfd  # noqa: E402
 import mmfast.triton.mutual_kd as tmk  # noqa: E402
 import mmfast.triton.routed_kd as trk  # noqa: E402
 from mmfast.reference.mutual_kd import mutual_kd_rows as ref_mutual  # noqa: E402
@@ -200,10 +201,25 @@ def test_routed_nan_input_propagates():
         assert not loss[0].isnan().any() and not dx[0].isnan().any()
 
 
+def split_rows(monkeypatch, split):
+    """Streamed rows split across programs whenever there are fewer than 64 of them (``split``), else never."""
+    monkeypatch.setattr(tfd, "SPLIT_PROGRAMS_PER_SM", 64 if split else 0)
+    monkeypatch.setattr(tfd, "CPU_SPLIT_PROGRAMS", 64)
+
+
+def mutual_chunks(M, N, C):
+    """How many chunks each row of mutual KD's [M, N, C] logits is cut into (1: not split)."""
+    block_c, _, _ = trk.tile_plan(C, trk.next_pow2(M), trk.next_pow2(N), 1, tmk.ROW_TILES)
+    return 1 if C <= block_c else tfd.split_plan(N, C, block_c, DEV)[0]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
 @pytest.mark.parametrize("tile", [8192, 16], ids=["one_block", "blocks"])
-@pytest.mark.parametrize("M,N,C", [(2, 5, 7), (3, 4, 37), (1, 3, 5), (4, 1, 1)])
-def test_mutual_kd(monkeypatch, tile, M, N, C):
+@pytest.mark.parametrize("M,N,C", [(2, 5, 7), (3, 4, 37), (1, 3, 5), (4, 1, 1), (2, 2, 100)])
+def test_mutual_kd(monkeypatch, tile, M, N, C, split):
     small_tiles(monkeypatch, tmk, tile)
+    split_rows(monkeypatch, split)
+    assert (mutual_chunks(M, N, C) > 1) == (split and tile == 16 and C > 16)
     g = torch.Generator().manual_seed(M * 100 + C)
     logits = (torch.randn(N, C, M, generator=g) * 3).to(DEV)
     for x in (logits.permute(2, 0, 1).contiguous(), logits.permute(2, 0, 1)):  # and model stride 1
@@ -215,10 +231,29 @@ def test_mutual_kd(monkeypatch, tile, M, N, C):
                 torch.testing.assert_close(g_, r, **TOL[torch.float32])
 
 
-def test_mutual_kd_float64():
-    x = torch.randn(3, 4, 9, dtype=torch.float64, device=DEV) * 3
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
+def test_mutual_kd_float64(monkeypatch, split):
+    small_tiles(monkeypatch, tmk, 16)
+    split_rows(monkeypatch, split)
+    x = torch.randn(3, 4, 41, dtype=torch.float64, device=DEV) * 3
+    assert (mutual_chunks(3, 4, 41) > 1) == split
     for g_, r in zip(tmk.mutual_kd_rows(x, 3.0, 9.0, True), ref_mutual(x, 3.0, 9.0, True), strict=True):
         torch.testing.assert_close(g_, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])
+def test_mutual_kd_nan_and_masked_classes(monkeypatch, split):
+    """A NaN stays in its row; classes every model rules out (-inf logits, a whole chunk of them when the row is
+    split) leave the loss finite, as in the reference."""
+    small_tiles(monkeypatch, tmk, 16)
+    split_rows(monkeypatch, split)
+    x = torch.randn(2, 3, 40, device=DEV) * 3
+    x[:, 1, :20] = float("-inf")
+    x[1, 2, 7] = float("nan")
+    got, want = tmk.mutual_kd_rows(x, 2.0, 4.0, True), ref_mutual(x, 2.0, 4.0, True)
+    for g_, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g_, r, equal_nan=True, **TOL[torch.float32])
+    assert got[0][2].isnan() and got[0][:2].isfinite().all()
 
 
 # ---- GPU only: low precision against a float64 truth ------------------------------------------

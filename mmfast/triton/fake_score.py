@@ -18,7 +18,7 @@ from torch import Tensor
 from mmfast.reference.routed_kd import compute_dtype
 
 from . import fdistill
-from .fdistill import chunk_part, load_rows, row_plan, row_total, split_plan, store_rows
+from .fdistill import chunk_part, load_rows, row_plan, row_total, split_plan, split_program, store_rows
 
 
 @triton.jit
@@ -63,11 +63,7 @@ def _fake_score_split_kernel(
     row's partials."""
     pid = tl.program_id(0)
     if PHASE == 1:
-        row = pid // n_split
-        c_begin = (pid % n_split) * chunk
-        c_end = tl.minimum(D, c_begin + chunk)
-        rows = row.to(tl.int64) + tl.arange(0, 1)
-        row_in = rows >= 0
+        row, c_begin, c_end, rows, row_in = split_program(n_split, chunk, D)
         gw = 2.0 * tl.load(lam_ptr + rows).to(tl.float32) * scale
         r_out = row.to(tl.int64) * D  # db is contiguous [B, D]: the row's base pointer, row index 0
         first = tl.zeros([1], tl.int64)

@@ -61,6 +61,16 @@ def split_plan(B: int, D: int, block: int, device: torch.device) -> tuple[int, i
 
 
 @triton.jit
+def split_program(n_split, chunk, D):
+    """Program (row, chunk) of a split launch: (row, c_begin, c_end, rows [1] int64, row_in [1])."""
+    pid = tl.program_id(0)
+    row = pid // n_split
+    c_begin = (pid % n_split) * chunk
+    rows = row.to(tl.int64) + tl.arange(0, 1)
+    return row, c_begin, tl.minimum(D, c_begin + chunk), rows, rows >= 0
+
+
+@triton.jit
 def chunk_part(part_ptr, pid, k, NK: tl.constexpr):
     """Pointer to partial sum k of program pid in a [programs, NK] buffer."""
     return part_ptr + pid.to(tl.int64) * NK + k
@@ -166,9 +176,7 @@ def _fdistill_split_kernel(
     """Program (row, chunk) of a split row: PHASE 1 writes the chunk's sum |x - a| and sum (b - a)^2; PHASE 2
     reduces the row's partials, writes the loss (chunk 0) and the chunk's dx."""
     pid = tl.program_id(0)
-    row = pid // n_split
-    c_begin = (pid % n_split) * chunk
-    c_end = tl.minimum(D, c_begin + chunk)
+    row, c_begin, c_end, _, _ = split_program(n_split, chunk, D)
     r64 = row.to(tl.int64)
     xr, ar, br = x_ptr + r64 * sx, a_ptr + r64 * sa, b_ptr + r64 * sb
     if PHASE == 1:

@@ -6,7 +6,9 @@ With p_i = softmax(x_i / tau), T = sum_i log p_i, S = sum_i p_i, per row:
   d loss / d x_i = scale / tau * (M p_i - S + p_i (M log p_i - T - R_i)).
 Each program owns ROWS rows and holds the M models as a [ROWS, MP, BLOCK_C] tile: pass 1 computes the
 M online log-sum-exps, pass 2 the R_i, pass 3 (gradient only) writes the gradient. A row that fits in
-one block is loaded once.
+one block is loaded once. Streamed rows too few to fill the device (``mmfast.triton.fdistill.split_plan``) are
+cut into chunks across programs, one launch per pass: each chunk's online log-sum-exps, then (merged in chunk
+order) each chunk's part of R_i, then (R_i summed in chunk order) the loss and each chunk's gradient.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from mmfast.reference.routed_kd import compute_dtype
 
+from .fdistill import split_plan, split_program
 from .routed_kd import LN2, LOG2E, acc_dtype, cdiv, f32_pairs, next_pow2, online_lse, scalar_arg, tile_plan
 
 # (tile, per_thread, stream_tile, stream_per_thread) of the [ROWS, MP, BLOCK_C] model tile, as
@@ -46,6 +49,27 @@ def _log_probs(xa, m, ls, c2, model_ok):
 
 
 @triton.jit
+def _setup(n, M, s_m, s_n, inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, MP: tl.constexpr, ACC: tl.constexpr):
+    """Per-program constants of rows ``n``: (models, model_ok, row and model offsets, 1/tau, scale,
+    log2(e)/tau, M)."""
+    mm = tl.arange(0, MP)
+    inv_tau = scalar_arg(inv_tau_hi, inv_tau_lo, ACC)
+    return (mm, mm < M, n * s_n, mm.to(tl.int64) * s_m, inv_tau, scalar_arg(scale_hi, scale_lo, ACC),
+            inv_tau * LOG2E, tl.cast(M, ACC))
+
+
+@triton.jit
+def _store_grad(grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C, bound):
+    """d loss / d x_i of one [ROWS, MP, BLOCK_C] block into grad [M, N, C] (columns below ``bound``)."""
+    p, lp, T = _log_probs(xa, m_run, ls, c2, model_ok)
+    S = tl.sum(tl.where(model_ok[None, :, None], p, 0.0), axis=1)
+    g = Mf * p - S[:, None, :] + tl.where(p == 0, 0.0, p * (Mf * lp - T[:, None, :] - R[:, :, None]))
+    off = mm.to(tl.int64)[None, :, None] * N * C + n[:, None, None] * C + cols.to(tl.int64)[None, None, :]
+    st = row_in[:, None, None] & model_ok[None, :, None] & (cols < bound)[None, None, :]
+    tl.store(grad_ptr + off, (g * gscale).to(grad_ptr.dtype.element_ty), mask=st)
+
+
+@triton.jit
 def _mutual_kd_kernel(
     x_ptr,
     loss_ptr,
@@ -69,14 +93,9 @@ def _mutual_kd_kernel(
 ):
     n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in = n < N
-    mm = tl.arange(0, MP)
-    model_ok = mm < M
-    row_off = n * s_n
-    model_off = mm.to(tl.int64) * s_m
-    inv_tau = scalar_arg(inv_tau_hi, inv_tau_lo, ACC)
-    scale = scalar_arg(scale_hi, scale_lo, ACC)
-    c2 = inv_tau * LOG2E
-    Mf = tl.cast(M, ACC)
+    mm, model_ok, row_off, model_off, inv_tau, scale, c2, Mf = _setup(
+        n, M, s_m, s_n, inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, MP, ACC
+    )
 
     # pass 1: the M log-sum-exps
     m_run = tl.full([ROWS, MP], float("-inf"), ACC)
@@ -111,16 +130,70 @@ def _mutual_kd_kernel(
             cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
             if not SINGLE:
                 xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, ACC)
-            p, lp, T = _log_probs(xa, m_run, ls, c2, model_ok)
-            S = tl.sum(tl.where(model_ok[None, :, None], p, 0.0), axis=1)
-            g = Mf * p - S[:, None, :] + tl.where(p == 0, 0.0, p * (Mf * lp - T[:, None, :] - R[:, :, None]))
-            off = (
-                mm.to(tl.int64)[None, :, None] * N * C
-                + n[:, None, None] * C
-                + cols.to(tl.int64)[None, None, :]
-            )
-            st = row_in[:, None, None] & model_ok[None, :, None] & (cols < C)[None, None, :]
-            tl.store(grad_ptr + off, (g * gscale).to(grad_ptr.dtype.element_ty), mask=st)
+            _store_grad(grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C, C)
+
+
+@triton.jit
+def _merged_lse(part_ptr, n, n_split, mm, c2, MP: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """(m, log2 s) [1, MP] of row n from its chunks' online log-sum-exps (max and sum of each chunk at
+    part[(n * n_split + chunk) * 2 MP + (0 | MP) + model]), merged in chunk order."""
+    k = tl.arange(0, SPLIT_P2)
+    base = ((n * n_split + k) * (2 * MP))[:, None] + mm[None, :]
+    ok = (k < n_split)[:, None]
+    mk = tl.load(part_ptr + base, mask=ok, other=float("-inf"))
+    sk = tl.load(part_ptr + base + MP, mask=ok, other=0.0)
+    m = tl.max(mk, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.where(mk == float("-inf"), 0.0, sk * tl.exp2((mk - m_ref[None, :]) * c2)), axis=0)
+    return m[None, :], tl.log2(s)[None, :]
+
+
+@triton.jit
+def _mutual_kd_split_kernel(
+    x_ptr, loss_ptr, grad_ptr, lse_part_ptr, r_part_ptr,
+    M, N, C, s_m, s_n, s_c, inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, n_split, chunk,
+    PHASE: tl.constexpr, NEED_GRAD: tl.constexpr, MP: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_P2: tl.constexpr, ACC: tl.constexpr,
+):
+    """Program (row, chunk) of a split row, one pass per PHASE (module docstring); a [1, MP, BLOCK_C] tile."""
+    pid = tl.program_id(0)
+    row, c_begin, c_end, n, row_in = split_program(n_split, chunk, C)
+    mm, model_ok, row_off, model_off, inv_tau, scale, c2, Mf = _setup(
+        n, M, s_m, s_n, inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, MP, ACC
+    )
+    if PHASE == 1:
+        m_run = tl.full([1, MP], float("-inf"), ACC)
+        s_run = tl.zeros([1, MP], ACC)
+        for c0 in range(c_begin, c_end, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, ACC)
+            m_run, s_run = online_lse(m_run, s_run, xa, c2)
+        out = lse_part_ptr + pid.to(tl.int64) * (2 * MP) + mm[None, :]
+        tl.store(out, m_run)
+        tl.store(out + MP, s_run)
+    else:
+        m_run, ls = _merged_lse(lse_part_ptr, row.to(tl.int64), n_split, mm, c2, MP, SPLIT_P2)
+        if PHASE == 2:  # this chunk's part of R_i
+            R = tl.zeros([1, MP], ACC)
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, ACC)
+                p, lp, T = _log_probs(xa, m_run, ls, c2, model_ok)
+                R += tl.sum(tl.where(p == 0, 0.0, p * (Mf * lp - T[:, None, :])), axis=2)
+            tl.store(r_part_ptr + pid.to(tl.int64) * MP + mm[None, :], R)
+        else:  # R_i in chunk order, the loss (chunk 0) and this chunk's gradient
+            k = tl.arange(0, SPLIT_P2)
+            offs = ((row.to(tl.int64) * n_split + k) * MP)[:, None] + mm[None, :]
+            R = tl.sum(tl.load(r_part_ptr + offs, mask=(k < n_split)[:, None], other=0.0), axis=0)[None, :]
+            loss = tl.sum(tl.where(model_ok[None, :], R, 0.0), axis=1) * scale
+            tl.store(loss_ptr + n, loss, mask=(c_begin + tl.zeros([1], tl.int32)) == 0)
+            if NEED_GRAD:
+                gscale = scale * inv_tau
+                for c0 in range(c_begin, c_end, BLOCK_C):
+                    cols = c0 + tl.arange(0, BLOCK_C)
+                    xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, ACC)
+                    _store_grad(grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C,
+                                c_end)
 
 
 def mutual_kd_rows(
@@ -139,6 +212,19 @@ def mutual_kd_rows(
 
     MP = next_pow2(M)
     block_c, rows, num_warps = tile_plan(C, MP, next_pow2(N), 1, ROW_TILES)
+    n_split, chunk, split_p2 = (1, C, 1) if C <= block_c else split_plan(N, C, block_c, dev)
+    if n_split > 1:
+        acc = compute_dtype(logits.dtype)
+        lse_part = torch.empty(N * n_split, 2 * MP, dtype=acc, device=dev)
+        r_part = torch.empty(N * n_split, MP, dtype=acc, device=dev)
+        for phase in (1, 2, 3):
+            _mutual_kd_split_kernel[(N * n_split,)](
+                logits, loss, grad, lse_part, r_part, M, N, C, *logits.stride(),
+                *f32_pairs(1.0 / temperature, scale), n_split, chunk,
+                PHASE=phase, NEED_GRAD=need_grad, MP=MP, BLOCK_C=block_c, SPLIT_P2=split_p2,
+                ACC=acc_dtype(logits.dtype), num_warps=num_warps,
+            )
+        return loss, grad
     _mutual_kd_kernel[(cdiv(N, rows),)](
         logits,
         loss,

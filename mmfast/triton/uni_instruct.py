@@ -24,7 +24,7 @@ from torch import Tensor
 from mmfast.reference.routed_kd import compute_dtype
 
 from . import fdistill
-from .fdistill import chunk_part, load_rows, row_plan, row_total, split_plan, store_rows
+from .fdistill import chunk_part, load_rows, row_plan, row_total, split_plan, split_program, store_rows
 
 
 @triton.jit
@@ -178,11 +178,7 @@ def _uni_instruct_split_kernel(
     the row's partials, writes the loss (chunk 0) and the chunk's gradients (same math as the one-launch kernel,
     on a [1, BLOCK] tile)."""
     pid = tl.program_id(0)
-    row = pid // n_split
-    c_begin = (pid % n_split) * chunk
-    c_end = tl.minimum(D, c_begin + chunk)
-    rows = row.to(tl.int64) + tl.arange(0, 1)
-    row_in = rows >= 0
+    row, c_begin, c_end, rows, row_in = split_program(n_split, chunk, D)
     xo, ao, bo = rows * sx, rows * sa, rows * sb
     if PHASE == 1:
         s_abs, s_du, s_dd, s_xd = _streamed_sums(x_ptr, a_ptr, b_ptr, xo, ao, bo, c_begin, c_end, row_in, alpha,
