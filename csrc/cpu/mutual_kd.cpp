@@ -42,16 +42,10 @@ MMFAST_INLINE void mutual_tile(const MutualKDParams& p, int64_t n, compute_t<T>*
     F* __restrict pi = lp + CR;
     for (int r = 0; r < R; ++r) off[r] = i * p.s_m + (n + r) * p.s_n;
     const TileStats<F> t = load_softmax_tile(logits, off, p.s_c, C, inv_tau, lp, pi);
-    for (int64_t c = 0; c < C; ++c) {
-#pragma omp simd
-      for (int r = 0; r < R; ++r) {
-        const int64_t j = c * R + r;
-        lp[j] -= t.log_sum[r];
-        pi[j] *= t.inv_sum[r];
-        sum_logp[j] += lp[j];
-        sum_p[j] += pi[j];
-      }
-    }
+    normalize_tile(lp, pi, C, t, [=](int64_t j, int) MMFAST_INLINE_LAMBDA {
+      sum_logp[j] += lp[j];
+      sum_p[j] += pi[j];
+    });
   }
   alignas(64) double total[R] = {};
   for (int64_t i = 0; i < M; ++i) {

@@ -76,6 +76,20 @@ MMFAST_INLINE F prob_times_grad(F pk, F lpk, F G, F lP, F lq) {
   }
 }
 
+// Mix probs: lP = log P for the n mixture probabilities P = sum_k w_k p_k. log(P) equals
+// logsumexp_k(log w_k + log p_k) wherever P is a normal float; elsewhere (underflow, NaN, inf) take the
+// log-space value logp_at(i), as the reference, and P = exp of it.
+template <typename F, typename LogP>
+MMFAST_INLINE void mixture_log(F* __restrict P, F* __restrict lP, int64_t n, LogP&& logp_at) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) lP[i] = log_approx(P[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    if (P[i] >= std::numeric_limits<F>::min() && P[i] <= std::numeric_limits<F>::max()) continue;
+    lP[i] = logp_at(i);
+    P[i] = std::exp(lP[i]);
+  }
+}
+
 // The params' pointers, typed, and the per-call constants: shared by the row and the tile paths.
 template <typename T>
 struct RoutedOperands {
@@ -269,16 +283,7 @@ class RoutedRow : RoutedOperands<T> {
         pbar[c] += wk * pk[c];
       }
     }
-#pragma omp simd
-    for (int64_t c = 0; c < C_; ++c) lpbar[c] = log_approx(pbar[c]);
-    // log P = logsumexp_k(log w_k + log p_k); log(sum_k w_k p_k) equals it wherever that sum is a
-    // normal float; elsewhere (underflow, NaN, inf) take the log-space value, as the reference.
-    for (int64_t c = 0; c < C_; ++c) {
-      const F P = pbar[c];
-      if (P >= std::numeric_limits<F>::min() && P <= std::numeric_limits<F>::max()) continue;
-      lpbar[c] = mixture_logp(c);
-      pbar[c] = std::exp(lpbar[c]);
-    }
+    mixture_log(pbar, lpbar, C_, [this](int64_t c) { return mixture_logp(c); });
     F* G = pbar;
     loss_[n_] = scale_ * accumulate_mixture_grad(lpbar, pbar, G);
     if (dw_ != nullptr || dz_ != nullptr) {
@@ -619,26 +624,11 @@ class RoutedTile : RoutedOperands<T> {
       F* __restrict lp = slot_logp(k);
       F* __restrict pk = slot_prob(k);
       const Stats t = load(z_, z_off_, p_.sz_c, lp, pk);
-      for (int64_t c = 0; c < C_; ++c) {
-#pragma omp simd
-        for (int r = 0; r < R; ++r) {
-          const int64_t i = c * R + r;
-          lp[i] -= t.log_sum[r];
-          pk[i] *= t.inv_sum[r];
-          pbar[i] += w_slot_[r] * pk[i];
-        }
-      }
+      const F* __restrict w = w_slot_;
+      normalize_tile(lp, pk, C_, t, [=](int64_t i, int r) MMFAST_INLINE_LAMBDA { pbar[i] += w[r] * pk[i]; });
       std::copy(w_slot_, w_slot_ + R, slot_w_ + k * R);
     }
-#pragma omp simd
-    for (int64_t i = 0; i < CR; ++i) lpbar[i] = log_approx(pbar[i]);
-    // where P is not a normal float (underflow, NaN, inf) take log P in log space, as the reference
-    for (int64_t i = 0; i < CR; ++i) {
-      const F P = pbar[i];
-      if (P >= std::numeric_limits<F>::min() && P <= std::numeric_limits<F>::max()) continue;
-      lpbar[i] = mixture_logp(i);
-      pbar[i] = std::exp(lpbar[i]);
-    }
+    mixture_log(pbar, lpbar, CR, [this](int64_t i) { return mixture_logp(i); });
     F* __restrict G = pbar;
     alignas(64) double terms[R] = {};
     {

@@ -82,6 +82,23 @@ MMFAST_INLINE TileStats<F> load_softmax_tile(const T* __restrict src, const int6
   return shift_exp_tile(v, C, e);
 }
 
+// Normalizes a tile from its statistics: lp -= log_sum (log p), p *= inv_sum (p); then use(i, r) for each
+// element i = c * R + r (callers fold their own per-element sums into the same sweep).
+template <typename F, typename Use>
+MMFAST_INLINE void normalize_tile(F* __restrict lp, F* __restrict p, int64_t C, const TileStats<F>& t,
+                                  Use&& use) {
+  constexpr int R = kTileRows<F>;
+  for (int64_t c = 0; c < C; ++c) {
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = c * R + r;
+      lp[i] -= t.log_sum[r];
+      p[i] *= t.inv_sum[r];
+      use(i, r);
+    }
+  }
+}
+
 // out[r] = sum_c buf[c][r], accumulated in double.
 template <typename F>
 MMFAST_INLINE void tile_sums(const F* __restrict buf, int64_t C, F* __restrict out) {
