@@ -627,8 +627,8 @@ def make_step(
                 sync()
             return t1 - t0, time.perf_counter() - t1
 
-    measure_peak = provider not in ("exp-floor", "copy") and not forward_only
-    peak = step_peak_bytes(body, device) if measure_peak else None
+    loss_step = is_loss_provider(provider) and not forward_only  # a whole training step of a loss
+    peak = step_peak_bytes(body, device) if loss_step else None
     if use_graph:
         try:
             return dataclasses.replace(_graph_step(body, flush), peak_bytes=peak)
@@ -644,7 +644,6 @@ def make_step(
         body()
         sync()
 
-    loss_step = provider not in ("exp-floor", "copy") and not forward_only
     return Step(setup_wall, run, reason, peak_bytes=peak, split=split if loss_step else None)
 
 
