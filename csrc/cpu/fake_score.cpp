@@ -1,9 +1,10 @@
 // Fake-score (EDM-weighted denoising) loss on the CPU (oracle: mmfast/reference/fake_score.py;
 // contract: FakeScoreParams in params.h). Per sample row, with e = b - x:
 //   loss = scale * lam * sum e^2,   db = e * (lam * 2 scale)
-// One pass over the data: db does not depend on the row sum, so the sum and the gradient are
-// computed in the same loop; the second stage of score_rows.h only writes the loss. A large db is
-// written with streaming stores (streaming_stores.h), the same values and sums either way.
+// One pass over the data: db does not depend on the row sum, so each chunk's sum and then its
+// gradient (from the chunk's inputs in L1) are formed in the first stage; the second stage of
+// score_rows.h only writes the loss. A large db is written with streaming stores
+// (streaming_stores.h), the same values and sums either way.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
@@ -18,45 +19,35 @@ namespace cpu {
 namespace {
 
 template <typename T>
-MMFAST_MULTIVERSION void fake_score_pass(const FakeScoreParams& p, int64_t r, int64_t begin, int64_t end,
-                                         double* out, bool streaming) {
+void fake_score_pass(const FakeScoreParams& p, int64_t r, int64_t begin, int64_t end, double* out, bool streaming) {
   using F = compute_t<T>;
   const T* __restrict b = static_cast<const T*>(p.b) + r * p.sb;
   const T* __restrict x = static_cast<const T*>(p.x) + r * p.sx;
-  if (p.db == nullptr) {
-    blocked_sums<F>(begin, end, out, [=](int64_t j, F& t0, F& t1, F& t2, F& t3) MMFAST_INLINE_LAMBDA {
-      const F e = to_compute(b[j]) - to_compute(x[j]);
-      t0 = e * e;
-      t1 = t2 = t3 = F(0);
-    });
-    return;
-  }
-  T* __restrict db = static_cast<T*>(p.db) + r * p.D;
-  const F k = static_cast<const F*>(p.lam)[r] * F(2.0 * p.scale);
-  if (!streaming) {
-    blocked_sums<F>(begin, end, out, [=](int64_t j, F& t0, F& t1, F& t2, F& t3) MMFAST_INLINE_LAMBDA {
-      const F e = to_compute(b[j]) - to_compute(x[j]);
-      db[j] = from_compute<T>(e * k);
-      t0 = e * e;
-      t1 = t2 = t3 = F(0);
-    });
-    return;
-  }
-  // db a chunk at a time through an L1 buffer; chunks of kSumBlock elements keep blocked_sums' grouping
-  static_assert(kStreamChunk == kSumBlock, "streamed chunks must be the sum blocks");
-  alignas(64) T buf[kStreamChunk];
-  for (int64_t j0 = begin; j0 < end; j0 += kStreamChunk) {
-    const int64_t j1 = std::min(end, j0 + kStreamChunk);
-    T* __restrict chunk = buf;  // chunk[j - j0] for j in [j0, j1)
+  const auto sums = [=](int64_t j0, int64_t j1) MMFAST_INLINE_LAMBDA {
     blocked_sums<F>(j0, j1, out, [=](int64_t j, F& t0, F& t1, F& t2, F& t3) MMFAST_INLINE_LAMBDA {
       const F e = to_compute(b[j]) - to_compute(x[j]);
-      chunk[j - j0] = from_compute<T>(e * k);
       t0 = e * e;
       t1 = t2 = t3 = F(0);
     });
-    stream_bytes(db + j0, buf, static_cast<std::size_t>(j1 - j0) * sizeof(T));
+  };
+  if (p.db == nullptr) {
+    with_isa([&](auto) MMFAST_INLINE_LAMBDA { sums(begin, end); });
+    return;
   }
-  stream_fence();
+  T* const db[1] = {static_cast<T*>(p.db) + r * p.D};
+  const F k = static_cast<const F*>(p.lam)[r] * F(2.0 * p.scale);
+  // a chunk's sum, then its db from the chunk's inputs in L1
+  static_assert(kStreamChunk % kSumBlock == 0, "chunks must be whole sum blocks");
+  with_isa([&](auto isa) MMFAST_INLINE_LAMBDA {
+    for (int64_t j0 = begin; j0 < end; j0 += kStreamChunk) {
+      const int64_t j1 = std::min(end, j0 + kStreamChunk);
+      sums(j0, j1);
+      write_lines(isa, db, j0, j1, streaming, [=](int64_t j, auto grad) MMFAST_INLINE_LAMBDA {
+        grad[0] = (to_compute(b[j]) - to_compute(x[j])) * k;
+      });
+    }
+  });
+  if (streaming) stream_fence();
 }
 
 template <typename T>

@@ -47,7 +47,7 @@ MMFAST_INLINE compute_t<T> fdistill_weight(const FDistillParams& p, int64_t r, c
 }
 
 template <typename T>
-MMFAST_MULTIVERSION void fdistill_finish(const FDistillParams& p, int64_t r, int64_t begin, int64_t end,
+void fdistill_finish(const FDistillParams& p, int64_t r, int64_t begin, int64_t end,
                                          const double* totals, bool first, bool streaming) {
   using F = compute_t<T>;
   const F w = fdistill_weight<T>(p, r, totals);
@@ -60,10 +60,12 @@ MMFAST_MULTIVERSION void fdistill_finish(const FDistillParams& p, int64_t r, int
   if (p.dx == nullptr) return;
   const T* __restrict a = static_cast<const T*>(p.a) + r * p.sa;
   const T* __restrict b = static_cast<const T*>(p.b) + r * p.sb;
-  T* __restrict dx = static_cast<T*>(p.dx) + r * p.D;
+  T* const dx[1] = {static_cast<T*>(p.dx) + r * p.D};
   const F scale = F(p.scale);
-  write_elements(dx, begin, end, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
-    return ((to_compute(b[j]) - to_compute(a[j])) * w) * scale;
+  with_isa([&](auto isa) MMFAST_INLINE_LAMBDA {
+    write_lines(isa, dx, begin, end, streaming, [=](int64_t j, auto out) MMFAST_INLINE_LAMBDA {
+      out[0] = ((to_compute(b[j]) - to_compute(a[j])) * w) * scale;
+    });
   });
   if (streaming) stream_fence();
 }

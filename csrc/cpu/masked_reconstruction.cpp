@@ -79,45 +79,44 @@ MMFAST_INLINE F elementwise(F d, F beta, F inv_beta, F half_beta, F& de) {
   }
 }
 
-// The common case in one streaming loop, without the row buffers: an elementwise loss, unit
-// strides, no normalisation, dP wanted, no per-element outputs. M: void (no element mask; w is the
-// row weight), F (float mask) or uint8_t (bool mask). Chunks of kStreamChunk elements; kStream: each
-// chunk's gradients are computed into L1 buffers and written out with streaming stores
-// (streaming_stores.h), with the same values and sums as plain stores give.
-template <int kLoss, typename M, bool kDY, bool kStream, typename T, typename F = compute_t<T>>
-MMFAST_INLINE void stream_row(const T* __restrict prow, const T* __restrict yrow, const M* __restrict mrow,
-                              int64_t D, F w, F beta, F inv_beta, F half_beta, T* __restrict dprow,
-                              T* __restrict dyrow, double& loss, double& mask_sum) {
-  alignas(64) T gbuf[kStream ? kStreamChunk : 1];
-  alignas(64) T ybuf[kStream && kDY ? kStreamChunk : 1];
+// The common case without the row buffers: an elementwise loss, unit strides, no normalisation, dP
+// wanted, no per-element outputs. M: void (no element mask; w is the row weight), F (float mask) or
+// uint8_t (bool mask). A chunk of kStreamChunk elements at a time: its sums, then its gradients from
+// the chunk's inputs in L1, formed a line at a time in registers and stored with `isa`'s widest
+// stores (write_lines; streaming stores with `streaming`).
+template <int kLoss, typename M, bool kDY, typename Isa, typename T, typename F = compute_t<T>>
+MMFAST_INLINE void stream_row(Isa isa, const T* __restrict prow, const T* __restrict yrow, const M* __restrict mrow,
+                              int64_t D, F w, F beta, F inv_beta, F half_beta, T* dprow, T* dyrow, bool streaming,
+                              double& loss, double& mask_sum) {
+  const auto mask_at = [=](int64_t c) MMFAST_INLINE_LAMBDA -> F {
+    if constexpr (std::is_same_v<M, uint8_t>) {
+      return F(mrow[c]);  // torch bools are stored as 0 / 1
+    } else if constexpr (!std::is_void_v<M>) {
+      return mrow[c];
+    } else {
+      return F(1);
+    }
+  };
+  T* grads[kDY ? 2 : 1] = {dprow};
+  if constexpr (kDY) grads[kDY ? 1 : 0] = dyrow;  // (the index keeps the discarded branch in bounds)
   double acc = 0, macc = 0;
   for (int64_t c0 = 0; c0 < D; c0 += kStreamChunk) {
-    const int64_t n = std::min(kStreamChunk, D - c0);
-    const T* __restrict pc = prow + c0;
-    const T* __restrict yc = yrow + c0;
-    T* __restrict gout = kStream ? gbuf : dprow + c0;
-    T* __restrict yout = kStream ? ybuf : (kDY ? dyrow + c0 : nullptr);
+    const int64_t c1 = std::min(D, c0 + kStreamChunk);
 #pragma omp simd reduction(+ : acc, macc)
-    for (int64_t c = 0; c < n; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       F de;
-      const F e = elementwise<kLoss>(to_compute(pc[c]) - to_compute(yc[c]), beta, inv_beta, half_beta, de);
-      F m = F(1);
-      if constexpr (std::is_same_v<M, uint8_t>) {
-        m = F(mrow[c0 + c]);  // torch bools are stored as 0 / 1
-      } else if constexpr (!std::is_void_v<M>) {
-        m = mrow[c0 + c];
-      }
-      const F weight = w * m;
-      const F g = weight * de;
-      acc += weight * e;
+      const F e = elementwise<kLoss>(to_compute(prow[c]) - to_compute(yrow[c]), beta, inv_beta, half_beta, de);
+      const F m = mask_at(c);
+      acc += (w * m) * e;
       macc += m;
-      gout[c] = from_compute<T>(g);
-      if constexpr (kDY) yout[c] = from_compute<T>(-g);
     }
-    if constexpr (kStream) {
-      stream_bytes(dprow + c0, gbuf, n * sizeof(T));
-      if constexpr (kDY) stream_bytes(dyrow + c0, ybuf, n * sizeof(T));
-    }
+    write_lines(isa, grads, c0, c1, streaming, [=](int64_t c, auto out) MMFAST_INLINE_LAMBDA {
+      F de;
+      elementwise<kLoss>(to_compute(prow[c]) - to_compute(yrow[c]), beta, inv_beta, half_beta, de);
+      const F g = (w * mask_at(c)) * de;
+      out[0] = g;
+      if constexpr (kDY) out[1] = -g;
+    });
   }
   loss = acc;
   mask_sum = macc;
@@ -127,17 +126,15 @@ template <int kLoss, typename M, typename T, typename F = compute_t<T>>
 MMFAST_INLINE void stream_row_dy(const T* prow, const T* yrow, const M* mrow, int64_t D, F w, F beta,
                                  F inv_beta, F half_beta, T* dprow, T* dyrow, bool streaming, double& loss,
                                  double& mask_sum) {
-  const auto run = [&](auto dy, auto nt) MMFAST_INLINE_LAMBDA {
-    stream_row<kLoss, M, decltype(dy)::value, decltype(nt)::value>(prow, yrow, mrow, D, w, beta, inv_beta,
-                                                                    half_beta, dprow, dyrow, loss, mask_sum);
-  };
-  using Yes = std::true_type;
-  using No = std::false_type;
-  if (dyrow != nullptr) {
-    streaming ? run(Yes{}, Yes{}) : run(Yes{}, No{});
-  } else {
-    streaming ? run(No{}, Yes{}) : run(No{}, No{});
-  }
+  with_isa([&](auto isa) MMFAST_INLINE_LAMBDA {
+    if (dyrow != nullptr) {
+      stream_row<kLoss, M, true>(isa, prow, yrow, mrow, D, w, beta, inv_beta, half_beta, dprow, dyrow, streaming,
+                                 loss, mask_sum);
+    } else {
+      stream_row<kLoss, M, false>(isa, prow, yrow, mrow, D, w, beta, inv_beta, half_beta, dprow, dyrow, streaming,
+                                  loss, mask_sum);
+    }
+  });
 }
 
 template <typename T, int kLoss, bool kElemMask>
@@ -186,7 +183,7 @@ MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, i
       for (T* g : {dp, dy}) {
         if (g == nullptr) continue;
         if (streaming && S == 1) {
-          stream_zero(g + o, D * sizeof(T));
+          with_isa([&](auto isa) MMFAST_INLINE_LAMBDA { stream_zero(isa, g + o, D * sizeof(T)); });
         } else {
           fill_row(g + o, S, D, F(0));
         }

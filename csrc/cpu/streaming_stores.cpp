@@ -51,6 +51,13 @@ void set_cpu_streaming_min_bytes(int64_t bytes) { g_streaming_min_bytes.store(by
 
 namespace cpu {
 
+#ifdef MMFAST_ISA_DISPATCH
+int isa_level() {
+  static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+  return level;
+}
+#endif
+
 bool streaming_worthwhile(int64_t bytes) {
 #ifdef MMFAST_STREAMING_STORES
   return bytes > cpu_streaming_min_bytes();

@@ -4,8 +4,8 @@
 //           wf = max(S_abs / D, 1e-5), c = scale / wf, n = sqrt(S_dd) (or the given norm),
 //           loss = c (ls S_du + [fgm] lf S_dd + [di] (ld n) S_xd)
 //   pass 2: dx = d (k c) with k = -ls (+ ld n with di), da = (ls c)(u + (1 - alpha) d) [+ (2 lf c) d],
-//           db = (ls c)(alpha d - u) [- (2 lf c) d]; each requested output in its own loop over
-//           blocks of kGradBlock elements (the block's inputs stay in L1 between the loops).
+//           db = (ls c)(alpha d - u) [- (2 lf c) d]; one loop over the row forms all three a cache
+//           line at a time and stores the requested ones (write_lines, streaming_stores.h).
 // A switched-off term (fgm, di) is not evaluated, as in the reference. Scheduling: score_rows.h.
 #include <algorithm>
 #include <cmath>
@@ -23,7 +23,6 @@ namespace cpu {
 namespace {
 
 constexpr double kWfMin = 1e-5;
-constexpr int64_t kGradBlock = 1024;
 
 template <typename T>
 MMFAST_MULTIVERSION void uni_sums(const UniInstructParams& p, int64_t r, int64_t begin, int64_t end,
@@ -65,18 +64,9 @@ MMFAST_INLINE UniRow<F> uni_row(const UniInstructParams& p, int64_t r, const dou
   return row;
 }
 
-template <typename Body>
-MMFAST_INLINE void with_flag(bool flag, Body&& body) {
-  if (flag) {
-    body(std::true_type{});
-  } else {
-    body(std::false_type{});
-  }
-}
-
 template <typename T>
-MMFAST_MULTIVERSION void uni_finish(const UniInstructParams& p, int64_t r, int64_t begin, int64_t end,
-                                    const double* totals, bool first, bool streaming) {
+void uni_finish(const UniInstructParams& p, int64_t r, int64_t begin, int64_t end, const double* totals,
+                bool first, bool streaming) {
   using F = compute_t<T>;
   const UniRow<F> row = uni_row<F>(p, r, totals);
   if (first) {
@@ -88,43 +78,36 @@ MMFAST_MULTIVERSION void uni_finish(const UniInstructParams& p, int64_t r, int64
   const T* __restrict x = static_cast<const T*>(p.x) + r * p.sx;
   const T* __restrict a = static_cast<const T*>(p.a) + r * p.sa;
   const T* __restrict b = static_cast<const T*>(p.b) + r * p.sb;
-  T* __restrict dx = p.dx != nullptr ? static_cast<T*>(p.dx) + r * p.D : nullptr;
-  T* __restrict da = p.da != nullptr ? static_cast<T*>(p.da) + r * p.D : nullptr;
-  T* __restrict db = p.db != nullptr ? static_cast<T*>(p.db) + r * p.D : nullptr;
+  T* const grads[3] = {p.dx != nullptr ? static_cast<T*>(p.dx) + r * p.D : nullptr,
+                       p.da != nullptr ? static_cast<T*>(p.da) + r * p.D : nullptr,
+                       p.db != nullptr ? static_cast<T*>(p.db) + r * p.D : nullptr};
   const F alpha = F(p.alpha), one_minus_alpha = F(1.0 - p.alpha);
   const F dx_coef = (p.di ? row.di_coef - row.lam_sim : -row.lam_sim) * row.c;
   const F cs = row.lam_sim * row.c;
   const F f2 = p.fgm ? F(2.0) * row.lam_fgm * row.c : F(0);
-  for (int64_t j0 = begin; j0 < end; j0 += kGradBlock) {
-    const int64_t j1 = std::min(end, j0 + kGradBlock);
-    if (dx != nullptr) {
-      write_elements(dx, j0, j1, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
-        return (to_compute(a[j]) - to_compute(b[j])) * dx_coef;
-      });
-    }
-    with_flag(p.fgm != 0, [&](auto fgm) MMFAST_INLINE_LAMBDA {
-      if (da != nullptr) {
-        write_elements(da, j0, j1, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
-          const F xv = to_compute(x[j]), av = to_compute(a[j]);
-          const F d = av - to_compute(b[j]);
-          const F u = (av - xv) - alpha * d;
-          F g = cs * (u + one_minus_alpha * d);
-          if constexpr (decltype(fgm)::value) g = g + f2 * d;
-          return g;
-        });
-      }
-      if (db != nullptr) {
-        write_elements(db, j0, j1, streaming, [=](int64_t j) MMFAST_INLINE_LAMBDA {
-          const F xv = to_compute(x[j]), av = to_compute(a[j]);
-          const F d = av - to_compute(b[j]);
-          const F u = (av - xv) - alpha * d;
-          F g = cs * (alpha * d - u);
-          if constexpr (decltype(fgm)::value) g = g - f2 * d;
-          return g;
-        });
+  // dx = d dx_coef, da = cs (u + (1 - alpha) d) [+ f2 d], db = cs (alpha d - u) [- f2 d]: all three
+  // are formed (a few flops) and the requested ones stored
+  const auto pass = [&](auto isa, auto fgm) MMFAST_INLINE_LAMBDA {
+    write_lines(isa, grads, begin, end, streaming, [=](int64_t j, auto out) MMFAST_INLINE_LAMBDA {
+      const F xv = to_compute(x[j]), av = to_compute(a[j]);
+      const F d = av - to_compute(b[j]);
+      const F u = (av - xv) - alpha * d;
+      out[0] = d * dx_coef;
+      out[1] = cs * (u + one_minus_alpha * d);
+      out[2] = cs * (alpha * d - u);
+      if constexpr (decltype(fgm)::value) {
+        out[1] = out[1] + f2 * d;
+        out[2] = out[2] - f2 * d;
       }
     });
-  }
+  };
+  with_isa([&](auto isa) MMFAST_INLINE_LAMBDA {
+    if (p.fgm) {
+      pass(isa, std::true_type{});
+    } else {
+      pass(isa, std::false_type{});
+    }
+  });
   if (streaming) stream_fence();
 }
 
