@@ -88,9 +88,14 @@ template <int kLoss, typename M, bool kDY, typename Isa, typename T, typename F 
 MMFAST_INLINE void stream_row(Isa isa, const T* __restrict prow, const T* __restrict yrow, const M* __restrict mrow,
                               int64_t D, F w, F beta, F inv_beta, F half_beta, T* dprow, T* dyrow, bool streaming,
                               double& loss, double& mask_sum) {
-  const auto mask_at = [=](int64_t c) MMFAST_INLINE_LAMBDA -> F {
-    if constexpr (std::is_same_v<M, uint8_t>) {
-      return F(mrow[c]);  // torch bools are stored as 0 / 1
+  // a bool mask is widened to F a chunk at a time first: bytes in the line loops would make gcc
+  // vectorize them 4 lanes wide (one 16-byte vector of bytes per line)
+  constexpr bool kBoolMask = std::is_same_v<M, uint8_t>;
+  alignas(64) F mask_chunk[kBoolMask ? kStreamChunk : 1];
+  int64_t chunk_begin = 0;
+  const auto mask_at = [&](int64_t c) MMFAST_INLINE_LAMBDA -> F {
+    if constexpr (kBoolMask) {
+      return mask_chunk[c - chunk_begin];
     } else if constexpr (!std::is_void_v<M>) {
       return mrow[c];
     } else {
@@ -102,6 +107,11 @@ MMFAST_INLINE void stream_row(Isa isa, const T* __restrict prow, const T* __rest
   double acc = 0, macc = 0;
   for (int64_t c0 = 0; c0 < D; c0 += kStreamChunk) {
     const int64_t c1 = std::min(D, c0 + kStreamChunk);
+    chunk_begin = c0;
+    if constexpr (kBoolMask) {
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) mask_chunk[c - c0] = F(mrow[c]);  // torch bools are stored as 0 / 1
+    }
 #pragma omp simd reduction(+ : acc, macc)
     for (int64_t c = c0; c < c1; ++c) {
       F de;
