@@ -1,7 +1,8 @@
 """The CPU kernels' streaming-store paths (csrc/cpu/streaming_stores.h) against their plain-store paths.
 
-Large outputs (more bytes moved than the last-level cache holds) are written with non-temporal stores
-through L1 chunk buffers, with unaligned heads and tails written plainly. The plain path is checked
+Large outputs (more bytes moved than the last-level cache holds) are written with non-temporal stores,
+a cache line at a time from registers, with the elements before the first line boundary and after the last
+one written plainly. The plain path is checked
 against the reference elsewhere; here each kernel runs twice on the same inputs, with streaming forced on
 (threshold 0) and off, and every output must be bit-identical: odd row lengths (every alignment of a
 row's start), all four dtypes, padded row strides, masks that exclude rows (zero rows streamed out).

@@ -46,11 +46,12 @@ bool streaming_worthwhile(int64_t bytes);
 // ---- Line groups: outputs computed a cache line at a time and stored from registers ----
 //
 // The widest streaming store writes a whole 64-byte line from one register, which the write-combining
-// buffers pass on at once; 16-byte stores of the same line, or a copy out of an L1 buffer, cost up to
-// 1.7x the time on a Zen 4 core (measured: a Uni-Instruct pass writing three outputs). The widest
-// store is an instruction of the ISA level, so a loop that uses it is built once per level by hand
-// (`with_isa`) rather than by target_clones: IsaV4 (AVX-512) stores a line with one instruction,
-// IsaV3 (AVX2) with two, IsaBase with four SSE2 stores (or a plain copy off x86-64).
+// buffers pass on at once; 16-byte stores of the same line, or a copy out of an L1 buffer, took up to
+// 1.7x the time on a Zen 4 core in a standalone model of the Uni-Instruct pass (three outputs; see
+// benchmarks/results/cpu-2026-11-27-e). The widest store is an instruction of the ISA level, so a loop
+// that uses it is built once per level by hand (`with_isa`) rather than by target_clones: IsaV4
+// (AVX-512) stores a line with one instruction, IsaV3 (AVX2) with two, IsaBase with four SSE2 stores
+// (or a plain copy off x86-64).
 
 constexpr int64_t kLineBytes = 64;
 
