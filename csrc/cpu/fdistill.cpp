@@ -47,8 +47,8 @@ MMFAST_INLINE compute_t<T> fdistill_weight(const FDistillParams& p, int64_t r, c
 }
 
 template <typename T>
-void fdistill_finish(const FDistillParams& p, int64_t r, int64_t begin, int64_t end,
-                                         const double* totals, bool first, bool streaming) {
+void fdistill_finish(const FDistillParams& p, int64_t r, int64_t begin, int64_t end, const double* totals,
+                     bool first, bool streaming) {
   using F = compute_t<T>;
   const F w = fdistill_weight<T>(p, r, totals);
   if (first) {

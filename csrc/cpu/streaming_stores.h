@@ -21,7 +21,6 @@
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__SSE2__)
-#include <emmintrin.h>
 #include <immintrin.h>
 #define MMFAST_STREAMING_STORES 1
 #endif
@@ -70,7 +69,7 @@ struct IsaBase {
 #define MMFAST_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #define MMFAST_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
 // stream_line is not always_inline: it may only be inlined into code built for its level, which
-// the flatten attribute of run_isa below does.
+// the flatten attribute of run_isa_v3 / run_isa_v4 below does.
 struct IsaV3 {
   MMFAST_TARGET_V3 static inline void stream_line(void* dst, const void* src) {
     for (int i = 0; i < 2; ++i)

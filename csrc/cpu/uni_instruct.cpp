@@ -102,7 +102,12 @@ void uni_finish(const UniInstructParams& p, int64_t r, int64_t begin, int64_t en
     });
   };
   with_isa([&](auto isa) MMFAST_INLINE_LAMBDA {
-    if (p.fgm) {
+    if (p.da == nullptr && p.db == nullptr) {  // dx alone (the usual case): from a and b, x is not re-read
+      T* const dx[1] = {grads[0]};
+      write_lines(isa, dx, begin, end, streaming, [=](int64_t j, auto out) MMFAST_INLINE_LAMBDA {
+        out[0] = (to_compute(a[j]) - to_compute(b[j])) * dx_coef;
+      });
+    } else if (p.fgm) {
       pass(isa, std::true_type{});
     } else {
       pass(isa, std::false_type{});
