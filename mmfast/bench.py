@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import json
 import math
 import os
@@ -49,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
@@ -465,7 +467,7 @@ class Step:
     setup: Callable[[], None]
     run: Callable[[], float | None]
     timing: str = "wall"
-    keep_alive: object = None  # a captured graph and its output tensors
+    keep_alive: object = None  # a captured graph, its output tensors and the body whose inputs it reads
     peak_bytes: int | None = None  # loss providers: memory the step allocates at its peak (see step_peak_bytes)
     # wall-clock loss steps: ``run`` timed in two parts, (forward, backward) seconds, each ending with a device sync
     split: Callable[[], tuple[float, float]] | None = None
@@ -501,7 +503,10 @@ def _graph_step(body: Callable[[], object], flush: Tensor, warmup: int = 3) -> S
         end.synchronize()
         return start.elapsed_time(end) / 1e3
 
-    return Step(setup, run, "cuda-graph", keep_alive=(graph, outputs))
+    # the graph replays raw addresses: everything it reads or writes must outlive it. ``body``'s closure holds the
+    # inputs (nothing else may: a freed input's memory is reused, and a replay then reads whatever lives there,
+    # or faults once the allocator has released it); the outputs live in the graph's memory pool.
+    return Step(setup, run, "cuda-graph", keep_alive=(graph, outputs, body))
 
 
 # the profiler's own start/stop lines, which its C++ side writes to stderr at any log level
@@ -672,6 +677,32 @@ def _describe_error(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
 
 
+class DeviceLost(RuntimeError):
+    """A provider hit a sticky device error (an illegal memory access, say): the CUDA context is unusable, so
+    nothing after it in this process can be measured. ``where`` names the group and provider (or the group's
+    final synchronisation) where it surfaced; with asynchronous launches that is at or after the fault."""
+
+    def __init__(self, where: str, error: BaseException):
+        super().__init__(f"{where}: {_describe_error(error)}")
+        self.where = where
+
+
+def _is_device_fatal(e: BaseException) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(e, accelerator_error):
+        return True
+    return isinstance(e, RuntimeError) and "CUDA error" in str(e)
+
+
+def _provider_error(e: Exception, where: str) -> str:
+    """The one-line description of a provider's failure for its table row; its traceback goes to stderr.
+    Raises :class:`DeviceLost` for an error that leaves the device unusable."""
+    if _is_device_fatal(e):
+        raise DeviceLost(where, e) from e
+    print(f"bench: {where} failed:\n{''.join(traceback.format_exception(e)).rstrip()}", file=sys.stderr, flush=True)
+    return _describe_error(e)
+
+
 def is_loss_provider(name: str) -> bool:
     """A provider that runs the loss (the baselines and the mmfast backends), not a reference kernel."""
     return name in LOSS_BASELINES or name.startswith("mmfast-")
@@ -680,13 +711,14 @@ def is_loss_provider(name: str) -> bool:
 def measure_group(
     case: Case, dtype: torch.dtype, names: Sequence[str], device: torch.device, *,
     budget_s: float, warmup_rounds: int = 3, min_rounds: int = 5, on_warm: Callable[[], None] | None = None,
-    forward: bool = False,
+    forward: bool = False, graph: bool | None = None,
 ) -> list[Result]:
     """Time the providers ``names`` on one case and dtype, interleaved round by round.
 
     Every provider is warmed up first; the timed rounds then alternate between providers, so that a
     change in background load (a shared CPU) affects all of them alike and the ratios stay meaningful.
-    A provider that raises gets a row with its error; the others still run.
+    A provider that raises gets a row with its error (its traceback on stderr); the others still run. An error
+    that leaves the device unusable raises :class:`DeviceLost` instead. ``graph``: as in :func:`make_step`.
 
     With ``forward`` every loss provider's forward and backward are timed apart (``Result.forward_s`` and
     ``Result.backward_s``): on the wall clock as the two parts of each step round (``Step.split``); for a
@@ -700,19 +732,19 @@ def measure_group(
     for name in names:
         key = (name, False)
         try:
-            steps[key] = make_step(case, name, device, dtype)
+            steps[key] = make_step(case, name, device, dtype, graph=graph)
             rounds[key] = plan_rounds(warm_up(steps[key], warmup_rounds), budget_s, min_rounds)
         except Exception as e:
             steps.pop(key, None)
-            errors[key] = _describe_error(e)
+            errors[key] = _provider_error(e, f"{group} / {name}")
         if forward and key in steps and is_loss_provider(name) and steps[key].split is None:
             alone = (name, True)
             try:
-                steps[alone] = make_step(case, name, device, dtype, forward_only=True)
+                steps[alone] = make_step(case, name, device, dtype, graph=graph, forward_only=True)
                 rounds[alone] = plan_rounds(warm_up(steps[alone], warmup_rounds), budget_s, min_rounds)
             except Exception as e:
                 steps.pop(alone, None)
-                errors[alone] = _describe_error(e)
+                errors[alone] = _provider_error(e, f"{group} / {name} (forward alone)")
         if on_warm is not None:
             on_warm()
     times: dict[tuple[str, bool], list[float]] = {key: [] for key in steps}
@@ -730,7 +762,7 @@ def measure_group(
                     times[key].append(_time_round(step))
             except Exception as e:
                 del steps[key]
-                errors[key] = _describe_error(e)
+                errors[key] = _provider_error(e, f"{group} / {key[0]}" + (" (forward alone)" if key[1] else ""))
 
     def forward_backward(name: str) -> tuple[float | None, float | None]:
         if name in parts:
@@ -971,10 +1003,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a few small shapes, short timings (what CI runs)")
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), default=None, metavar="SUITE",
                         help=f"only this op's cases (repeatable; default: all of {', '.join(SUITES)})")
+    parser.add_argument("--case", action="append", default=None, metavar="TEXT",
+                        help="only the cases whose name contains TEXT (repeatable), e.g. 'C=8192 E=4 dense'")
+    parser.add_argument("--provider", action="append", default=None, metavar="NAME",
+                        help="only this provider (repeatable): eager, compile, mmfast-<backend>, exp-floor, copy")
+    parser.add_argument("--wall-clock", action="store_true",
+                        help="on a GPU, time each step on the wall clock with a device sync instead of as a "
+                             "CUDA-graph replay (host overhead included; for diagnosis)")
     parser.add_argument("--no-forward", action="store_true",
                         help="do not time the forward and the backward apart (the fwd and bwd columns)")
     parser.add_argument("--json", metavar="PATH", default=None,
                         help="also write the results as pytest-benchmark JSON (read by benchmarks/report.py)")
+    parser.add_argument("--append", action="store_true",
+                        help="with --json: keep the results already in that file and add these (one file from "
+                             "several runs, e.g. one process per suite)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -987,9 +1029,15 @@ def run(args: argparse.Namespace) -> int:
     suites = list(dict.fromkeys(args.suite or SUITES))
     pool = QUICK_CASES if args.quick else tuple(CASES.values())
     cases = [c for suite in suites for c in pool if c.suite == suite]  # in the order the suites were asked
+    if args.case:
+        cases = [c for c in cases if any(text in c.name for text in args.case)]
     budget_s = 0.1 if args.quick else (0.3 if device.type == "cuda" else 0.5)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info = machine_info(device)
+    earlier = None  # --append: the JSON document of the earlier runs (its machine and date are kept)
+    if args.append and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            earlier = json.load(f)
     print(describe_machine(info, date))
     print(describe_backends(device))
     print("median: forward + backward per training step; speedup = t_baseline / t"
@@ -999,9 +1047,12 @@ def run(args: argparse.Namespace) -> int:
     skipped = {case.label(dtype): reason for case, dtype, _, reason in plan if reason}
     groups: dict[tuple[Case, torch.dtype], list[str]] = {}
     for case, dtype, provider, reason in plan:
-        if reason is None:
+        if reason is None and (not args.provider or provider in args.provider):
             groups.setdefault((case, dtype), []).append(provider)
-    results = []
+    if not groups:
+        print("error: no benchmark matches the --suite, --case and --provider filters", file=sys.stderr)
+        return 2
+    results: list[Result] = []
     with tqdm(total=sum(map(len, groups.values())), desc="mmfast bench", unit="provider",
               delay=2.0, leave=False, disable=None, file=sys.stderr) as progress:
         described = set()
@@ -1010,22 +1061,47 @@ def run(args: argparse.Namespace) -> int:
                 described.add(case.suite)
                 progress.clear()
                 print(f"## {case.description}\n", flush=True)
-            group = measure_group(
-                case, dtype, names, device, budget_s=budget_s, warmup_rounds=2 if args.quick else 3,
-                min_rounds=3 if args.quick else 5, on_warm=progress.update, forward=not args.no_forward,
-            )
+            label = case.label(dtype)
+            try:
+                group = measure_group(
+                    case, dtype, names, device, budget_s=budget_s, warmup_rounds=2 if args.quick else 3,
+                    min_rounds=3 if args.quick else 5, on_warm=progress.update, forward=not args.no_forward,
+                    graph=False if args.wall_clock else None,
+                )
+                # free the group's graphs and buffers now (autograd graphs hold reference cycles), and let an
+                # asynchronous device error surface here, in the group that caused it
+                gc.collect()
+                if device.type == "cuda":
+                    try:
+                        torch.cuda.synchronize()
+                    except Exception as e:
+                        if _is_device_fatal(e):
+                            raise DeviceLost(f"{label} (its final synchronisation)", e) from e
+                        raise
+            except DeviceLost as lost:
+                progress.clear()
+                trace = "".join(traceback.format_exception(lost.__cause__ or lost))
+                print(f"error: the device failed in {lost}\n{trace}"
+                      "Nothing more can run in this process. To find the faulting kernel, rerun that case alone "
+                      "(--case, --provider) with CUDA_LAUNCH_BLOCKING=1 and --wall-clock, or under "
+                      "compute-sanitizer.", file=sys.stderr, flush=True)
+                return 1
             results += group
             # each table as soon as it is measured: a run cut short keeps what it measured
             progress.clear()
             print(render_tables(group), flush=True)
             if args.json:
-                _write_json(args.json, info, date, results)
+                _write_json(args.json, info, date, results, earlier)
     for label, reason in skipped.items():
         print(f"skipped {label}: {reason}")
     return 0
 
 
-def _write_json(path: str, info: dict, date: str, results: Sequence[Result]) -> None:
+def _write_json(path: str, info: dict, date: str, results: Sequence[Result], earlier: dict | None = None) -> None:
+    """The results as pytest-benchmark JSON; after those of ``earlier`` (a document this wrote before), whose
+    machine and date it keeps."""
+    doc = {"machine_info": info, "datetime": date, "benchmarks": [r.to_json() for r in results]}
+    if earlier is not None:
+        doc = {**earlier, "benchmarks": [*earlier["benchmarks"], *doc["benchmarks"]]}
     with open(path, "w") as f:
-        doc = {"machine_info": info, "datetime": date, "benchmarks": [r.to_json() for r in results]}
         json.dump(doc, f, indent=2)

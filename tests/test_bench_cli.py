@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -305,3 +306,105 @@ def test_class_sweep_rows_for_routed_and_mutual_kd():
             assert r["N"] == 2048 // r["C"]
         table = sweep.render(rows)
         assert table.count("\n") == len(rows) + 1
+
+
+def test_case_and_provider_filters_and_append(tmp_path):
+    """--case and --provider pick the benchmarks; --append adds a second run's results to the same JSON (one
+    process per suite on a GPU); filters that match nothing are an error, not an empty run."""
+    out_json = tmp_path / "runs.json"
+    first = _run_cli("bench", "--device", "cpu", "--suite", "routed_kd", "--case", "N=256 C=1000",
+                     "--provider", "eager", "--no-forward", "--json", str(out_json), timeout=180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _row(first.stdout, "eager") and "| compile |" not in first.stdout
+    second = _run_cli("bench", "--device", "cpu", "--suite", "routed_kd", "--case", "N=256 C=1000",
+                      "--provider", "mmfast-torch", "--no-forward", "--json", str(out_json), "--append", timeout=180)
+    assert second.returncode == 0, second.stderr[-3000:]
+    doc = json.loads(out_json.read_text())
+    assert [b["extra_info"]["provider"] for b in doc["benchmarks"]] == ["eager", "mmfast-torch"]
+    assert all("C=1000" in b["name"] for b in doc["benchmarks"])
+    none = _run_cli("bench", "--device", "cpu", "--case", "no such case", timeout=120)
+    assert none.returncode == 2 and "no benchmark matches" in none.stderr
+
+
+def test_provider_errors_are_rows_with_tracebacks_and_device_faults_stop(monkeypatch, capsys):
+    """A provider's ordinary error becomes its table row (traceback on stderr); a sticky device error (the CUDA
+    context is lost) raises DeviceLost naming the group and provider, and the CLI stops there with status 1."""
+    from mmfast import bench
+
+    case, names = bench.ROUTED_CASES[0], ["eager", "mmfast-torch"]
+    real_make_step = bench.make_step
+
+    def failing(kind):
+        def make_step(case, provider, *args, **kwargs):
+            if provider == "mmfast-torch":
+                raise kind("CUDA error: an illegal memory access was encountered" if kind is not ValueError
+                           else "bad shape")
+            return real_make_step(case, provider, *args, **kwargs)
+        return make_step
+
+    monkeypatch.setattr(bench, "make_step", failing(ValueError))
+    rows = bench.measure_group(case, torch.float32, names, torch.device("cpu"), budget_s=0.01, warmup_rounds=1,
+                               min_rounds=1)
+    assert math.isfinite(rows[0].median_s) and rows[1].error == "ValueError: bad shape"
+    err = capsys.readouterr().err
+    assert "mmfast-torch failed" in err and "Traceback" in err and "bad shape" in err
+
+    monkeypatch.setattr(bench, "make_step", failing(torch.AcceleratorError))
+    with pytest.raises(bench.DeviceLost, match="C=1000 E=4 dense fp32 / mmfast-torch: AcceleratorError"):
+        bench.measure_group(case, torch.float32, names, torch.device("cpu"), budget_s=0.01, warmup_rounds=1,
+                            min_rounds=1)
+
+    def lost(*args, **kwargs):
+        raise bench.DeviceLost("g fp32 / mmfast-triton", torch.AcceleratorError("CUDA error: illegal address"))
+
+    monkeypatch.setattr(bench, "measure_group", lost)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--device", "cpu", "--suite", "routed_kd", "--case", "C=1000"])) == 1
+    assert "the device failed in g fp32 / mmfast-triton" in capsys.readouterr().err
+
+
+def test_graph_step_keeps_its_inputs_alive(monkeypatch):
+    """A captured CUDA graph replays raw addresses, so its step must keep the body (whose closure holds the
+    inputs) alive: once freed, their memory is reused and a replay reads garbage or faults (the H200 run of
+    2026-11-27 lost its CUDA context so). The CUDA calls are stand-ins here; what is checked is the lifetime."""
+    import gc
+    import weakref
+
+    from mmfast import bench
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    for name in ("Stream", "CUDAGraph", "Event", "graph", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, Recorder)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+
+    def make():
+        inputs = torch.ones(3)
+
+        def body():
+            return inputs * 2
+
+        return bench._graph_step(body, torch.zeros(1)), weakref.ref(inputs)
+
+    step, inputs_ref = make()
+    gc.collect()
+    assert inputs_ref() is not None, "the graph step dropped the inputs its graph reads"
+    assert step.timing == "cuda-graph" and step.run() == 1e-3
+    del step
+    gc.collect()
+    assert inputs_ref() is None

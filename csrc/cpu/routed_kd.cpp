@@ -851,15 +851,45 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
 }
 
 }  // namespace
+
+// The kernels of one storage type: each built in its own object (dtype shards, storage.h).
+template <typename T>
+void routed_kd_typed(const RoutedKDParams& p, int num_threads) {
+  run_routed<T>(p, num_threads);
+}
+
+static_assert(kFloat32 == 0 && kFloat64 == 1 && kBFloat16 == 2 && kFloat16 == 3,
+              "the dtype shards below and in CMakeLists.txt use these DType codes");
+#if MMFAST_DISPATCH_ONLY
+extern template void routed_kd_typed<float>(const RoutedKDParams&, int);
+extern template void routed_kd_typed<double>(const RoutedKDParams&, int);
+extern template void routed_kd_typed<bf16>(const RoutedKDParams&, int);
+extern template void routed_kd_typed<f16>(const RoutedKDParams&, int);
+#endif
+#if MMFAST_BUILDS_DTYPE(0)  // kFloat32
+template void routed_kd_typed<float>(const RoutedKDParams&, int);
+#endif
+#if MMFAST_BUILDS_DTYPE(1)  // kFloat64
+template void routed_kd_typed<double>(const RoutedKDParams&, int);
+#endif
+#if MMFAST_BUILDS_DTYPE(2)  // kBFloat16
+template void routed_kd_typed<bf16>(const RoutedKDParams&, int);
+#endif
+#if MMFAST_BUILDS_DTYPE(3)  // kFloat16
+template void routed_kd_typed<f16>(const RoutedKDParams&, int);
+#endif
+
 }  // namespace cpu
 
+#if MMFAST_BUILDS_DISPATCH
 void routed_kd_cpu(const RoutedKDParams& p, int num_threads) {
   if (p.B * p.S <= 0) return;
   const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
-    cpu::run_routed<decltype(storage)>(p, num_threads);
+    cpu::routed_kd_typed<decltype(storage)>(p, num_threads);
   });
   if (!known)
     throw std::invalid_argument("routed_kd_cpu: unknown dtype code " + std::to_string(p.dtype));
 }
+#endif
 
 }  // namespace mmfast

@@ -24,7 +24,8 @@
 #include <immintrin.h>
 #define MMFAST_STREAMING_STORES 1
 #endif
-#if defined(MMFAST_STREAMING_STORES) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(MMFAST_STREAMING_STORES) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(MMFAST_NO_ISA_CLONES)
 #define MMFAST_ISA_DISPATCH 1
 #endif
 

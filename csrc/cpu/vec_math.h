@@ -23,8 +23,10 @@
 #endif
 
 // One clone per ISA level (x86-64-v4 = AVX-512, v3 = AVX2 + FMA), chosen once at load time through
-// an ifunc. Elsewhere (non-x86, non-ELF) the function is built for the baseline target.
-#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+// an ifunc. Elsewhere (non-x86, non-ELF), or built with MMFAST_NO_ISA_CLONES (CMake option
+// MMFAST_CPU_ISA_CLONES=OFF), the function is built for the baseline target.
+#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(MMFAST_NO_ISA_CLONES)
 #define MMFAST_MULTIVERSION \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
