@@ -76,6 +76,32 @@ def test_scale_unless_one_matches_mul(backend, device, dtype, grad_shape, factor
         assert grad.isnan().any()
 
 
+def test_one_value_of_an_expanded_scalar():
+    """An expanded scalar (autograd's gradient of a sum or mean) is read as its one value, in place (a view);
+    anything with two distinct elements is not."""
+    base = torch.tensor([0.25, 4.0])
+    expanded = base[1].expand(3, 1, 5)
+    one = _grad_scaling._one_value(expanded)
+    assert one.shape == (1,) and one.data_ptr() == base[1:].data_ptr() and one.item() == 4.0
+    assert _grad_scaling._one_value(torch.ones(1, 1)) is not None  # one element, whatever its strides
+    assert _grad_scaling._one_value(base.expand(3, 2)) is None  # two values
+    assert _grad_scaling._one_value(torch.ones(3, 1)) is None  # three elements in memory
+    assert _grad_scaling._one_value(torch.ones(0)) is None
+
+
+@pytest.mark.parametrize("backend,device,dtype", KERNELS)
+@pytest.mark.parametrize("grad_shape,factor_shape", [((5, 300), (5, 1)), ((2, 3, 70, 4), (1, 3, 1, 4))])
+@pytest.mark.parametrize("value", [1.0, 0.5, float("nan")])
+def test_scale_by_an_expanded_scalar(backend, device, dtype, grad_shape, factor_shape, value):
+    """A factor that is one value expanded (strides 0) scales like ``grad.mul_(factor)``; 1 leaves it as it is."""
+    g = torch.Generator().manual_seed(grad_shape[-1])
+    grad = torch.randn(grad_shape, generator=g).to(device, dtype)
+    factor = torch.tensor(value, device=device).expand(factor_shape)
+    expected = (grad.float() * factor).to(dtype)
+    assert _grad_scaling._scale_unless_one_(backend, grad, factor)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend,device,dtype", KERNELS)
 def test_ops_in_place_backward(backend, device, dtype):
     """An op's eager in-place backward gives the gradients of a retained graph (through the kernel on a GPU;

@@ -82,9 +82,22 @@ def kernel_layout(grad: Tensor, factor: Tensor) -> tuple[int, int, int, int] | N
     return layout if layout is not None and layout[2] >= _KERNEL_MIN_D else None
 
 
+def _one_value(factor: Tensor) -> Tensor | None:
+    """The factor's single value as a [1] view when every element is the same memory (strides all 0: an
+    expanded scalar, which is what autograd passes down from a sum or mean), else None."""
+    spread = any(stride != 0 for size, stride in zip(factor.shape, factor.stride(), strict=True) if size > 1)
+    if factor.numel() == 0 or spread:
+        return None
+    return factor.as_strided((1,), (1,))
+
+
 def _scale_unless_one_(backend: str, grad: Tensor, factor: Tensor) -> bool:
     """grad *= factor in place with the ``backend``'s kernel that skips blocks of unit factors; False (nothing
-    done) where the kernel does not take the layout."""
+    done) where the kernel does not take the layout. A factor that is one value broadcast (an expanded scalar)
+    is read as that value, without first copying it out to the factor's full size."""
+    one = _one_value(factor) if grad.dim() == factor.dim() else None
+    if one is not None:
+        factor = one.reshape((1,) * grad.dim())
     layout = kernel_layout(grad, factor)
     if layout is None:
         return False
