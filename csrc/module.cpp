@@ -198,6 +198,11 @@ PYBIND11_MODULE(_C, m) {
         "CPU kernels moving more bytes than this write large outputs with streaming stores");
   m.def("set_cpu_streaming_min_bytes", &set_cpu_streaming_min_bytes, py::arg("bytes"),
         "sets that threshold (a negative value: the last-level cache size, the default)");
+  m.def("cpu_isa_level", &cpu_isa_level,
+        "the x86-64 level (4: AVX-512, 3: AVX2, 0: baseline) the CPU kernels that write a cache line at a time "
+        "run at");
+  m.def("set_cpu_isa_level", &set_cpu_isa_level, py::arg("level"),
+        "caps that level (0-2: the baseline; a negative value: this CPU's highest, the default)");
   m.def("cpu_row_tile_max_classes", &cpu_row_tile_max_classes,
         "the CPU routed-KD and mutual-KD kernels run rows of at most this many classes one per vector lane "
         "(-1: each kernel's own bound)");

@@ -60,6 +60,14 @@ def cpu_streaming_min_bytes(min_bytes: int) -> contextlib.AbstractContextManager
     return _native_setting("cpu_streaming_min_bytes", min_bytes)
 
 
+def cpu_isa_level(level: int) -> contextlib.AbstractContextManager[None]:
+    """Within the block, the CPU kernels that write a cache line at a time (f-distill, Uni-Instruct, fake
+    score, masked reconstruction) run the code of x86-64 level ``min(level, this CPU's)``: 4 AVX-512, 3 AVX2,
+    0 (or 1, 2) the baseline; -1 removes the cap. Outside it the level is what it was. For tests (one machine
+    runs every lower level's code); the values agree to rounding."""
+    return _native_setting("cpu_isa_level", level)
+
+
 def cpu_row_tile_max_classes(classes: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CPU routed-KD and mutual-KD kernels run rows of at most ``classes`` classes a
     vector of rows at a time (one row per lane) and longer rows one at a time: 0 never tiles, -1 restores

@@ -16,6 +16,8 @@ namespace {
 
 // -1: the last-level cache size (read once)
 std::atomic<int64_t> g_streaming_min_bytes{-1};
+// -1: no cap on the ISA level of the with_isa kernels
+std::atomic<int> g_isa_level_cap{-1};
 
 // The largest cache cpu0 reports in sysfs (its own instance: sysconf's L3 size is the whole
 // package's on some virtual machines, 10x what one core can use); sysconf where sysfs is absent.
@@ -49,12 +51,22 @@ int64_t cpu_streaming_min_bytes() {
 
 void set_cpu_streaming_min_bytes(int64_t bytes) { g_streaming_min_bytes.store(bytes < 0 ? -1 : bytes); }
 
+int cpu_isa_level() {
+#ifdef MMFAST_ISA_DISPATCH
+  return cpu::isa_level();
+#else
+  return 0;
+#endif
+}
+void set_cpu_isa_level(int level) { g_isa_level_cap.store(level < 0 ? -1 : level, std::memory_order_relaxed); }
+
 namespace cpu {
 
 #ifdef MMFAST_ISA_DISPATCH
 int isa_level() {
   static const int level = __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
-  return level;
+  const int cap = g_isa_level_cap.load(std::memory_order_relaxed);
+  return cap < 0 ? level : std::min(level, cap < 3 ? 0 : cap);
 }
 #endif
 

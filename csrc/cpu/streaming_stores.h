@@ -83,7 +83,8 @@ struct IsaV4 {
   }
 };
 
-// 4 (x86-64-v4), 3 (x86-64-v3) or 0, read once.
+// The level the with_isa kernels run at: 4 (x86-64-v4), 3 (x86-64-v3) or 0, this CPU's (read once)
+// unless set_cpu_isa_level (mmfast/kernels.h) caps it lower.
 int isa_level();
 
 template <typename Body>
@@ -99,7 +100,7 @@ __attribute__((flatten)) void run_isa_base(const Body& body) {
   body(IsaBase{});
 }
 
-// body(isa) built for each ISA level (everything it calls inlined: flatten), run at this CPU's.
+// body(isa) built for each ISA level (everything it calls inlined: flatten), run at isa_level()'s.
 template <typename Body>
 MMFAST_INLINE void with_isa(const Body& body) {
   const int level = isa_level();

@@ -17,6 +17,14 @@ void fake_score_cpu(const FakeScoreParams& p, int num_threads);
 int64_t cpu_streaming_min_bytes();
 void set_cpu_streaming_min_bytes(int64_t bytes);
 
+// The x86-64 level the CPU kernels that write a cache line at a time (csrc/cpu/streaming_stores.h:
+// f-distill, Uni-Instruct, fake score, masked reconstruction) run at: 4 (AVX-512), 3 (AVX2) or 0
+// (baseline SSE2). By default this CPU's highest; set_cpu_isa_level caps it (0-2 mean the baseline; a
+// negative value removes the cap), so one machine can run the code of each lower level. Values agree
+// to rounding across levels (FMA contraction differs).
+int cpu_isa_level();
+void set_cpu_isa_level(int level);
+
 // The CPU routed-KD and mutual-KD kernels run rows of at most this many
 // classes a vector of rows at a time (one row per lane, csrc/cpu/row_tiles.h), longer rows one at a
 // time. -1 (the default; any negative value set): each kernel's own measured bound. The values agree
