@@ -89,6 +89,20 @@ def test_one_value_of_an_expanded_scalar():
     assert _grad_scaling._one_value(torch.ones(0)) is None
 
 
+def test_expanded_scalar_is_passed_as_one_value_per_row(monkeypatch):
+    """The kernel gets the one value ([1], no copy to the factor's size) and the layout keeps a program per
+    (repeat, row) pair, so the grid stays within its limits wherever the factor's own layout does."""
+    from mmfast.triton import grad_scaling
+
+    seen = []
+    monkeypatch.setattr(grad_scaling, "scale_unless_one_",
+                        lambda grad, flat, layout: seen.append((tuple(flat.shape), layout)) or True)
+    grad = torch.zeros(2, 3, 70, 4)
+    assert _grad_scaling._scale_unless_one_("triton", grad, torch.tensor(1.0).expand(1, 3, 1, 4))
+    assert _grad_scaling._scale_unless_one_("triton", grad, torch.rand(1, 3, 1, 4))
+    assert seen == [((1,), (6, 1, 280, 1)), ((12,), (2, 3, 70, 4))]
+
+
 @pytest.mark.parametrize("backend,device,dtype", KERNELS)
 @pytest.mark.parametrize("grad_shape,factor_shape", [((5, 300), (5, 1)), ((2, 3, 70, 4), (1, 3, 1, 4))])
 @pytest.mark.parametrize("value", [1.0, 0.5, float("nan")])

@@ -94,15 +94,16 @@ def _one_value(factor: Tensor) -> Tensor | None:
 def _scale_unless_one_(backend: str, grad: Tensor, factor: Tensor) -> bool:
     """grad *= factor in place with the ``backend``'s kernel that skips blocks of unit factors; False (nothing
     done) where the kernel does not take the layout. A factor that is one value broadcast (an expanded scalar)
-    is read as that value, without first copying it out to the factor's full size."""
-    one = _one_value(factor) if grad.dim() == factor.dim() else None
-    if one is not None:
-        factor = one.reshape((1,) * grad.dim())
+    is read as that value by every (repeat, row) pair, without first copying it out to the factor's size."""
     layout = kernel_layout(grad, factor)
     if layout is None:
         return False
-    _, rows, _, Q = layout
-    flat = factor.reshape(rows * Q).to(torch.float32).contiguous()
+    repeat, rows, D, Q = layout
+    one = _one_value(factor)
+    if one is not None:
+        layout, flat = (repeat * rows, 1, D * Q, 1), one.to(torch.float32)
+    else:
+        flat = factor.reshape(rows * Q).to(torch.float32).contiguous()
     if backend == "triton":
         from mmfast.triton.grad_scaling import scale_unless_one_
 
