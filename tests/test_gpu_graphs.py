@@ -140,17 +140,20 @@ _BENCH_PROVIDERS = ["eager", "compile", "copy", "exp-floor"] + [f"mmfast-{b}" fo
 def test_benchmark_step_is_a_timed_graph_replay(provider):
     """``python -m mmfast bench`` on a GPU times each provider as one CUDA-graph replay between CUDA events
     (``Step.timing == "cuda-graph"``): capture must succeed for every provider, give a finite positive device time,
-    and (for the losses) replay the same gradients as an eager run."""
+    and (for the losses) replay the same gradients as an eager run, also after new allocations of the inputs'
+    sizes filled with NaN (a step that let its inputs go would now replay on those: the 2026-11-27 H200 run)."""
     from mmfast import bench
 
     case, dev = bench.ROUTED_CASES[0], torch.device("cuda")
     step = bench.make_step(case, provider, dev, torch.float32, graph=True)
     assert step.timing == "cuda-graph"
+    junk = [torch.full_like(t, float("nan")) for t in case.inputs(dev, torch.float32, 1).values()
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
     times = [bench._time_round(step) for _ in range(3)]
     assert all(0 < t < 1.0 for t in times), times
     if provider.startswith("mmfast-") or provider in ("eager", "compile"):
         assert step.peak_bytes is not None and step.peak_bytes > 0  # at least the gradients it returns
-        graph, outputs = step.keep_alive
+        graph, outputs, _ = step.keep_alive
         fn, context = bench._loss_fn(case, provider)
         kwargs = case.inputs(dev, torch.float32, 0)
         leaves = [t for t in kwargs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -158,6 +161,7 @@ def test_benchmark_step_is_a_timed_graph_replay(provider):
             expected = torch.autograd.grad(fn(**kwargs), leaves)
         for got, want in zip(outputs, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert all(bool(t.isnan().all()) for t in junk)  # nor did the replays write there
 
 
 @pytest.mark.parametrize("provider", [p for p in _BENCH_PROVIDERS if p not in ("copy", "exp-floor")])
@@ -171,7 +175,7 @@ def test_benchmark_forward_alone_is_a_timed_graph_replay(provider):
     assert step.timing == "cuda-graph" and step.split is None and step.peak_bytes is None
     times = [bench._time_round(step) for _ in range(3)]
     assert all(0 < t < 1.0 for t in times), times
-    _, loss = step.keep_alive
+    _, loss, _ = step.keep_alive
     fn, context = bench._loss_fn(case, provider)
     with context():
         expected = fn(**case.inputs(dev, torch.float32, 0))
