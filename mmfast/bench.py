@@ -718,7 +718,8 @@ def measure_group(
     Every provider is warmed up first; the timed rounds then alternate between providers, so that a
     change in background load (a shared CPU) affects all of them alike and the ratios stay meaningful.
     A provider that raises gets a row with its error (its traceback on stderr); the others still run. An error
-    that leaves the device unusable raises :class:`DeviceLost` instead. ``graph``: as in :func:`make_step`.
+    that leaves the device unusable raises :class:`DeviceLost` instead, also one that surfaces only in the
+    group's final synchronisation (after its steps are freed). ``graph``: as in :func:`make_step`.
 
     With ``forward`` every loss provider's forward and backward are timed apart (``Result.forward_s`` and
     ``Result.backward_s``): on the wall clock as the two parts of each step round (``Step.split``); for a
@@ -772,13 +773,25 @@ def measure_group(
             return statistics.median(times[alone]), None
         return (math.nan if alone in errors else None), None
 
-    return [
+    results = [
         Result(group, name, math.nan, math.nan, 0, error=errors[(name, False)]) if (name, False) in errors
         else Result.from_times(group, name, times[(name, False)], provider_bytes(case, name, dtype),
                                steps[(name, False)].timing, steps[(name, False)].peak_bytes,
                                *forward_backward(name))
         for name in names
     ]
+    # free the group's graphs and buffers now (autograd graphs hold reference cycles), and let an asynchronous
+    # device error surface here, in the group that caused it
+    steps.clear()
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize()
+        except Exception as e:
+            if _is_device_fatal(e):
+                raise DeviceLost(f"{group} (its final synchronisation)", e) from e
+            raise
+    return results
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -1061,23 +1074,12 @@ def run(args: argparse.Namespace) -> int:
                 described.add(case.suite)
                 progress.clear()
                 print(f"## {case.description}\n", flush=True)
-            label = case.label(dtype)
             try:
                 group = measure_group(
                     case, dtype, names, device, budget_s=budget_s, warmup_rounds=2 if args.quick else 3,
                     min_rounds=3 if args.quick else 5, on_warm=progress.update, forward=not args.no_forward,
                     graph=False if args.wall_clock else None,
                 )
-                # free the group's graphs and buffers now (autograd graphs hold reference cycles), and let an
-                # asynchronous device error surface here, in the group that caused it
-                gc.collect()
-                if device.type == "cuda":
-                    try:
-                        torch.cuda.synchronize()
-                    except Exception as e:
-                        if _is_device_fatal(e):
-                            raise DeviceLost(f"{label} (its final synchronisation)", e) from e
-                        raise
             except DeviceLost as lost:
                 progress.clear()
                 trace = "".join(traceback.format_exception(lost.__cause__ or lost))
