@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 import mmfast.triton.fake_score as tfs  # noqa: E402
 import mmfast.triton.fdistill as tfd  # noqa: E402
+import mmfast.triton.routed_kd as trk  # noqa: E402
 import mmfast.triton.uni_instruct as tui  # noqa: E402
 from mmfast.reference import fdiv as fdiv_ref  # noqa: E402
 from mmfast.reference.fake_score import fake_score_rows as ref_fake_score  # noqa: E402
@@ -38,14 +39,14 @@ def tiles(monkeypatch, tile, split=False):
     """Use ``tile``-element whole-row and packing tiles and half-tile streaming blocks in the three kernel modules;
     ``split``: streamed rows are split across programs whenever there are fewer than 64 of them (else never)."""
     monkeypatch.setattr(tfd, "ROW_TILES", (tile, 4, max(tile // 2, 1), 4, tile, 4))  # read by all three kernels
-    monkeypatch.setattr(tfd, "SPLIT_PROGRAMS_PER_SM", 64 if split else 0)
-    monkeypatch.setattr(tfd, "CPU_SPLIT_PROGRAMS", 64)
+    monkeypatch.setattr(trk, "SPLIT_PROGRAMS_PER_SM", 64 if split else 0)
+    monkeypatch.setattr(trk, "CPU_SPLIT_PROGRAMS", 64)
 
 
 def split_chunks(B, D, tile):
     """How many chunks each streamed row of the test's shape is cut into (1: not split)."""
     block, _, single, _, _ = tfd.row_plan(B, D, tfd.ROW_TILES)
-    return 1 if single else tfd.split_plan(B, D, block, DEV)[0]
+    return 1 if single else trk.split_plan(B, D, block, DEV)[0]
 
 
 def inputs(B, D, seed, row_stride=None):

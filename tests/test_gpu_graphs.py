@@ -1,6 +1,6 @@
-"""A whole training step (every public op: routed KD sparse / dense / class_dim=1 through RoutedKDLoss,
-mutual KD, the router with both load-balance modes, teacher weights; the f-divergence losses and modules with
-the density ratio and its per-noise-level normaliser; masked reconstruction, UMT, the channel mask, the
+"""A whole training step (every public op: routed KD sparse / dense / class_dim=1 through RoutedKDLoss / a few
+long rows, mutual KD, the router with both load-balance modes, teacher weights; the f-divergence losses and modules
+with the density ratio and its per-noise-level normaliser; masked reconstruction, UMT, the channel mask, the
 uni-modal ensemble and ECE; forward and backward) captured in a CUDA graph and replayed on new data equals
 eager: no op synchronises with the host (value checks are skipped during capture) and every launch is
 capturable. GPU only."""
@@ -34,6 +34,8 @@ def test_training_step_in_cuda_graph(backend):
     zd = torch.randn(E, 4, 16, 8, 8, device=dev)
     pixel_mask = torch.rand(4, 8, 8, device=dev) > 0.3
     seg = mmfast.nn.RoutedKDLoss(temperature=2.0, mix="logits", class_dim=1)
+    xl = torch.randn(2, 40000, device=dev, requires_grad=True)  # a few long rows: Triton splits them (3 launches)
+    zl = torch.randn(2, 2, 40000, device=dev, requires_grad=True)
     # f-divergence score distillation: generator samples [B, 3, 16, 16], discriminator logits, noise levels
     B = 8
     gen_x = torch.randn(B, 3, 16, 16, device=dev, requires_grad=True)
@@ -52,7 +54,7 @@ def test_training_step_in_cuda_graph(backend):
     row_mask = (torch.rand(N, 1, device=dev) > 0.25).float()
     umt = mmfast.nn.UniModalTeacherLoss(weight=5.0)
     channel_mask = mmfast.nn.ChannelMask(16, heads=2).to(dev)
-    params = [x, xd, *router.parameters(), gen_x, teacher_x0, fake_x0, disc_real, disc_fake, feat,
+    params = [x, xd, xl, zl, *router.parameters(), gen_x, teacher_x0, fake_x0, disc_real, disc_fake, feat,
               *channel_mask.parameters()]
     metrics = {}
 
@@ -87,6 +89,8 @@ def test_training_step_in_cuda_graph(backend):
             + mmfast.routed_kd_loss(x, z, mmfast.teacher_weights(z, labels, per_sample=False), divergence="js")
             + mmfast.routed_kd_loss(x, z, mmfast.teacher_weights(z, labels, temperature=0.5), mix="logits")
             + seg(xd, zd, mask=pixel_mask)
+            + mmfast.routed_kd_loss(xl, zl, temperature=2.0, divergence="reverse_kl", mix="probs")
+            + mmfast.mutual_kd_loss(torch.stack([xl, zl[0]]), temperature=2.0)
             + fdiv
             + recon
             + 0.1 * torch.nn.functional.nll_loss(ensemble, labels)  # UME's cross-entropy (log-probabilities)
@@ -111,7 +115,7 @@ def test_training_step_in_cuda_graph(backend):
         static_ece = metrics["ece"]
 
         with torch.no_grad():
-            for inp in (x, z, xd, gen_x, teacher_x0, fake_x0, disc_fake, feat, feat_teacher):
+            for inp in (x, z, xd, xl, zl, gen_x, teacher_x0, fake_x0, disc_fake, feat, feat_teacher):
                 inp.copy_(torch.randn_like(inp))
             labels.copy_(torch.randint_like(labels, C))
             t.copy_(torch.rand_like(t))

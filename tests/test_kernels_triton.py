@@ -15,7 +15,6 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-import mmfast.triton.fdistill as tfd  # noqa: E402
 import mmfast.triton.mutual_kd as tmk  # noqa: E402
 import mmfast.triton.routed_kd as trk  # noqa: E402
 from mmfast.reference.mutual_kd import mutual_kd_rows as ref_mutual  # noqa: E402
@@ -201,16 +200,73 @@ def test_routed_nan_input_propagates():
         assert not loss[0].isnan().any() and not dx[0].isnan().any()
 
 
-def split_rows(monkeypatch, split):
-    """Streamed rows split across programs whenever there are fewer than 64 of them (``split``), else never."""
-    monkeypatch.setattr(tfd, "SPLIT_PROGRAMS_PER_SM", 64 if split else 0)
-    monkeypatch.setattr(tfd, "CPU_SPLIT_PROGRAMS", 64)
+def split_rows(monkeypatch, split, programs=64):
+    """Streamed rows split across programs whenever there are fewer than ``programs`` of them (``split``), else
+    never (routed KD's SPLIT_BELOW threshold lifted to the whole target)."""
+    monkeypatch.setattr(trk, "SPLIT_PROGRAMS_PER_SM", programs if split else 0)
+    monkeypatch.setattr(trk, "_sm_count", lambda index: 1)  # the same plans on a GPU
+    monkeypatch.setattr(trk, "CPU_SPLIT_PROGRAMS", programs)
+    monkeypatch.setattr(trk, "SPLIT_BELOW", 1.0)
+
+
+def routed_chunks(B, C, S, K):
+    """How many chunks each row of routed KD's [B, C, S] logits is cut into (1: not split)."""
+    block_c = trk._launch_plan(B, C, S, K, trk.ROW_TILES, trk.PIXEL_TILES, trk.PIXELS_PER_PROGRAM)[2]
+    return trk.split_rows_plan(B, C, S, block_c, DEV)[0]
+
+
+@pytest.mark.parametrize("programs", [64, 8], ids=["block-chunks", "multi-block-chunks"])
+@pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
+@pytest.mark.parametrize("mix", list(MIXES.values()), ids=list(MIXES))
+def test_routed_split_rows(monkeypatch, mix, div, programs):
+    """A few long rows cut into chunks across programs (three launches): C = 300 in 16-class blocks, in chunks of
+    one block (19 chunks, the last one partial) or of seven blocks (3 chunks)."""
+    small_tiles(monkeypatch, trk, 64)
+    split_rows(monkeypatch, True, programs)
+    sparse = bool((mix + div) % 2)
+    B, C, E = 3, 300, 3
+    K = 2 if sparse else E
+    assert routed_chunks(B, C, 1, K) == (19 if programs == 64 else 3)
+    inputs = make_inputs(B, C, 1, E, K, sparse, masked=True, seed=mix * 8 + div)
+    check_routed(*inputs, tau=(0.5, 1.0, 4.0)[div % 3], mix=mix, div=div)
+
+
+@pytest.mark.parametrize(
+    "grads", [(True, False, False), (False, True, False), (False, False, True), (True, False, True)]
+)
+@pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
+def test_routed_split_gradient_subsets(monkeypatch, div, grads):
+    """Split rows with each gradient alone (early writes in phase 2, phase 3 with and without a third pass)."""
+    small_tiles(monkeypatch, trk, 64)
+    split_rows(monkeypatch, True, 8)
+    assert routed_chunks(2, 70, 1, 2) > 1
+    for mix in MIXES.values():
+        check_routed(*make_inputs(2, 70, 1, 2, 2, sparse=False, masked=False), 1.0, mix, div, grads=grads)
+
+
+def test_routed_split_special_rows(monkeypatch):
+    """Split rows in float64, with a NaN (its row only), a masked row, a bad index (NaN row) and a chunk the
+    student rules out entirely (-inf logits); and dense logits (S > 1), whose rows are not split."""
+    small_tiles(monkeypatch, trk, 64)
+    split_rows(monkeypatch, True, 8)
+    x, z, w, _, _ = make_inputs(4, 90, 1, 3, 2, sparse=False, masked=False, dtype=torch.float64)
+    idx = torch.tensor([[0, 2], [1, 1], [3, 0], [2, 1]], device=DEV)
+    mask = torch.tensor([[True], [False], [True], [True]], device=DEV)
+    x[3, :64] = float("-inf")  # the whole first chunk
+    x[0, 77] = float("nan")
+    assert routed_chunks(4, 90, 1, 2) == 2 and routed_chunks(4, 90, 2, 2) == 1
+    for mix in MIXES.values():
+        for div in DIVERGENCES.values():
+            loss, dx, _, _ = check_routed(x, z, w, idx, mask, 2.0, mix, div)
+            assert loss[0].isnan() and loss[2].isnan() and loss[1] == 0 and not loss[3].isnan()
+            assert dx[1].eq(0).all() and dx[0].isnan().all()
+    check_routed(*make_inputs(2, 90, 2, 3, 3, sparse=False, masked=True), 1.0, MIXES["loss"], DIVERGENCES["js"])
 
 
 def mutual_chunks(M, N, C):
     """How many chunks each row of mutual KD's [M, N, C] logits is cut into (1: not split)."""
     block_c, _, _ = trk.tile_plan(C, trk.next_pow2(M), trk.next_pow2(N), 1, tmk.ROW_TILES)
-    return 1 if C <= block_c else tfd.split_plan(N, C, block_c, DEV)[0]
+    return 1 if C <= block_c else trk.split_plan(N, C, block_c, DEV)[0]
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])

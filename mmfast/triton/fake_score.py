@@ -4,7 +4,7 @@
 Per sample (row) of b, x [B, D] (stride(1) == 1, any row strides) and lam [B]:
   loss_b = scale * lam_b * sum_j (b - x)^2,   db = scale * 2 lam_b (b - x)
 The gradient needs no row sum, so one pass over [ROWS, BLOCK] tiles writes db and accumulates the loss.
-Streamed rows too few to fill the device (``mmfast.triton.fdistill.split_plan``) are cut into chunks across
+Streamed rows too few to fill the device (``mmfast.triton.routed_kd.split_plan``) are cut into chunks across
 programs, each writing its chunk's db and partial sum; a second launch adds the partials per row in chunk order.
 """
 
@@ -18,7 +18,8 @@ from torch import Tensor
 from mmfast.reference.routed_kd import compute_dtype
 
 from . import fdistill
-from .fdistill import chunk_part, load_rows, row_plan, row_total, split_plan, split_program, store_rows
+from .fdistill import chunk_part, load_rows, row_plan, row_total, store_rows
+from .routed_kd import split_plan, split_program
 
 
 @triton.jit

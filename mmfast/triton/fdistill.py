@@ -7,8 +7,9 @@ Per sample (row) b of x, a, b [B, D] (stride(1) == 1, any row strides) and h [B]
 Each program owns ROWS rows as a [ROWS, BLOCK] tile: pass 1 the two row sums, pass 2 (gradient only)
 writes dx. A row that fits in one block (SINGLE) is loaded once and kept in registers; a streamed row is
 re-read in pass 2 last block first (the blocks most likely still cached). Streamed rows too few to fill the
-device (``split_plan``) are cut into chunks across programs: one launch writes each chunk's partial row sums,
-a second reduces them per row in chunk order (deterministic) and writes the chunk's gradient. fp32 math.
+device (``mmfast.triton.routed_kd.split_plan``) are cut into chunks across programs: one launch writes each
+chunk's partial row sums, a second reduces them per row in chunk order (deterministic) and writes the chunk's
+gradient. fp32 math.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from mmfast.reference.routed_kd import compute_dtype
 
-from .routed_kd import cdiv, next_pow2, num_warps_for
+from .routed_kd import cdiv, next_pow2, num_warps_for, split_plan, split_program
 
 # (row_tile, row_per_thread, stream_block, stream_per_thread, pack_tile, pack_per_thread): a row of D <=
 # row_tile elements is one block held in registers (row_per_thread elements per thread, which sets num_warps);
@@ -30,46 +31,6 @@ from .routed_kd import cdiv, next_pow2, num_warps_for
 # several to a program. No register spills at sm_90 for the Uni-Instruct kernel (ptxas -v, bf16 and fp32).
 # Tests shrink it to run the streaming and packing paths on short rows.
 ROW_TILES = (16384, 32, 4096, 16, 2048, 8)
-# Streamed rows are split across programs when there are fewer rows than this many programs per SM (on CPU
-# tensors, in the interpreter: than CPU_SPLIT_PROGRAMS programs); 0 never splits (tests).
-SPLIT_PROGRAMS_PER_SM = 4
-CPU_SPLIT_PROGRAMS = 8
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def split_plan(B: int, D: int, block: int, device: torch.device) -> tuple[int, int, int]:
-    """(n_split, chunk, SPLIT_P2) for B streamed rows of D elements in ``block``-element blocks: each row cut
-    into n_split chunks of ``chunk`` elements (a multiple of ``block``) so that B * n_split programs fill the
-    device; n_split == 1: no split. SPLIT_P2 is the power of two >= n_split the reduction loads."""
-    if SPLIT_PROGRAMS_PER_SM <= 0:
-        return 1, D, 1
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = SPLIT_PROGRAMS_PER_SM * _sm_count(index)
-    else:
-        target = CPU_SPLIT_PROGRAMS
-    n_split = min(cdiv(D, block), cdiv(target, B)) if B < target else 1
-    if n_split <= 1:
-        return 1, D, 1
-    chunk = cdiv(cdiv(D, n_split), block) * block
-    n_split = cdiv(D, chunk)
-    return n_split, chunk, next_pow2(n_split)
-
-
-@triton.jit
-def split_program(n_split, chunk, D):
-    """Program (row, chunk) of a split launch: (row, c_begin, c_end, rows [1] int64, row_in [1])."""
-    pid = tl.program_id(0)
-    row = pid // n_split
-    c_begin = (pid % n_split) * chunk
-    rows = row.to(tl.int64) + tl.arange(0, 1)
-    return row, c_begin, tl.minimum(D, c_begin + chunk), rows, rows >= 0
-
-
 @triton.jit
 def chunk_part(part_ptr, pid, k, NK: tl.constexpr):
     """Pointer to partial sum k of program pid in a [programs, NK] buffer."""

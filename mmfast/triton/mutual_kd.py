@@ -6,7 +6,7 @@ With p_i = softmax(x_i / tau), T = sum_i log p_i, S = sum_i p_i, per row:
   d loss / d x_i = scale / tau * (M p_i - S + p_i (M log p_i - T - R_i)).
 Each program owns ROWS rows and holds the M models as a [ROWS, MP, BLOCK_C] tile: pass 1 computes the
 M online log-sum-exps, pass 2 the R_i, pass 3 (gradient only) writes the gradient. A row that fits in
-one block is loaded once. Streamed rows too few to fill the device (``mmfast.triton.fdistill.split_plan``) are
+one block is loaded once. Streamed rows too few to fill the device (``mmfast.triton.routed_kd.split_plan``) are
 cut into chunks across programs, one launch per pass: each chunk's online log-sum-exps, then (merged in chunk
 order) each chunk's part of R_i, then (R_i summed in chunk order) the loss and each chunk's gradient.
 """
@@ -20,12 +20,26 @@ from torch import Tensor
 
 from mmfast.reference.routed_kd import compute_dtype
 
-from .fdistill import split_plan, split_program
-from .routed_kd import LN2, LOG2E, acc_dtype, cdiv, f32_pairs, next_pow2, online_lse, scalar_arg, tile_plan
+from .routed_kd import (
+    LN2,
+    LOG2E,
+    acc_dtype,
+    cdiv,
+    f32_pairs,
+    merge_chunk_lse,
+    next_pow2,
+    online_lse,
+    scalar_arg,
+    split_plan,
+    split_program,
+    tile_plan,
+)
 
 # (tile, per_thread, stream_tile, stream_per_thread) of the [ROWS, MP, BLOCK_C] model tile, as
-# routed_kd.ROW_TILES (H200-tuned; tests shrink it).
-ROW_TILES = (4096, 16, 16384, 32)
+# routed_kd.ROW_TILES (tests shrink it). Streamed rows take 8192-element blocks, 16 per thread (16 warps): the
+# 16384-element, 32-per-thread block of the first H200 tuning spilled 304 bytes per thread in the gradient pass
+# at sm_90 (scripts/triton_compile_check.py); the smaller block is spill-free and not yet timed on a GPU.
+ROW_TILES = (4096, 16, 8192, 16)
 
 
 @triton.jit
@@ -138,13 +152,8 @@ def _merged_lse(part_ptr, n, n_split, mm, c2, MP: tl.constexpr, SPLIT_P2: tl.con
     """(m, log2 s) [1, MP] of row n from its chunks' online log-sum-exps (max and sum of each chunk at
     part[(n * n_split + chunk) * 2 MP + (0 | MP) + model]), merged in chunk order."""
     k = tl.arange(0, SPLIT_P2)
-    base = ((n * n_split + k) * (2 * MP))[:, None] + mm[None, :]
-    ok = (k < n_split)[:, None]
-    mk = tl.load(part_ptr + base, mask=ok, other=float("-inf"))
-    sk = tl.load(part_ptr + base + MP, mask=ok, other=0.0)
-    m = tl.max(mk, axis=0)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(tl.where(mk == float("-inf"), 0.0, sk * tl.exp2((mk - m_ref[None, :]) * c2)), axis=0)
+    at = part_ptr + ((n * n_split + k) * (2 * MP))[:, None] + mm[None, :]
+    m, s = merge_chunk_lse(at, at + MP, (k < n_split)[:, None], c2)
     return m[None, :], tl.log2(s)[None, :]
 
 

@@ -14,7 +14,11 @@ tile; unselected teachers are never read. Passes over a row:
      here (KL: sum_c A = -sum_c P, so dx = scale / tau * (q sum_k w_k - P); reverse KL with mix
      loss/logits: sum_c B = -1, so dz_k = scale / tau * w_k (P - q));
   3. only when a gradient needs a row sum of pass 2: the remaining gradients.
-When a row fits in one block (SINGLE) it is loaded once and kept in registers for every pass.
+When a row fits in one block (SINGLE) it is loaded once and kept in registers for every pass. A batch of a few
+very long rows of class logits (fewer than the device has SMs) is cut into chunks across programs instead, one
+launch per pass (``_routed_kd_split_kernel``): each chunk's softmax statistics, then (merged in chunk order)
+each chunk's row sums and early gradients, then (summed in chunk order) the loss, dw and the chunk's
+third-pass gradients; the results do not depend on the schedule.
 log p = (v - max) log2(e) / tau - log2(sum): no per-element log except logaddexp (js) and log P (probs).
 """
 
@@ -41,6 +45,10 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 ROW_TILES = (4096, 16, 8192, 32)  # class logits (S == 1)
 PIXEL_TILES = (2048, 16, 2048, 16)  # dense logits (S > 1), PIXELS_PER_PROGRAM consecutive pixels each
 PIXELS_PER_PROGRAM = 16
+# Rows of class logits too long for one block are cut into chunks across programs (``split_plan``) only when
+# there are fewer of them than SPLIT_BELOW of the split's target program count: on a GPU, fewer rows than SMs
+# (a batch of a few very long rows). Above that the one-launch kernel keeps each row's re-reads on chip.
+SPLIT_BELOW = 0.25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +107,19 @@ def online_lse(m, s, a, c2):
 
 
 @triton.jit
+def merge_chunk_lse(m_ptrs, s_ptrs, ok, c2):
+    """Online softmax statistics of a row cut into chunks, merged over axis 0 in chunk order: (m, s) from each
+    chunk's max at ``m_ptrs`` and sum of 2^((a - m) c2) at ``s_ptrs`` ([SPLIT_P2, X]; ``ok``: real chunks). A
+    chunk that is all -inf adds nothing (no NaN); a NaN stays NaN."""
+    mk = tl.load(m_ptrs, mask=ok, other=float("-inf"))
+    sk = tl.load(s_ptrs, mask=ok, other=0.0)
+    m = tl.max(mk, axis=0)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.where(mk == float("-inf"), 0.0, sk * tl.exp2((mk - m_ref[None, :]) * c2)), axis=0)
+    return m, s
+
+
+@triton.jit
 def divergence_terms(DIV: tl.constexpr, lP, lq, P, q, beta, log_beta, log1m_beta):
     """Elementwise pieces of D(P || q) from natural log-probabilities, as the reference's
     ``divergence_terms``: D = sum terms, A = dD/dlog q, B = dD/dlog P, G = dD/dP.
@@ -138,6 +159,49 @@ def divergence_terms(DIV: tl.constexpr, lP, lq, P, q, beta, log_beta, log1m_beta
 def finish_rows(value, keep, bad):
     """NaN for rows with a bad teacher index, 0 for masked rows (broadcast over trailing axes)."""
     return tl.where(bad, float("nan"), tl.where(keep, value, 0.0))
+
+
+# Streamed rows are split across programs when there are fewer rows than this many programs per SM (on CPU
+# tensors, in the interpreter: than CPU_SPLIT_PROGRAMS programs); 0 never splits (tests).
+SPLIT_PROGRAMS_PER_SM = 4
+CPU_SPLIT_PROGRAMS = 8
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def split_plan(
+    B: int, D: int, block: int, device: torch.device, split_below: float = 1.0
+) -> tuple[int, int, int]:
+    """(n_split, chunk, SPLIT_P2) for B streamed rows of D elements in ``block``-element blocks: each row cut
+    into n_split chunks of ``chunk`` elements (a multiple of ``block``) so that B * n_split programs fill the
+    device; n_split == 1: no split. Rows are split only when B < split_below * target programs. SPLIT_P2 is
+    the power of two >= n_split the reduction loads."""
+    if SPLIT_PROGRAMS_PER_SM <= 0:
+        return 1, D, 1
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = SPLIT_PROGRAMS_PER_SM * _sm_count(index)
+    else:
+        target = CPU_SPLIT_PROGRAMS
+    n_split = min(cdiv(D, block), cdiv(target, B)) if B < split_below * target else 1
+    if n_split <= 1:
+        return 1, D, 1
+    chunk = cdiv(cdiv(D, n_split), block) * block
+    n_split = cdiv(D, chunk)
+    return n_split, chunk, next_pow2(n_split)
+
+
+@triton.jit
+def split_program(n_split, chunk, D):
+    """Program (row, chunk) of a split launch: (row, c_begin, c_end, rows [1] int64, row_in [1])."""
+    pid = tl.program_id(0)
+    row = pid // n_split
+    c_begin = (pid % n_split) * chunk
+    rows = row.to(tl.int64) + tl.arange(0, 1)
+    return row, c_begin, tl.minimum(D, c_begin + chunk), rows, rows >= 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,63 +300,13 @@ def _store_dz(dz_ptr, dv, gscale, dz_row, cols, C, S, store_slot, keep, bad):
 
 
 @triton.jit
-def _routed_kd_kernel(
-    x_ptr,
-    z_ptr,
-    w_ptr,
-    idx_ptr,
-    mask_ptr,
-    loss_ptr,
-    dx_ptr,
-    dw_ptr,
-    dz_ptr,
-    B,
-    C,
-    S,
-    E,
-    K,
-    s_blocks,
-    sx_b,
-    sx_c,
-    sx_s,
-    sz_e,
-    sz_b,
-    sz_c,
-    sz_s,
-    inv_tau_hi,
-    inv_tau_lo,
-    scale_hi,
-    scale_lo,
-    beta_hi,
-    beta_lo,
-    MIX: tl.constexpr,
-    DIV: tl.constexpr,
-    HAS_IDX: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    NEED_DX: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    NEED_DZ: tl.constexpr,
-    DX_EARLY: tl.constexpr,
-    DZ_EARLY: tl.constexpr,
-    THIRD_PASS: tl.constexpr,
-    ROWS: tl.constexpr,
-    KP: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    SINGLE: tl.constexpr,
-    ROWS_OVER_S: tl.constexpr,
-    ACC: tl.constexpr,
+def _routing(
+    b, s, S, row_in, w_ptr, idx_ptr, mask_ptr, E, K,
+    HAS_IDX: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DZ: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    r = tl.arange(0, ROWS)
-    if ROWS_OVER_S:  # ROWS consecutive pixels of sample b
-        b = tl.zeros([ROWS], tl.int64) + pid // s_blocks
-        s = ((pid % s_blocks) * ROWS + r).to(tl.int64)
-        row_in = s < S
-    else:  # ROWS samples, S == 1
-        b = pid.to(tl.int64) * ROWS + r
-        s = tl.zeros([ROWS], tl.int64)
-        row_in = b < B
-
+    """Routing of rows (b, s): (kk, k_ok, slot_in, w, teacher, bad, keep, load_row, load_slot, w_eff, store_slot).
+    A row with an out-of-range index is ``bad`` (NaN row, its teachers never read), a masked row is not kept; a
+    teacher selected twice gets one store (store_slot) carrying the sum of its slots' weights (w_eff)."""
     kk = tl.arange(0, KP)
     k_ok = kk < K
     slot_in = row_in[:, None] & k_ok[None, :]
@@ -303,56 +317,15 @@ def _routed_kd_kernel(
         # clamped: read only for good rows; a bad row's NaN gradient lands on its clamped slots
         teacher = tl.minimum(tl.maximum(teacher, 0), E - 1)
     else:
-        teacher = tl.zeros([ROWS, KP], tl.int64) + kk[None, :]
-        bad = r < 0
+        teacher = tl.zeros_like(b)[:, None] + kk[None, :]
+        bad = b < 0
     if HAS_MASK:
         keep = tl.load(mask_ptr + b * S + s, mask=row_in, other=0) != 0
     else:
         keep = row_in
     load_row = row_in & keep & (~bad)
     load_slot = load_row[:, None] & k_ok[None, :]
-    x_row = b * sx_b + s * sx_s
-    z_row = teacher * sz_e + (b * sz_b + s * sz_s)[:, None]
-
-    inv_tau = scalar_arg(inv_tau_hi, inv_tau_lo, ACC)
-    scale = scalar_arg(scale_hi, scale_lo, ACC)
-    beta = scalar_arg(beta_hi, beta_lo, ACC)
-    log_beta = tl.log(beta)  # used by js only
-    log1m_beta = tl.log(1.0 - beta)
-    c2 = inv_tau * LOG2E
-    gscale = scale * inv_tau
-    if MIX == 2:
-        lw2 = tl.log2(w)  # -inf for w = 0: that teacher is left out of log P
-    else:
-        lw2 = w
-
-    # ---- pass 1: online log-sum-exps of the student and the teacher side
-    mx = tl.full([ROWS], float("-inf"), ACC)
-    sx = tl.zeros([ROWS], ACC)
-    if MIX == 1:
-        mt = tl.full([ROWS], float("-inf"), ACC)
-        st = tl.zeros([ROWS], ACC)
-    else:
-        mt = tl.full([ROWS, KP], float("-inf"), ACC)
-        st = tl.zeros([ROWS, KP], ACC)
-    if SINGLE:
-        cols = tl.arange(0, BLOCK_C)
-        xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC)
-        t = _teacher_side(MIX, za, w, cols, C)
-        mx, sx = online_lse(mx, sx, xa, c2)
-        mt, st = online_lse(mt, st, t, c2)
-    else:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC)
-            t = _teacher_side(MIX, za, w, cols, C)
-            mx, sx = online_lse(mx, sx, xa, c2)
-            mt, st = online_lse(mt, st, t, c2)
-    lsx = tl.log2(sx)  # log2 softmax = (logit - m) c2 - log2 s
-    lst = tl.log2(st)
-
-    # sparse routing: a teacher selected twice gets one store carrying the sum of its slots' weights
-    # (its slots see the same teacher row, so their gradients differ only by the weight)
+    # a teacher selected twice: its slots see the same teacher row, so their gradients differ only by the weight
     if NEED_DZ and HAS_IDX:
         same = (teacher[:, :, None] == teacher[:, None, :]) & k_ok[None, None, :]
         w_eff = tl.sum(tl.where(same, w[:, None, :], 0.0), axis=2)
@@ -361,14 +334,53 @@ def _routed_kd_kernel(
     else:
         w_eff = w
         store_slot = slot_in
-    dx_row = b * C * S + s
-    dz_row = teacher * B * C * S + (b * C * S + s)[:, None]
-    w_sum = tl.sum(w, axis=1)
+    return kk, k_ok, slot_in, w, teacher, bad, keep, load_row, load_slot, w_eff, store_slot
 
-    # ---- pass 2: loss terms and row sums; closed-form gradients
-    # mix loss: D [ROWS, KP] per slot, sum_A [ROWS] = sum_k w_k sum_c A_k, sum_B [ROWS, KP];
-    # mix logits: D, sum_A, sum_B [ROWS], bv = sum_c B v_k and pv = sum_c P v_k [ROWS, KP] (for dw);
-    # mix probs: D, sum_A [ROWS], sum_B = sum_c p_k dD/dP [ROWS, KP] (= dL/dw_k).
+
+@triton.jit
+def _scalars(inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, beta_hi, beta_lo, ACC: tl.constexpr):
+    """(1/tau, scale, beta, log beta, log(1 - beta), c2 = log2(e) / tau, gradient scale = scale / tau)."""
+    inv_tau = scalar_arg(inv_tau_hi, inv_tau_lo, ACC)
+    scale = scalar_arg(scale_hi, scale_lo, ACC)
+    beta = scalar_arg(beta_hi, beta_lo, ACC)
+    return inv_tau, scale, beta, tl.log(beta), tl.log(1.0 - beta), inv_tau * LOG2E, scale * inv_tau
+
+
+@triton.jit
+def _lse_init(MIX: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr):
+    """Empty online-softmax statistics (mx, sx, mt, st) of the student [ROWS] and the teacher side ([ROWS, KP],
+    or [ROWS] for mix "logits")."""
+    mx = tl.full([ROWS], float("-inf"), ACC)
+    sx = tl.zeros([ROWS], ACC)
+    if MIX == 1:
+        mt = tl.full([ROWS], float("-inf"), ACC)
+        st = tl.zeros([ROWS], ACC)
+    else:
+        mt = tl.full([ROWS, KP], float("-inf"), ACC)
+        st = tl.zeros([ROWS, KP], ACC)
+    return mx, sx, mt, st
+
+
+@triton.jit
+def _lse_block(
+    MIX: tl.constexpr, x_ptr, z_ptr, x_row, z_row, load_row, load_slot, w, cols, bound, sx_c, sz_c, c2,
+    mx, sx, mt, st, ACC: tl.constexpr,
+):
+    """Pass 1 over one block (classes ``cols`` below ``bound``): the block's logits folded into the online
+    log-sum-exps; returns (mx, sx, mt, st, xa, za, t) with the block's student, teacher and teacher-side logits."""
+    xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, bound, sx_c, sz_c, ACC)
+    t = _teacher_side(MIX, za, w, cols, bound)
+    mx, sx = online_lse(mx, sx, xa, c2)
+    mt, st = online_lse(mt, st, t, c2)
+    return mx, sx, mt, st, xa, za, t
+
+
+@triton.jit
+def _sums_init(MIX: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr):
+    """Zero row sums of pass 2: (D, sum_A, sum_B, bv, pv).
+    mix loss: D [ROWS, KP] per slot, sum_A [ROWS] = sum_k w_k sum_c A_k, sum_B [ROWS, KP];
+    mix logits: D, sum_A, sum_B [ROWS], bv = sum_c B v_k and pv = sum_c P v_k [ROWS, KP] (for dw);
+    mix probs: D, sum_A [ROWS], sum_B = sum_c p_k dD/dP [ROWS, KP] (= dL/dw_k)."""
     sum_A = tl.zeros([ROWS], ACC)
     bv = tl.zeros([ROWS, KP], ACC)
     pv = tl.zeros([ROWS, KP], ACC)
@@ -381,50 +393,93 @@ def _routed_kd_kernel(
     else:
         D = tl.zeros([ROWS], ACC)
         sum_B = tl.zeros([ROWS, KP], ACC)
-    n_blocks = 1 if SINGLE else tl.cdiv(C, BLOCK_C)
-    for blk in range(0, n_blocks):
-        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-        if not SINGLE:
-            xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC)
-            t = _teacher_side(MIX, za, w, cols, C)
-        q, p, terms, A, Bt, G, P = _elementwise(
-            MIX, DIV, xa, t, mx, lsx, mt, lst, c2, w, lw2, beta, log_beta, log1m_beta
-        )
-        # row sums are accumulated only where a later gradient reads them
-        if MIX == 0:
-            D += tl.sum(terms, axis=2)
-            if NEED_DX and not DX_EARLY:
-                sum_A += tl.sum(tl.sum(w[:, :, None] * A, axis=2), axis=1)
-            if NEED_DZ and not DZ_EARLY:
-                sum_B += tl.sum(Bt, axis=2)
-        elif MIX == 1:
-            D += tl.sum(terms, axis=1)
-            if NEED_DX and not DX_EARLY:
-                sum_A += tl.sum(A, axis=1)
-            if NEED_DW or (NEED_DZ and not DZ_EARLY):
-                sum_B += tl.sum(Bt, axis=1)
-            if NEED_DW:
-                v = za * inv_tau  # z / tau, 0 where not loaded
-                bv += tl.sum(Bt[:, None, :] * v, axis=2)
-                pv += tl.sum(P[:, None, :] * v, axis=2)
-        else:
-            D += tl.sum(terms, axis=1)
-            if NEED_DX and not DX_EARLY:
-                sum_A += tl.sum(A, axis=1)
-            if NEED_DW or NEED_DZ:
-                sum_B += tl.sum(tl.where((cols < C)[None, None, :], G, 0.0), axis=2)
-        if DX_EARLY:  # KL: sum_c A = -sum_c P = -(sum_k w_k) (mix logits: -1)
-            if MIX == 1:
-                _store_dx(dx_ptr, q - P, gscale, dx_row, cols, C, S, row_in, keep, bad)
-            else:
-                _store_dx(dx_ptr, q * w_sum[:, None] - P, gscale, dx_row, cols, C, S, row_in, keep, bad)
-        if DZ_EARLY:  # reverse KL, mix loss/logits: B = -q, sum_c B = -1
-            if MIX == 1:
-                dv = w_eff[:, :, None] * (P - q)[:, None, :]
-            else:
-                dv = w_eff[:, :, None] * (p - q[:, None, :])
-            _store_dz(dz_ptr, dv, gscale, dz_row, cols, C, S, store_slot, keep, bad)
+    return D, sum_A, sum_B, bv, pv
 
+
+@triton.jit
+def _sums_block(
+    MIX: tl.constexpr, DIV: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DZ: tl.constexpr,
+    DX_EARLY: tl.constexpr, DZ_EARLY: tl.constexpr,
+    xa, za, t, mx, lsx, mt, lst, c2, inv_tau, gscale, w, lw2, w_sum, w_eff, beta, log_beta, log1m_beta,
+    cols, bound, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
+    D, sum_A, sum_B, bv, pv,
+):
+    """Pass 2 over one block: its loss terms and row sums added to (D, sum_A, sum_B, bv, pv), returned; the
+    gradients known in closed form are written (KL: sum_c A = -sum_c P, so dx = scale / tau * (q sum_k w_k - P);
+    reverse KL with mix loss/logits: sum_c B = -1, so dz_k = scale / tau * w_k (P - q))."""
+    q, p, terms, A, Bt, G, P = _elementwise(
+        MIX, DIV, xa, t, mx, lsx, mt, lst, c2, w, lw2, beta, log_beta, log1m_beta
+    )
+    # row sums are accumulated only where a later gradient reads them
+    if MIX == 0:
+        D += tl.sum(terms, axis=2)
+        if NEED_DX and not DX_EARLY:
+            sum_A += tl.sum(tl.sum(w[:, :, None] * A, axis=2), axis=1)
+        if NEED_DZ and not DZ_EARLY:
+            sum_B += tl.sum(Bt, axis=2)
+    elif MIX == 1:
+        D += tl.sum(terms, axis=1)
+        if NEED_DX and not DX_EARLY:
+            sum_A += tl.sum(A, axis=1)
+        if NEED_DW or (NEED_DZ and not DZ_EARLY):
+            sum_B += tl.sum(Bt, axis=1)
+        if NEED_DW:
+            v = za * inv_tau  # z / tau, 0 where not loaded
+            bv += tl.sum(Bt[:, None, :] * v, axis=2)
+            pv += tl.sum(P[:, None, :] * v, axis=2)
+    else:
+        D += tl.sum(terms, axis=1)
+        if NEED_DX and not DX_EARLY:
+            sum_A += tl.sum(A, axis=1)
+        if NEED_DW or NEED_DZ:
+            sum_B += tl.sum(tl.where((cols < bound)[None, None, :], G, 0.0), axis=2)
+    if DX_EARLY:  # KL: sum_c A = -sum_c P = -(sum_k w_k) (mix logits: -1)
+        if MIX == 1:
+            _store_dx(dx_ptr, q - P, gscale, dx_row, cols, bound, S, row_in, keep, bad)
+        else:
+            _store_dx(dx_ptr, q * w_sum[:, None] - P, gscale, dx_row, cols, bound, S, row_in, keep, bad)
+    if DZ_EARLY:  # reverse KL, mix loss/logits: B = -q, sum_c B = -1
+        if MIX == 1:
+            dv = w_eff[:, :, None] * (P - q)[:, None, :]
+        else:
+            dv = w_eff[:, :, None] * (p - q[:, None, :])
+        _store_dz(dz_ptr, dv, gscale, dz_row, cols, bound, S, store_slot, keep, bad)
+    return D, sum_A, sum_B, bv, pv
+
+
+@triton.jit
+def _late_block(
+    MIX: tl.constexpr, DIV: tl.constexpr, NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr,
+    DX_EARLY: tl.constexpr, DZ_EARLY: tl.constexpr,
+    xa, t, mx, lsx, mt, lst, c2, gscale, w, lw2, w_eff, beta, log_beta, log1m_beta, sum_A, sum_B,
+    cols, bound, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
+):
+    """Pass 3 over one block: the gradients that need the row sums of pass 2."""
+    q, p, terms, A, Bt, G, P = _elementwise(
+        MIX, DIV, xa, t, mx, lsx, mt, lst, c2, w, lw2, beta, log_beta, log1m_beta
+    )
+    if NEED_DX and not DX_EARLY:
+        if MIX == 0:
+            du = tl.sum(w[:, :, None] * A, axis=1) - q * sum_A[:, None]
+        else:
+            du = A - q * sum_A[:, None]
+        _store_dx(dx_ptr, du, gscale, dx_row, cols, bound, S, row_in, keep, bad)
+    if NEED_DZ and not DZ_EARLY:
+        if MIX == 0:  # w_k (B_k - p_k sum_c B_k)
+            dv = w_eff[:, :, None] * (Bt - p * sum_B[:, :, None])
+        elif MIX == 1:  # w_k (B - P sum_c B)
+            dv = w_eff[:, :, None] * (Bt - P * sum_B[:, None])[:, None, :]
+        else:  # w_k (p_k G - p_k sum_c p_k G), G here already p_k dD/dP
+            dv = w_eff[:, :, None] * (G - p * sum_B[:, :, None])
+        _store_dz(dz_ptr, dv, gscale, dz_row, cols, bound, S, store_slot, keep, bad)
+
+
+@triton.jit
+def _store_row_results(
+    MIX: tl.constexpr, NEED_DW: tl.constexpr, loss_ptr, dw_ptr, n, K, kk, w, D, sum_B, bv, pv, scale,
+    row_out, slot_out, keep, bad,
+):
+    """The rows' loss (and dL/dw) from the totals of pass 2, scaled, into loss [B * S] and dw [B * S, K]."""
     if MIX == 0:
         loss = tl.sum(w * D, axis=1)
         dw = D
@@ -434,39 +489,232 @@ def _routed_kd_kernel(
     else:
         loss = D
         dw = sum_B
-    n = b * S + s
-    tl.store(loss_ptr + n, finish_rows(loss * scale, keep, bad), mask=row_in)
+    tl.store(loss_ptr + n, finish_rows(loss * scale, keep, bad), mask=row_out)
     if NEED_DW:
-        tl.store(
-            dw_ptr + n[:, None] * K + kk[None, :],
-            finish_rows(dw * scale, keep[:, None], bad[:, None]),
-            mask=slot_in,
-        )
+        tl.store(dw_ptr + n[:, None] * K + kk[None, :], finish_rows(dw * scale, keep[:, None], bad[:, None]),
+                 mask=slot_out)
 
-    # ---- pass 3: gradients that need the row sums of pass 2
+
+@triton.jit
+def _routed_kd_kernel(
+    x_ptr, z_ptr, w_ptr, idx_ptr, mask_ptr, loss_ptr, dx_ptr, dw_ptr, dz_ptr,
+    B, C, S, E, K, s_blocks, sx_b, sx_c, sx_s, sz_e, sz_b, sz_c, sz_s,
+    inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, beta_hi, beta_lo,
+    MIX: tl.constexpr, DIV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_MASK: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DZ: tl.constexpr,
+    DX_EARLY: tl.constexpr, DZ_EARLY: tl.constexpr, THIRD_PASS: tl.constexpr,
+    ROWS: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+    ROWS_OVER_S: tl.constexpr, ACC: tl.constexpr,
+):
+    """ROWS whole rows per program, the three passes of the module docstring."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, ROWS)
+    if ROWS_OVER_S:  # ROWS consecutive pixels of sample b
+        b = tl.zeros([ROWS], tl.int64) + pid // s_blocks
+        s = ((pid % s_blocks) * ROWS + r).to(tl.int64)
+        row_in = s < S
+    else:  # ROWS samples, S == 1
+        b = pid.to(tl.int64) * ROWS + r
+        s = tl.zeros([ROWS], tl.int64)
+        row_in = b < B
+    kk, k_ok, slot_in, w, teacher, bad, keep, load_row, load_slot, w_eff, store_slot = _routing(
+        b, s, S, row_in, w_ptr, idx_ptr, mask_ptr, E, K, HAS_IDX, HAS_MASK, NEED_DZ, KP, ACC
+    )
+    x_row = b * sx_b + s * sx_s
+    z_row = teacher * sz_e + (b * sz_b + s * sz_s)[:, None]
+    dx_row = b * C * S + s
+    dz_row = teacher * B * C * S + (b * C * S + s)[:, None]
+    inv_tau, scale, beta, log_beta, log1m_beta, c2, gscale = _scalars(
+        inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, beta_hi, beta_lo, ACC
+    )
+    if MIX == 2:
+        lw2 = tl.log2(w)  # -inf for w = 0: that teacher is left out of log P
+    else:
+        lw2 = w
+    w_sum = tl.sum(w, axis=1)
+
+    # pass 1: online log-sum-exps of the student and the teacher side
+    mx, sx, mt, st = _lse_init(MIX, ROWS, KP, ACC)
+    if SINGLE:  # the whole row in one block, kept in registers for every pass
+        cols = tl.arange(0, BLOCK_C)
+        mx, sx, mt, st, xa, za, t = _lse_block(
+            MIX, x_ptr, z_ptr, x_row, z_row, load_row, load_slot, w, cols, C, sx_c, sz_c, c2, mx, sx, mt, st, ACC
+        )
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mx, sx, mt, st, xa, za, t = _lse_block(
+                MIX, x_ptr, z_ptr, x_row, z_row, load_row, load_slot, w, cols, C, sx_c, sz_c, c2, mx, sx, mt, st,
+                ACC,
+            )
+    lsx = tl.log2(sx)  # log2 softmax = (logit - m) c2 - log2 s
+    lst = tl.log2(st)
+
+    # pass 2: loss terms and row sums; closed-form gradients
+    D, sum_A, sum_B, bv, pv = _sums_init(MIX, ROWS, KP, ACC)
+    n_blocks = 1 if SINGLE else tl.cdiv(C, BLOCK_C)
+    for blk in range(0, n_blocks):
+        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+        if not SINGLE:
+            xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC)
+            t = _teacher_side(MIX, za, w, cols, C)
+        D, sum_A, sum_B, bv, pv = _sums_block(
+            MIX, DIV, NEED_DX, NEED_DW, NEED_DZ, DX_EARLY, DZ_EARLY,
+            xa, za, t, mx, lsx, mt, lst, c2, inv_tau, gscale, w, lw2, w_sum, w_eff, beta, log_beta, log1m_beta,
+            cols, C, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot, D, sum_A, sum_B, bv, pv,
+        )
+    _store_row_results(
+        MIX, NEED_DW, loss_ptr, dw_ptr, b * S + s, K, kk, w, D, sum_B, bv, pv, scale, row_in, slot_in, keep, bad
+    )
+
+    # pass 3: gradients that need the row sums of pass 2
     if THIRD_PASS:
         for blk in range(0, n_blocks):
             cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
             if not SINGLE:
                 xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC)
                 t = _teacher_side(MIX, za, w, cols, C)
-            q, p, terms, A, Bt, G, P = _elementwise(
-                MIX, DIV, xa, t, mx, lsx, mt, lst, c2, w, lw2, beta, log_beta, log1m_beta
+            _late_block(
+                MIX, DIV, NEED_DX, NEED_DZ, DX_EARLY, DZ_EARLY,
+                xa, t, mx, lsx, mt, lst, c2, gscale, w, lw2, w_eff, beta, log_beta, log1m_beta, sum_A, sum_B,
+                cols, C, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
             )
-            if NEED_DX and not DX_EARLY:
-                if MIX == 0:
-                    du = tl.sum(w[:, :, None] * A, axis=1) - q * sum_A[:, None]
-                else:
-                    du = A - q * sum_A[:, None]
-                _store_dx(dx_ptr, du, gscale, dx_row, cols, C, S, row_in, keep, bad)
-            if NEED_DZ and not DZ_EARLY:
-                if MIX == 0:  # w_k (B_k - p_k sum_c B_k)
-                    dv = w_eff[:, :, None] * (Bt - p * sum_B[:, :, None])
-                elif MIX == 1:  # w_k (B - P sum_c B)
-                    dv = w_eff[:, :, None] * (Bt - P * sum_B[:, None])[:, None, :]
-                else:  # w_k (p_k G - p_k sum_c p_k G), G here already p_k dD/dP
-                    dv = w_eff[:, :, None] * (G - p * sum_B[:, :, None])
-                _store_dz(dz_ptr, dv, gscale, dz_row, cols, C, S, store_slot, keep, bad)
+
+
+@triton.jit
+def _store_part(ptr, v, kk, ONE_PER_ROW: tl.constexpr):
+    """Store a chunk's [1] (ONE_PER_ROW) or [1, KP] statistic at ptr."""
+    if ONE_PER_ROW:
+        tl.store(ptr + tl.arange(0, 1), v)
+    else:
+        tl.store(ptr + kk[None, :], v)
+
+
+@triton.jit
+def _part_total(part_ptr, row_base, ok, off, kk, ONE_PER_ROW: tl.constexpr):
+    """Sum over a row's chunks, in chunk order, of the [1] or [1, KP] statistic at offset ``off`` of each chunk's
+    record (records at part_ptr + row_base [SPLIT_P2]; ok: real chunks)."""
+    if ONE_PER_ROW:
+        cols = tl.arange(0, 1)
+    else:
+        cols = kk
+    v = tl.load(part_ptr + (row_base + off)[:, None] + cols[None, :], mask=ok[:, None], other=0.0)
+    total = tl.sum(v, axis=0)
+    if not ONE_PER_ROW:
+        total = total[None, :]
+    return total
+
+
+@triton.jit
+def _part_lse(part_ptr, row_base, ok, off, kk, GAP: tl.constexpr, c2, ONE_PER_ROW: tl.constexpr):
+    """(m, log2 s) of a row from its chunks' online softmax statistics (max at ``off``, sum at ``off + GAP``)."""
+    if ONE_PER_ROW:
+        cols = tl.arange(0, 1)
+    else:
+        cols = kk
+    at = part_ptr + (row_base + off)[:, None] + cols[None, :]
+    m, s = merge_chunk_lse(at, at + GAP, ok[:, None], c2)
+    ls = tl.log2(s)
+    if not ONE_PER_ROW:
+        m = m[None, :]
+        ls = ls[None, :]
+    return m, ls
+
+
+@triton.jit
+def _routed_kd_split_kernel(
+    x_ptr, z_ptr, w_ptr, idx_ptr, mask_ptr, loss_ptr, dx_ptr, dw_ptr, dz_ptr, lse_part_ptr, sum_part_ptr,
+    B, C, E, K, sx_b, sx_c, sz_e, sz_b, sz_c,
+    inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, beta_hi, beta_lo, n_split, chunk,
+    PHASE: tl.constexpr, MIX: tl.constexpr, DIV: tl.constexpr, HAS_IDX: tl.constexpr, HAS_MASK: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DZ: tl.constexpr,
+    DX_EARLY: tl.constexpr, DZ_EARLY: tl.constexpr, THIRD_PASS: tl.constexpr,
+    KP: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_P2: tl.constexpr, ACC: tl.constexpr,
+):
+    """Program (row, chunk) of a class-logit row (S == 1) cut into chunks, one pass per PHASE: 1 the chunk's
+    online softmax statistics; 2 (statistics merged in chunk order) the chunk's row sums and closed-form
+    gradients; 3 (row sums added in chunk order) the loss and dw (chunk 0) and the chunk's third-pass gradients.
+    Records per program: lse_part [mx, mt(KP), sx, st(KP)] (2 KP + 2), sum_part [D, sum_B, bv, pv (KP each),
+    sum_A] (4 KP + 1); a per-row value of a [1, KP]-shaped slot sits in its first entry."""
+    pid = tl.program_id(0)
+    row, c_begin, c_end, b, row_in = split_program(n_split, chunk, C)
+    s = tl.zeros_like(b)
+    kk, k_ok, slot_in, w, teacher, bad, keep, load_row, load_slot, w_eff, store_slot = _routing(
+        b, s, 1, row_in, w_ptr, idx_ptr, mask_ptr, E, K, HAS_IDX, HAS_MASK, NEED_DZ, KP, ACC
+    )
+    x_row = b * sx_b
+    z_row = teacher * sz_e + (b * sz_b)[:, None]
+    dx_row = b * C
+    dz_row = teacher * B * C + (b * C)[:, None]
+    inv_tau, scale, beta, log_beta, log1m_beta, c2, gscale = _scalars(
+        inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, beta_hi, beta_lo, ACC
+    )
+    if MIX == 2:
+        lw2 = tl.log2(w)
+    else:
+        lw2 = w
+    LW: tl.constexpr = 2 * KP + 2
+    NS: tl.constexpr = 4 * KP + 1
+    if PHASE == 1:
+        mx, sx, mt, st = _lse_init(MIX, 1, KP, ACC)
+        for c0 in range(c_begin, c_end, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mx, sx, mt, st, xa, za, t = _lse_block(
+                MIX, x_ptr, z_ptr, x_row, z_row, load_row, load_slot, w, cols, c_end, sx_c, sz_c, c2,
+                mx, sx, mt, st, ACC,
+            )
+        rec = lse_part_ptr + pid.to(tl.int64) * LW
+        _store_part(rec, mx, kk, True)
+        _store_part(rec + 1, mt, kk, MIX == 1)
+        _store_part(rec + KP + 1, sx, kk, True)
+        _store_part(rec + KP + 2, st, kk, MIX == 1)
+    else:
+        chunks = tl.arange(0, SPLIT_P2)
+        ok = chunks < n_split
+        first = row.to(tl.int64) * n_split + chunks
+        mx, lsx = _part_lse(lse_part_ptr, first * LW, ok, 0, kk, KP + 1, c2, True)
+        mt, lst = _part_lse(lse_part_ptr, first * LW, ok, 1, kk, KP + 1, c2, MIX == 1)
+        if PHASE == 2:
+            D, sum_A, sum_B, bv, pv = _sums_init(MIX, 1, KP, ACC)
+            for c0 in range(c_begin, c_end, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, c_end, sx_c, sz_c, ACC)
+                t = _teacher_side(MIX, za, w, cols, c_end)
+                D, sum_A, sum_B, bv, pv = _sums_block(
+                    MIX, DIV, NEED_DX, NEED_DW, NEED_DZ, DX_EARLY, DZ_EARLY,
+                    xa, za, t, mx, lsx, mt, lst, c2, inv_tau, gscale, w, lw2, tl.sum(w, axis=1), w_eff,
+                    beta, log_beta, log1m_beta, cols, c_end, 1, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad,
+                    store_slot, D, sum_A, sum_B, bv, pv,
+                )
+            rec = sum_part_ptr + pid.to(tl.int64) * NS
+            _store_part(rec, D, kk, MIX != 0)
+            _store_part(rec + KP, sum_B, kk, MIX == 1)
+            _store_part(rec + 2 * KP, bv, kk, False)
+            _store_part(rec + 3 * KP, pv, kk, False)
+            _store_part(rec + 4 * KP, sum_A, kk, True)
+        else:
+            D = _part_total(sum_part_ptr, first * NS, ok, 0, kk, MIX != 0)
+            sum_B = _part_total(sum_part_ptr, first * NS, ok, KP, kk, MIX == 1)
+            bv = _part_total(sum_part_ptr, first * NS, ok, 2 * KP, kk, False)
+            pv = _part_total(sum_part_ptr, first * NS, ok, 3 * KP, kk, False)
+            sum_A = _part_total(sum_part_ptr, first * NS, ok, 4 * KP, kk, True)
+            chunk0 = row_in & ((c_begin + tl.zeros_like(b)) == 0)
+            _store_row_results(
+                MIX, NEED_DW, loss_ptr, dw_ptr, b, K, kk, w, D, sum_B, bv, pv, scale, chunk0,
+                chunk0[:, None] & slot_in, keep, bad,
+            )
+            if THIRD_PASS:
+                for c0 in range(c_begin, c_end, BLOCK_C):
+                    cols = c0 + tl.arange(0, BLOCK_C)
+                    xa, za = _load_tile(
+                        x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, c_end, sx_c, sz_c, ACC
+                    )
+                    t = _teacher_side(MIX, za, w, cols, c_end)
+                    _late_block(
+                        MIX, DIV, NEED_DX, NEED_DZ, DX_EARLY, DZ_EARLY,
+                        xa, t, mx, lsx, mt, lst, c2, gscale, w, lw2, w_eff, beta, log_beta, log1m_beta, sum_A,
+                        sum_B, cols, c_end, 1, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
+                    )
 
 
 def tile_plan(C: int, KP: int, rows_max: int, min_rows: int, tiles: tuple[int, int, int, int]):
@@ -493,6 +741,17 @@ def _launch_plan(B: int, C: int, S: int, K: int, row_tiles: tuple, pixel_tiles: 
     s_blocks = cdiv(S, rows)
     grid = (B * s_blocks if rows_over_s else cdiv(B, rows),)
     return KP, rows_over_s, block_c, rows, s_blocks, grid, num_warps
+
+
+def split_rows_plan(B: int, C: int, S: int, block_c: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(n_split, chunk, SPLIT_P2, BLOCK_C) of the split kernel for B rows of C class logits that the one-launch
+    kernel streams in ``block_c``-class blocks; n_split == 1: not split (rows of dense logits never are). Split
+    programs stream half-size blocks at the same warps (spill-free at sm_80 and sm_90 with every gradient)."""
+    if S > 1 or C <= block_c:
+        return 1, C, 1, block_c
+    block = max(block_c // 2, 16)
+    n_split, chunk, split_p2 = split_plan(B, C, block, device, SPLIT_BELOW)
+    return n_split, chunk, split_p2, block
 
 
 def routed_kd_rows(
@@ -524,25 +783,8 @@ def routed_kd_rows(
     )
     dx_early = need_dx and divergence == 0
     dz_early = need_dz and divergence == 1 and mix != 2
-    _routed_kd_kernel[grid](
-        x,
-        z,
-        w,
-        idx if idx is not None else w,
-        m if m is not None else w,
-        loss,
-        dx,
-        dw,
-        dz,
-        B,
-        C,
-        S,
-        E,
-        K,
-        s_blocks,
-        *x.stride(),
-        *z.stride(),
-        *f32_pairs(1.0 / temperature, scale, beta),
+    third_pass = (need_dx and not dx_early) or (need_dz and not dz_early)
+    flags = dict(
         MIX=mix,
         DIV=divergence,
         HAS_IDX=idx is not None,
@@ -552,13 +794,26 @@ def routed_kd_rows(
         NEED_DZ=need_dz,
         DX_EARLY=dx_early,
         DZ_EARLY=dz_early,
-        THIRD_PASS=(need_dx and not dx_early) or (need_dz and not dz_early),
-        ROWS=rows,
+        THIRD_PASS=third_pass,
         KP=KP,
-        BLOCK_C=block_c,
-        SINGLE=C <= block_c,
-        ROWS_OVER_S=rows_over_s,
         ACC=acc_dtype(x.dtype),
         num_warps=num_warps,
+    )
+    tensors = (x, z, w, idx if idx is not None else w, m if m is not None else w, loss, dx, dw, dz)
+    scalars = f32_pairs(1.0 / temperature, scale, beta)
+    n_split, chunk, split_p2, split_block = split_rows_plan(B, C, S, block_c, x.device)
+    if n_split > 1:
+        acc = compute_dtype(x.dtype)
+        lse_part = torch.empty(B * n_split, 2 * KP + 2, dtype=acc, device=x.device)
+        sum_part = torch.empty(B * n_split, 4 * KP + 1, dtype=acc, device=x.device)
+        for phase in (1, 2, 3):
+            _routed_kd_split_kernel[(B * n_split,)](
+                *tensors, lse_part, sum_part, B, C, E, K, x.stride(0), x.stride(1), z.stride(0), z.stride(1),
+                z.stride(2), *scalars, n_split, chunk, PHASE=phase, BLOCK_C=split_block, SPLIT_P2=split_p2, **flags,
+            )
+        return loss, dx, dw, dz
+    _routed_kd_kernel[grid](
+        *tensors, B, C, S, E, K, s_blocks, *x.stride(), *z.stride(), *scalars,
+        ROWS=rows, BLOCK_C=block_c, SINGLE=C <= block_c, ROWS_OVER_S=rows_over_s, **flags,
     )
     return loss, dx, dw, dz

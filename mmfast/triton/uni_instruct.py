@@ -10,7 +10,7 @@ lam_di), with d = a - b, u = (a - x) - alpha d, wf = max(mean |x - a|, 1e-5), c 
           (as da = cs u + ka d, db = kb d - cs u with per-row cs = c lam_sim, ka, kb)
 A switched-off term is not evaluated. Rows that fit one block are loaded once (SINGLE); streamed rows are
 re-read in pass 2 last block first, or, too few to fill the device, split across programs in two launches
-(``mmfast.triton.fdistill.split_plan``: chunk partial sums, then per-row totals in chunk order and the chunk's
+(``mmfast.triton.routed_kd.split_plan``: chunk partial sums, then per-row totals in chunk order and the chunk's
 gradients). fp32 math.
 """
 
@@ -24,7 +24,8 @@ from torch import Tensor
 from mmfast.reference.routed_kd import compute_dtype
 
 from . import fdistill
-from .fdistill import chunk_part, load_rows, row_plan, row_total, split_plan, split_program, store_rows
+from .fdistill import chunk_part, load_rows, row_plan, row_total, store_rows
+from .routed_kd import split_plan, split_program
 
 
 @triton.jit
