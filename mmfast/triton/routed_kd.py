@@ -45,6 +45,10 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 ROW_TILES = (4096, 16, 8192, 32)  # class logits (S == 1)
 PIXEL_TILES = (2048, 16, 2048, 16)  # dense logits (S > 1), PIXELS_PER_PROGRAM consecutive pixels each
 PIXELS_PER_PROGRAM = 16
+# A streamed block of class logits holds the student and KP teacher slots; its classes are at most the stream
+# tile / STREAM_MIN_SLOTS, so that with one or two teachers it stays spill-free (the tile alone, 4096 classes at
+# K = 2, spilled up to 220 bytes per thread at sm_90: scripts/triton_compile_check.py).
+STREAM_MIN_SLOTS = 4
 # Rows of class logits too long for one block are cut into chunks across programs (``split_plan``) only when
 # there are fewer of them than SPLIT_BELOW of the split's target program count: on a GPU, fewer rows than SMs
 # (a batch of a few very long rows). Above that the one-launch kernel keeps each row's re-reads on chip.
@@ -738,6 +742,8 @@ def _launch_plan(B: int, C: int, S: int, K: int, row_tiles: tuple, pixel_tiles: 
         block_c, rows, num_warps = tile_plan(C, KP, next_pow2(S), pixels, pixel_tiles)
     else:
         block_c, rows, num_warps = tile_plan(C, KP, next_pow2(B), 1, row_tiles)
+        if C > block_c:  # streamed: the student's block counts too, so one or two teachers stream shorter blocks
+            block_c = max(min(block_c, row_tiles[2] // STREAM_MIN_SLOTS), 16)
     s_blocks = cdiv(S, rows)
     grid = (B * s_blocks if rows_over_s else cdiv(B, rows),)
     return KP, rows_over_s, block_c, rows, s_blocks, grid, num_warps
