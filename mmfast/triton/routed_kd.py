@@ -1,4 +1,4 @@
-"""Routed teacher-mixture KD in one Triton launch: row losses, with the gradients written in the forward.
+"""Routed teacher-mixture KD in Triton (one launch): row losses, with the gradients written in the forward.
 
 Same contract as ``mmfast.reference.routed_kd.routed_kd_rows`` (x [B, C, S], z [E, B, C, S] with any
 strides, weights [B, K], optional indices [B, K] and row mask [B, S]); the math is the reference's,
@@ -776,7 +776,7 @@ def routed_kd_rows(
     need_dz: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses and row gradients (loss [B, S], dx [B, C, S], dw [B, S, K], dz [E, B, C, S]) in one
-    launch; the reference's contract (``mmfast.reference.routed_kd.routed_kd_rows``)."""
+    launch (three for split rows); the reference's contract (``mmfast.reference.routed_kd.routed_kd_rows``)."""
     B, C, S = x.shape
     E, K = z.shape[0], weights.shape[1]
     w, idx, m, loss, dx, dw, dz = routed_kd_outputs(x, z, weights, indices, mask, need_dx, need_dw, need_dz)
