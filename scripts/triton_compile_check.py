@@ -10,9 +10,9 @@ Triton's own toolchain for each target. It prints one row per specialisation and
 stores and loads (ptxas -v on the PTX, as Triton's build runs it) and shared memory.
 
 Exit status: 0 when everything compiles without spills, 1 on a compile error, 2 when a kernel spills more than
---max-spill bytes per thread (default 8: ptxas sometimes trades a few bytes of spill for occupancy on its own,
-under the register cap). float64 specialisations are only reported: they exist for verification, at a fraction
-of the GPU's float32 rate.
+--max-spill bytes per thread (default 32: ptxas trades a few bytes of spill for one more program per SM on its
+own, settling at 128 or 80 registers under a cap of 255). float64 specialisations are only reported: they exist
+for verification, at a fraction of the GPU's float32 rate.
 Usage: python scripts/triton_compile_check.py [--archs 80,90] [--jobs N] [--only NAME] [--max-spill B] [--list]
 """
 
@@ -158,13 +158,14 @@ def cases() -> list:
     for mix in range(3):
         for div in range(4):
             routed(256, 8192, 1, 4, 4, mix, div)  # streamed rows, every gradient
+            routed(256, 8192, 1, 4, 4, mix, div, dtype=torch.bfloat16)
             routed(4096, 32768, 1, 2, 2, mix, div)  # two teachers
             routed(256, 32768, 1, 4, 1, mix, div, sparse=True)  # top-1 routing: one slot
             routed(256, 32768, 1, 8, 8, mix, div)  # eight teachers
         routed(256, 1000, 1, 4, 2, mix, mix, sparse=True, masked=True)  # one block per row, sparse routing
         routed(64, 10, 1, 4, 4, mix, 3 - mix)  # many rows per program
         routed(4, 20, 64, 3, 3, mix, 2, masked=True)  # dense logits: pixels per program
-        routed(256, 8192, 1, 4, 4, mix, 0, grads=(True, False, False), dtype=torch.bfloat16)
+        routed(256, 8192, 1, 4, 4, mix, 0, grads=(True, False, False), dtype=torch.bfloat16)  # the common case
         for div, grads in ((0, (True, True, True)), (1, (True, True, True)), (2, (False, False, True))):
             routed(1, 262144, 1, 2, 2, mix, (div + mix) % 4, grads=grads)  # a few long rows: split, 3 phases
     routed(3, 5000, 1, 3, 3, 2, 2, dtype=torch.float64)
@@ -265,7 +266,7 @@ def main() -> int:
     ap.add_argument("--archs", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
     ap.add_argument("--only", default="", help="only the kernels whose name contains this text")
-    ap.add_argument("--max-spill", type=int, default=8, help="spill bytes per thread tolerated (default 8)")
+    ap.add_argument("--max-spill", type=int, default=32, help="spill bytes per thread tolerated (default 32)")
     ap.add_argument("--list", action="store_true", help="list the specialisations, compile nothing")
     args = ap.parse_args()
     archs = [int(a) for a in args.archs.split(",") if a.strip()]

@@ -84,11 +84,12 @@ def test_routed_every_mix_divergence(mix, div, sparse, masked):
     check_routed(*inputs, tau=(0.5, 1.0, 4.0)[div % 3], mix=mix, div=div)
 
 
+@pytest.mark.parametrize("tile", [64, 256], ids=["16-class", "64-class"])
 @pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
 @pytest.mark.parametrize("mix", list(MIXES.values()), ids=list(MIXES))
-def test_routed_multi_block_rows(monkeypatch, mix, div):
-    """C = 300 over 32-class blocks: the online softmax runs 10 blocks per pass."""
-    small_tiles(monkeypatch, trk, 64)
+def test_routed_multi_block_rows(monkeypatch, mix, div, tile):
+    """C = 300 over 16-class blocks (19 per pass), or 64-class ones halved to 32 when a third pass runs."""
+    small_tiles(monkeypatch, trk, tile)
     sparse = bool((mix + div) % 2)
     inputs = make_inputs(2, 300, 1, 3, 2 if sparse else 3, sparse, masked=True, seed=mix * 8 + div)
     check_routed(*inputs, tau=2.0, mix=mix, div=div)

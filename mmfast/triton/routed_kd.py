@@ -818,8 +818,13 @@ def routed_kd_rows(
                 z.stride(2), *scalars, n_split, chunk, PHASE=phase, BLOCK_C=split_block, SPLIT_P2=split_p2, **flags,
             )
         return loss, dx, dw, dz
+    single = C <= block_c
+    if not single and not rows_over_s and third_pass:
+        # three passes hold more per class: half the block at the same warps (the whole block spilled up to 52
+        # bytes per thread at 255 registers, bf16 js; scripts/triton_compile_check.py)
+        block_c = max(block_c // 2, 16)
     _routed_kd_kernel[grid](
         *tensors, B, C, S, E, K, s_blocks, *x.stride(), *z.stride(), *scalars,
-        ROWS=rows, BLOCK_C=block_c, SINGLE=C <= block_c, ROWS_OVER_S=rows_over_s, **flags,
+        ROWS=rows, BLOCK_C=block_c, SINGLE=single, ROWS_OVER_S=rows_over_s, **flags,
     )
     return loss, dx, dw, dz
