@@ -112,6 +112,7 @@ PYBIND11_MODULE(_C, m) {
   MMFAST_PTR_FIELD(mr, MaskedReconParams, pred, const void);
   MMFAST_PTR_FIELD(mr, MaskedReconParams, target, const void);
   MMFAST_PTR_FIELD(mr, MaskedReconParams, mask, const void);
+  MMFAST_PTR_FIELD(mr, MaskedReconParams, row_weights, const void);
   MMFAST_PTR_FIELD(mr, MaskedReconParams, loss_out, void);
   MMFAST_PTR_FIELD(mr, MaskedReconParams, msum, void);
   MMFAST_PTR_FIELD(mr, MaskedReconParams, dp, void);

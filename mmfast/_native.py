@@ -237,7 +237,9 @@ def masked_reconstruction_output_shapes(
     A, D, S = pred_shape
     full, rows = (A, D, S), (A * S,)
     loss = full if per_element else rows
-    msum = rows if (elem_mask and not per_element) else (0,)
+    if row_mask and elem_mask and need_dm:
+        raise ValueError("masked reconstruction: dM is not defined with both row weights and an element mask")
+    msum = rows if (elem_mask and not row_mask and not per_element) else (0,)
     need_dm = need_dm and (row_mask or elem_mask)
     dm = (rows if (row_mask and not per_element) else full) if need_dm else (0,)
     return loss, msum, full if need_dp else (0,), full if need_dy else (0,), dm
@@ -251,18 +253,22 @@ def masked_reconstruction_outputs(
     need_dp: bool,
     need_dy: bool,
     need_dm: bool,
-) -> tuple[int, Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Kernel-ready mask and fresh outputs of a masked-reconstruction launch (shared by the cpu, cuda
-    and triton launchers): (mask_kind, mask, loss, msum, dp, dy, dm).
+) -> tuple[int, Tensor | None, Tensor | None, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Kernel-ready masks and fresh outputs of a masked-reconstruction launch (shared by the cpu, cuda
+    and triton launchers): (mask_kind, mask, row_weights, loss, msum, dp, dy, dm).
 
-    The row mask stays [R] (made contiguous); an element mask keeps its strides (a bool one is
-    viewed as uint8, no copy). Unrequested outputs are distinct empty tensors.
+    A row mask alone is ``mask`` (kind rows), [R] made contiguous; an element mask keeps its strides (a bool
+    one is viewed as uint8, no copy), and a row mask beside it becomes ``row_weights``. Unrequested outputs
+    are distinct empty tensors.
     """
     cdt = compute_dtype(pred.dtype)
-    if mask_rows is not None:
-        kind, m = RECON_MASK_ROWS, mask_rows.contiguous()
-    elif mask is not None:
+    row_weights = None
+    if mask is not None:
         kind, m = (RECON_MASK_BOOL, mask.view(torch.uint8)) if mask.dtype == torch.bool else (RECON_MASK_FLOAT, mask)
+        if mask_rows is not None:
+            row_weights = mask_rows.contiguous()
+    elif mask_rows is not None:
+        kind, m = RECON_MASK_ROWS, mask_rows.contiguous()
     else:
         kind, m = RECON_MASK_NONE, None
     s_loss, s_msum, s_dp, s_dy, s_dm = masked_reconstruction_output_shapes(
@@ -274,7 +280,7 @@ def masked_reconstruction_outputs(
     dp = torch.empty(s_dp, dtype=pred.dtype, device=dev)
     dy = torch.empty(s_dy, dtype=pred.dtype, device=dev)
     dm = torch.empty(s_dm, dtype=cdt, device=dev)
-    return kind, m, loss, msum, dp, dy, dm
+    return kind, m, row_weights, loss, msum, dp, dy, dm
 
 
 def masked_reconstruction_params(
@@ -282,6 +288,7 @@ def masked_reconstruction_params(
     target: Tensor,
     mask_kind: int,
     mask: Tensor | None,
+    row_weights: Tensor | None,
     loss_kind: int,
     beta: float,
     normalize_target: bool,
@@ -304,6 +311,7 @@ def masked_reconstruction_params(
     p.mask = _ptr(mask)
     if mask is not None and mask.dim() == 3:
         p.sm_a, p.sm_d, p.sm_s = mask.stride()
+    p.row_weights = _ptr(row_weights)
     p.loss, p.normalize_target, p.per_element = loss_kind, int(normalize_target), int(per_element)
     p.dtype = DTYPE_CODES[pred.dtype]
     p.beta, p.eps, p.cos_eps = beta, eps, COSINE_EPS
@@ -327,13 +335,13 @@ def masked_reconstruction_rows(
     need_dm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Native masked reconstruction (``kernel`` is "cpu" or "cuda"); same contract as the reference."""
-    kind, m, loss, msum, dp, dy, dm = masked_reconstruction_outputs(
+    kind, m, rw, loss, msum, dp, dy, dm = masked_reconstruction_outputs(
         pred, mask_rows, mask, per_element, need_dp, need_dy, need_dm
     )
     A, D, S = pred.shape
     if A * S > 0 and D > 0:
         params = masked_reconstruction_params(
-            pred, target, kind, m, loss_kind, beta, normalize_target, eps, per_element, loss, msum, dp, dy, dm
+            pred, target, kind, m, rw, loss_kind, beta, normalize_target, eps, per_element, loss, msum, dp, dy, dm
         )
         _run(kernel, "masked_reconstruction", params, pred.device)
     return loss, msum, dp, dy, dm

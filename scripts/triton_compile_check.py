@@ -200,10 +200,11 @@ def cases() -> list:
               dtype=torch.float32):
         def run():
             pred, target = _t(A, D, S, dtype=dtype), _t(A, D, S, dtype=dtype)
-            rows = torch.rand(A * S) if mask_kind == "rows" else None
+            rows = torch.rand(A * S) if mask_kind.startswith("rows") else None
             elem = {"elements": torch.rand(A, D, S) > 0.5, "channels": torch.rand(1, D, 1).expand(A, D, S)}
             masked_reconstruction.masked_reconstruction_rows(
-                pred, target, rows, elem.get(mask_kind), loss, 1.0, normalize, 1e-6, per_element, *grads)
+                pred, target, rows, elem.get(mask_kind.removeprefix("rows+")), loss, 1.0, normalize, 1e-6,
+                per_element, *grads)
 
         out.append(run)
 
@@ -213,6 +214,7 @@ def cases() -> list:
         recon(64, 10000, 1, loss, "rows")  # streamed rows
         recon(4, 16, 49, loss, "elements")  # channel_dim=1 layout
     recon(8192, 1024, 1, 0, "elements", per_element=True, grads=(True, False, False))
+    recon(8192, 1024, 1, 1, "rows+elements", grads=(True, True, False))  # a prescaled mean: row weights beside
     recon(8192, 1024, 1, 1, "rows", dtype=torch.bfloat16)
 
     for layout in ((1, 256, 8192, 1), (2, 8, 1024, 16)):

@@ -201,6 +201,53 @@ def test_target_without_grad(backend, device, dtype, reduction):
                        loss=loss, normalize_target=normalize, reduction=reduction)
 
 
+ELEMENT_MASKS = ("channel", "element", "element_bool", "element_bcast")
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw", "normalized"])
+@pytest.mark.parametrize("loss", ["mse", "smooth_l1"])
+@pytest.mark.parametrize("mask", ELEMENT_MASKS)
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_element_mask_mean_is_prescaled(backend, device, dtype, mask, loss, normalize, monkeypatch):
+    """The "mean" under an element or channel mask that needs no gradient: 1 / sum(M) rides as row weights
+    beside the mask (both masks in one op call), so the backward of ``loss.backward()`` makes no pass over the
+    gradients. Equal to the plain autograd formula, with grad_output 1 and != 1, on [B, D, H, W] inputs."""
+    from mmfast.reference.masked_reconstruction import masked_reconstruction_loss_autograd
+
+    calls = []
+    fwd = recon_ops.masked_reconstruction_fwd
+    monkeypatch.setattr(recon_ops, "masked_reconstruction_fwd", lambda *a: calls.append(a) or fwd(*a))
+    P, Y, M = make_case((3, 6, 4, 5), 1, mask, seed_of("prescaled", mask, loss), device=device, dtype=dtype)
+    kw = dict(loss=loss, normalize_target=normalize, channel_dim=1, beta=0.6)
+    for grad_out in (None, 7):
+        out, grads = run(backend, P, Y, M, grad_out, mask_grad=False, **kw)
+        rows, elems = calls[-1][2], calls[-1][3]
+        assert rows is not None and elems is not None  # both masks reached the op
+        leaves = {n: t.detach().cpu().double().requires_grad_() for n, t in (("pred", P), ("target", Y))}
+        want = masked_reconstruction_loss_autograd(leaves["pred"], leaves["target"], M.cpu().double()
+                                                   if M.is_floating_point() else M.cpu(), **kw)
+        go = torch.ones_like(want) if grad_out is None else (
+            torch.rand(want.shape, generator=torch.Generator().manual_seed(grad_out), dtype=torch.float64) * 2 + 0.5)
+        want_grads = torch.autograd.grad(want, list(leaves.values()), go)
+        assert_scaled_close(out, want, 2e-5, 2e-5, "loss")
+        for (name, got), w in zip(grads.items(), want_grads, strict=True):
+            assert_scaled_close(got, w, 2e-5, 2e-5, name)
+
+
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_all_zero_element_mask_is_not_read(backend, device, dtype):
+    """An all-zero element mask (no gradient) excludes every row: 0 and zero gradients even where the data is
+    NaN (the rows are not read), as for row masks."""
+    P, Y, _ = make_case((4, 6), -1, "none", 12, device=device, dtype=dtype)
+    P[1, 2] = float("nan")
+    Y[3, 0] = float("inf")
+    for M in (torch.zeros(4, 6, device=device, dtype=torch.bool), torch.zeros(1, 6, device=device, dtype=dtype)):
+        out, grads = run(backend, P, Y, M, 2, mask_grad=False)
+        assert out.item() == 0.0
+        for name, grad in grads.items():
+            assert torch.equal(grad, torch.zeros_like(grad)), name
+
+
 @pytest.mark.parametrize("mask", ["row_zero", "row_bool_zero", "element_zero"])
 @pytest.mark.parametrize("backend,device,dtype", ALL)
 def test_all_zero_mask_gives_zero_and_zero_grads(backend, device, dtype, mask):
@@ -352,6 +399,12 @@ def _op_args(dtype, device, *, loss, mask, per_element, normalize, need):
         elems = torch.rand(A, D, S, generator=g, dtype=torch.float64).to(device, cdt).requires_grad_(need[2])
     elif mask == "bool":
         elems = (torch.rand(1, D, 1, generator=g) > 0.3).to(device).expand(A, D, S)
+    elif mask == "rows+bool":  # row weights beside an element mask (a prescaled mean)
+        rows = torch.tensor([0.5, 0.0, 0.25, 1.0, 0.5, 0.125], dtype=cdt, device=device)
+        elems = torch.rand(A, D, S, generator=g).to(device) > 0.4
+    elif mask == "rows+float":
+        rows = torch.full((A * S,), 0.1, dtype=cdt, device=device)
+        elems = torch.rand(A, D, S, generator=g, dtype=torch.float64).to(device, cdt)
     return (P, Y, rows, elems, LOSSES[loss], 0.5, normalize, 1e-6, per_element,
             recon_ops.grad_mask(need[0], need[1], need[2] and mask in ("rows", "float")))
 
@@ -366,7 +419,29 @@ OP_COMBOS = {
     "cosine-rows": dict(loss="cosine", mask="rows", per_element=False, normalize=True, need=(True, True, True)),
     "rows-per-element": dict(loss="mse", mask="rows", per_element=True, normalize=False, need=(True, True, True)),
     "no-grad": dict(loss="mse", mask="rows", per_element=False, normalize=False, need=(False, False, False)),
+    "rows-beside-bool": dict(loss="mse", mask="rows+bool", per_element=False, normalize=True, need=(True, True, False)),
+    "rows-beside-float-elem": dict(loss="smooth_l1", mask="rows+float", per_element=True, normalize=False,
+                                   need=(True, True, False)),
 }
+
+
+@pytest.mark.parametrize("backend,device,dtype", ALL)
+def test_both_masks_at_the_op(backend, device, dtype):
+    """Row weights beside an element mask weight w_r m_i (the reference's own w * m), give no mask sums, and
+    refuse a mask gradient (dM has no single meaning then)."""
+    args = _op_args(dtype, device, loss="smooth_l1", mask="rows+bool", per_element=False, normalize=False,
+                    need=(True, True, False))
+    P, Y, rows, elems = args[:4]
+    with mmfast.use_backend(backend):
+        loss, msum, dp, dy, dm = recon_ops.masked_reconstruction_fwd(*args)
+        alone, _, dp_alone, _, _ = recon_ops.masked_reconstruction_fwd(P, Y, None, elems, *args[4:])
+    assert msum.numel() == 0 and dm.numel() == 0
+    w = rows.reshape(P.shape[0], 1, P.shape[2])
+    torch.testing.assert_close(loss, torch.where(rows == 0, 0.0, rows * alone))
+    torch.testing.assert_close(dp, torch.where(w == 0, 0.0, w * dp_alone).to(dp.dtype))
+    with pytest.raises(ValueError, match="dM cannot be requested"), mmfast.use_backend(backend):
+        recon_ops.masked_reconstruction_fwd(P, Y, rows, elems.float(), *args[4:9],
+                                            recon_ops.grad_mask(True, True, True))
 
 
 @pytest.mark.parametrize("combo", list(OP_COMBOS))

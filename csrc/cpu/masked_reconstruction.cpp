@@ -154,7 +154,8 @@ MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, i
   const int64_t D = p.D, S = p.S, ld = Workspace<F>::leading_dim(D);
   const T* pred = static_cast<const T*>(p.pred);
   const T* target = static_cast<const T*>(p.target);
-  const F* mask_rows = p.mask_kind == kReconMaskRows ? static_cast<const F*>(p.mask) : nullptr;
+  // row weights: a row mask, or the row_weights beside an element mask
+  const F* mask_rows = static_cast<const F*>(p.mask_kind == kReconMaskRows ? p.mask : p.row_weights);
   const bool per_element = p.per_element != 0, normalize = p.normalize_target != 0;
   F* loss_rows = per_element ? nullptr : static_cast<F*>(p.loss_out);
   T* loss_elems = per_element ? static_cast<T*>(p.loss_out) : nullptr;
@@ -390,6 +391,9 @@ void masked_reconstruction_cpu(const MaskedReconParams& p, int num_threads) {
     throw std::invalid_argument("masked_reconstruction_cpu: the cosine loss takes row masks only, per row");
   if (p.mask_kind < kReconMaskNone || p.mask_kind > kReconMaskBool)
     throw std::invalid_argument("masked_reconstruction_cpu: unknown mask kind " + std::to_string(p.mask_kind));
+  const bool elem = p.mask_kind == kReconMaskFloat || p.mask_kind == kReconMaskBool;
+  if (p.row_weights != nullptr && (!elem || p.msum != nullptr || p.dm != nullptr))
+    throw std::invalid_argument("masked_reconstruction_cpu: row_weights go with an element mask, without msum and dm");
   const bool known = cpu::dispatch_dtype(p.dtype, [&](auto storage) {
     cpu::run_recon<decltype(storage)>(p, num_threads);
   });

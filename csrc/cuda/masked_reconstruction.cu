@@ -116,7 +116,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
     const int64_t ai = r / S, si = r - ai * S;
     const int64_t o = ai * p.D * S + si;  // outputs [A, D, S] contiguous: channel stride S
     RowStats st{};
-    st.w = rows_mask ? static_cast<const float*>(p.mask)[r] : 1.f;
+    // row weights: a row mask, or the row_weights beside an element mask
+    st.w = rows_mask ? static_cast<const float*>(p.mask)[r]
+                     : (p.row_weights != nullptr ? static_cast<const float*>(p.row_weights)[r] : 1.f);
     st.rstd = 1.f;
     const bool excluded = st.w == 0.f;
     if (excluded && dm == nullptr) {  // not read
@@ -307,6 +309,8 @@ int masked_reconstruction_cuda(const MaskedReconParams& p, void* stream) {
     return static_cast<int>(cudaErrorInvalidValue);
   const bool elem = p.mask_kind == kReconMaskFloat || p.mask_kind == kReconMaskBool;
   if (p.loss == kReconCosine && (elem || p.per_element)) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.row_weights != nullptr && (!elem || p.msum != nullptr || p.dm != nullptr))
+    return static_cast<int>(cudaErrorInvalidValue);
   cuda::ReconArgs a{p, static_cast<float>(p.beta), static_cast<float>(1.0 / p.beta), static_cast<float>(p.eps),
                     static_cast<float>(p.cos_eps)};
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

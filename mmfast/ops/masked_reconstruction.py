@@ -56,12 +56,13 @@ def _run_backend(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor, T
 
 
 def _check_args(pred: Tensor, target: Tensor, mask_rows: Tensor | None, mask: Tensor | None, loss: int,
-                per_element: bool) -> None:
+                per_element: bool, need_dm: bool) -> None:
     if pred.dim() != 3 or target.shape != pred.shape or target.dtype != pred.dtype:
         raise ValueError("masked_reconstruction_fwd: pred and target must be [A, D, S] tensors of one shape and dtype")
     A, _, S = pred.shape
-    if mask_rows is not None and mask is not None:
-        raise ValueError("masked_reconstruction_fwd: pass mask_rows or mask, not both")
+    if mask_rows is not None and mask is not None and need_dm:
+        raise ValueError("masked_reconstruction_fwd: with both mask_rows and mask (row weights on an element mask) "
+                         "dM cannot be requested")
     if mask_rows is not None and (mask_rows.shape != (A * S,) or mask_rows.dtype != compute_dtype(pred.dtype)):
         raise ValueError("masked_reconstruction_fwd: mask_rows must be [A * S] in the compute dtype")
     if mask is not None and (
@@ -95,7 +96,7 @@ def masked_reconstruction_fwd(
     may scale them in place (``masked_reconstruction_loss`` sets it; the values returned are the same).
     """
     need_dp, need_dy, need_dm, _ = _unpack(grads)
-    _check_args(pred, target, mask_rows, mask, loss, per_element)
+    _check_args(pred, target, mask_rows, mask, loss, per_element, need_dm)
     backend = _backend.resolve(pred.device, pred.dtype)
     return _run_backend(
         backend, pred, target, mask_rows, mask, loss, beta, normalize_target, eps, per_element,
@@ -110,7 +111,7 @@ output_shapes = _native.masked_reconstruction_output_shapes
 @masked_reconstruction_fwd.register_fake
 def _(pred, target, mask_rows, mask, loss, beta, normalize_target, eps, per_element, grads):
     need_dp, need_dy, need_dm, _ = _unpack(grads)
-    _check_args(pred, target, mask_rows, mask, loss, per_element)
+    _check_args(pred, target, mask_rows, mask, loss, per_element, need_dm)
     cdt = compute_dtype(pred.dtype)
     s_loss, s_msum, s_dp, s_dy, s_dm = output_shapes(
         pred.shape, mask_rows is not None, mask is not None, per_element, need_dp, need_dy, need_dm

@@ -2,8 +2,8 @@
 
 Canonical layout (see ``csrc/include/mmfast/params.h``): pred P and target Y [A, D, S] (any strides),
 D channels; rows are r = a * S + s (R = A * S rows). ``mask_rows`` [R] (weights w_r, compute dtype)
-or ``mask`` [A, D, S] (element weights m_i, bool or compute dtype, possibly a broadcast view); at
-most one of them.
+and/or ``mask`` [A, D, S] (element weights m_i, bool or compute dtype, possibly a broadcast view); both
+together weight w_r m_i (a mean's 1 / sum(M) as row weights beside an element mask), without msum and dM.
 
 Target: Yt = Y, or with ``normalize_target`` Yt = (Y - mean_c Y) / sqrt(var_c Y + eps) per row
 (biased variance, as masked autoencoders do). With d = P - Yt, per element:
@@ -97,6 +97,8 @@ def masked_reconstruction_rows(
     """
     A, D, S = pred.shape
     R = A * S
+    if need_dm and mask_rows is not None and mask is not None:
+        raise ValueError("masked reconstruction: dM is not defined with both row weights and an element mask")
     cdt = compute_dtype(pred.dtype)
     P, Y = pred.to(cdt), target.to(cdt)
     if normalize_target:
@@ -132,7 +134,7 @@ def masked_reconstruction_rows(
         g_y = torch.where(keep, g_y, 0.0) if need_dy else None
 
     # outputs never alias one another (nor the inputs): distinct empties, raw cloned where shared
-    msum = m.sum(1).reshape(R) if (m is not None and not per_element) else pred.new_empty(0, dtype=cdt)
+    msum = m.sum(1).reshape(R) if (m is not None and w is None and not per_element) else pred.new_empty(0, dtype=cdt)
     loss_out = (out.to(pred.dtype) if per_element else out).contiguous()
     dp = g_p.to(pred.dtype).contiguous() if need_dp else pred.new_empty(0)
     dy = g_y.to(pred.dtype).contiguous() if need_dy else pred.new_empty(0)

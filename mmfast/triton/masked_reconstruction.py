@@ -65,6 +65,7 @@ def _masked_recon_kernel(
     p_ptr,
     y_ptr,
     m_ptr,
+    w_ptr,
     loss_ptr,
     msum_ptr,
     dp_ptr,
@@ -89,6 +90,7 @@ def _masked_recon_kernel(
     cos_eps,
     LOSS: tl.constexpr,
     MASK: tl.constexpr,  # 0 none, 1 rows, 2 float elements, 3 bool (uint8) elements
+    ROW_W: tl.constexpr,  # row weights at w_ptr beside an element mask
     NORMALIZE: tl.constexpr,
     PER_ELEMENT: tl.constexpr,
     NEED_DP: tl.constexpr,
@@ -114,6 +116,9 @@ def _masked_recon_kernel(
     Df = tl.cast(D, ACC)
     if MASK == 1:
         w = tl.load(m_ptr + r, mask=row_in, other=0.0).to(ACC)
+        keep = w != 0
+    elif ROW_W:
+        w = tl.load(w_ptr + r, mask=row_in, other=0.0).to(ACC)
         keep = w != 0
     else:
         w = tl.full([ROWS], 1.0, ACC)
@@ -260,7 +265,7 @@ def masked_reconstruction_rows(
     need_dm: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, msum, dP, dY, dM) for pred/target [A, D, S] (any strides); the reference's contract."""
-    kind, m, loss, msum, dp, dy, dm = _native.masked_reconstruction_outputs(
+    kind, m, rw, loss, msum, dp, dy, dm = _native.masked_reconstruction_outputs(
         pred, mask_rows, mask, per_element, need_dp, need_dy, need_dm
     )
     A, D, S = pred.shape
@@ -273,6 +278,7 @@ def masked_reconstruction_rows(
         pred,
         target,
         m if m is not None else pred,
+        rw if rw is not None else pred,
         loss,
         msum,
         dp,
@@ -288,6 +294,7 @@ def masked_reconstruction_rows(
         COSINE_EPS,
         LOSS=loss_kind,
         MASK=kind,
+        ROW_W=rw is not None,
         NORMALIZE=normalize_target,
         PER_ELEMENT=per_element,
         NEED_DP=dp.numel() > 0,

@@ -80,11 +80,14 @@ enum ReconMask : int32_t { kReconMaskNone = 0, kReconMaskRows = 1, kReconMaskFlo
 //   pred, target [A, D, S]        (dtype)
 //   mask         [R] contiguous compute type (kReconMaskRows) or [A, D, S] strided compute type /
 //                uint8 (kReconMaskFloat / kReconMaskBool); nullptr for kReconMaskNone
+//   row_weights  [R] contiguous compute type with an element mask (kReconMaskFloat / kReconMaskBool), or
+//                nullptr: row weights on top of it (a mean's 1 / sum(M) in every row); then msum and dm
+//                are nullptr
 // Yt = target, or (target - mean) / sqrt(var + eps) per row (normalize_target, biased variance).
-// Weights: w_r (row mask, else 1) and m_i (element mask, else 1). Outputs (contiguous):
+// Weights: w_r (row mask or row_weights, else 1) and m_i (element mask, else 1). Outputs (contiguous):
 //   loss   [R] compute type: sum_c w_r m_i e_i (cosine: w_r (1 - cos_r)); or, per_element,
 //          [A, D, S] dtype: w_r m_i e_i
-//   msum   [R] compute type: sum_c m_i (element masks, !per_element), or nullptr
+//   msum   [R] compute type: sum_c m_i (element masks without row_weights, !per_element), or nullptr
 //   dp, dy [A, D, S] dtype: d loss / d pred, d loss / d target (per row or per element), or nullptr
 //   dm     d loss / d weight, or nullptr: [R] compute type sum_c e_i (cosine: 1 - cos_r) for a row
 //          mask and !per_element; else [A, D, S] compute type e_i
@@ -98,6 +101,7 @@ struct MaskedReconParams {
   int64_t sy_a, sy_d, sy_s;
   const void* mask;
   int64_t sm_a, sm_d, sm_s;
+  const void* row_weights;   // with an element mask, or nullptr
   int32_t mask_kind;         // ReconMask
   int32_t loss;              // ReconLoss
   int32_t normalize_target;  // 0 / 1
