@@ -59,8 +59,12 @@ def _mean_weight_beside(mask: Tensor, numel: int, cdt: torch.dtype) -> Tensor:
     """1 / sum(M) for the "mean" under an element or channel mask ``mask`` broadcast to ``numel`` elements
     (the mask's own sum times how often broadcasting repeats it: no pass over the broadcast view), and 0 when
     sum(M) == 0: every row is then excluded (0 loss, zero gradients, not read)."""
-    # a bool mask is counted (count_nonzero: ~15x faster here than a sum in a floating dtype)
-    total = mask.count_nonzero().to(cdt) if mask.dtype == torch.bool else mask.sum(dtype=cdt)
+    # a bool mask on the CPU is counted (count_nonzero: ~15x faster there than a sum in a floating dtype); on a
+    # GPU the sum is one plain reduction kernel, capturable in a CUDA graph
+    if mask.dtype == torch.bool and mask.device.type == "cpu":
+        total = mask.count_nonzero().to(cdt)
+    else:
+        total = mask.sum(dtype=cdt)
     count = total * (numel // max(mask.numel(), 1))
     return torch.where(count > 0, 1.0 / torch.where(count > 0, count, torch.ones_like(count)), torch.zeros_like(count))
 

@@ -72,6 +72,7 @@ def test_training_step_in_cuda_graph(backend):
         )
         recon = (
             mmfast.masked_reconstruction_loss(feat, feat_teacher, row_mask, loss="smooth_l1")
+            + mmfast.masked_reconstruction_loss(feat, feat_teacher, feat_teacher > 0)  # element mask: prescaled mean
             + mmfast.masked_reconstruction_loss(channel_mask(xd), zd[0], loss="cosine", channel_dim=1,
                                                 mask=pixel_mask[:, None].float())
             + umt(x, labels, [feat, x], [feat_teacher, z[1]])
