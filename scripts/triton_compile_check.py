@@ -7,7 +7,8 @@ on CPU tensors over a set of cases that reaches every kernel and every code path
 (each mix and divergence, rows in one block, streamed, split across programs and packed, fp32 / bf16 / fp64),
 records the launches instead of running them, and compiles each distinct specialisation to a cubin with
 Triton's own toolchain for each target. It prints one row per specialisation and target: registers, spill
-stores and loads (ptxas -v on the PTX, as Triton's build runs it) and shared memory.
+stores and loads (ptxas -v on the PTX, as Triton's build runs it), shared memory, and the warps resident per SM
+that those allow (of 64: what a memory-bound kernel has to hide its latency with).
 
 Exit status: 0 when everything compiles without spills, 1 on a compile error, 2 when a kernel spills more than
 --max-spill bytes per thread (default 32: ptxas trades a few bytes of spill for one more program per SM on its
@@ -263,6 +264,21 @@ def compile_spec(spec: Spec, arch: int) -> dict:
                 smem=compiled.metadata.shared, seconds=time.perf_counter() - start)
 
 
+# per-SM limits of sm_80 and sm_90 (A100, H100/H200): registers, resident warps, resident blocks, shared memory
+SM_LIMITS = {80: (65536, 64, 32, 164 * 1024), 90: (65536, 64, 32, 228 * 1024)}
+
+
+def resident_warps(arch: int, regs: int, warps: int, smem: int) -> int:
+    """Warps of this kernel resident on one SM (the occupancy its registers, warps and shared memory allow;
+    registers are allocated per warp in units of 256)."""
+    reg_file, max_warps, max_blocks, max_smem = SM_LIMITS.get(arch, SM_LIMITS[90])
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    blocks = min(reg_file // (per_warp * warps), max_warps // warps, max_blocks)
+    if smem:
+        blocks = min(blocks, max_smem // smem)
+    return blocks * warps
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="80,90", help="comma-separated compute capabilities (default 80,90)")
@@ -292,20 +308,21 @@ def main() -> int:
         results = list(pool.map(compile_spec, *zip(*jobs, strict=True)))
 
     errors = spills = 0
-    print("| kernel specialisation | arch | regs | spill st/ld B | stack B | smem B |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| kernel specialisation | arch | regs | spill st/ld B | stack B | smem B | warps/SM |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for (spec, arch), res in zip(jobs, results, strict=True):
         if "error" in res:
             errors += 1
-            print(f"| {spec.label()} | sm_{arch} | compile error | | | |")
+            print(f"| {spec.label()} | sm_{arch} | compile error | | | | |")
             print(f"compile error in {spec.module}.{spec.kernel} (sm_{arch}):\n{res['error']}", file=sys.stderr)
             continue
         spilled = res["spill_stores"] > 0 or res["spill_loads"] > 0
         allowed = res["spill_stores"] <= args.max_spill or any(kind == "*fp64" for _, kind in spec.signature)
         spills += spilled and not allowed
         note = (" (tolerated)" if allowed else " SPILLS") if spilled else ""
+        warps = resident_warps(arch, res["regs"], dict(spec.options).get("num_warps", 4), res["smem"])
         print(f"| {spec.label()} | sm_{arch} | {res['regs']} | {res['spill_stores']}/{res['spill_loads']}{note}"
-              f" | {res['stack']} | {res['smem']} |")
+              f" | {res['stack']} | {res['smem']} | {warps} |")
     took = time.perf_counter() - start
     print(f"{len(jobs)} compiles in {took:.0f} s: {errors} errors, {spills} spilling more than tolerated")
     return 1 if errors else (2 if spills else 0)
