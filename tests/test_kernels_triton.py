@@ -216,6 +216,28 @@ def routed_chunks(B, C, S, K):
     return trk.split_rows_plan(B, C, S, block_c, DEV)[0]
 
 
+@pytest.mark.parametrize(
+    "B,C,K,split",
+    [(256, 8192, 4, False), (4096, 32768, 2, False), (256, 131072, 4, False), (132, 262144, 4, False),
+     (64, 262144, 4, True), (1, 262144, 2, True), (8, 100000, 1, True), (64, 1000, 4, False)],
+)
+def test_routed_split_policy_on_an_h100(monkeypatch, B, C, K, split):
+    """The launch plan on a 132-SM GPU (no GPU needed): the benchmark shapes keep the one-launch kernel; a
+    batch of fewer rows than SMs with rows longer than a block is cut into chunks of whole blocks that give
+    about 4 programs per SM (at least 2 after rounding up to blocks); rows that fit one block never split."""
+    monkeypatch.setattr(trk, "_sm_count", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    block_c = trk._launch_plan(B, C, 1, K, trk.ROW_TILES, trk.PIXEL_TILES, trk.PIXELS_PER_PROGRAM)[2]
+    n_split, chunk, split_p2, block = trk.split_rows_plan(B, C, 1, block_c, gpu)
+    assert (n_split > 1) == split
+    if split:
+        assert B * n_split >= 2 * 132 or n_split == trk.cdiv(C, block)  # chunks round up to whole blocks
+        assert chunk % block == 0 and (n_split - 1) * chunk < C <= n_split * chunk
+        assert split_p2 >= n_split and split_p2 & (split_p2 - 1) == 0
+    else:
+        assert (n_split, chunk) == (1, C)
+
+
 @pytest.mark.parametrize("programs", [64, 8], ids=["block-chunks", "multi-block-chunks"])
 @pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
 @pytest.mark.parametrize("mix", list(MIXES.values()), ids=list(MIXES))
