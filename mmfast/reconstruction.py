@@ -66,7 +66,7 @@ def _mean_weight_beside(mask: Tensor, numel: int, cdt: torch.dtype) -> Tensor:
     else:
         total = mask.sum(dtype=cdt)
     count = total * (numel // max(mask.numel(), 1))
-    return torch.where(count > 0, 1.0 / torch.where(count > 0, count, torch.ones_like(count)), torch.zeros_like(count))
+    return _safe_mean(torch.ones_like(count), count)
 
 
 def masked_reconstruction_loss(
