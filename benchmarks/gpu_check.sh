@@ -5,14 +5,19 @@
 #
 #   OUT=/path/to/results bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Writes only under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt, cli.json,
-# cli.md (the bench tables) and cli.png (step times split into forward and backward, peak memory); with
-# GPU_CHECK_STEPS=...,ptxas,bench,report also ptxas.txt, bench.json (pytest-benchmark) and bench.md
-# (benchmarks/report.py). A failed step is recorded
-# and the later steps still run; every step has a timeout, cut to what is left of the script's budget
-# ($GPU_CHECK_BUDGET_S, default 560 s: a 15-minute lease less the machine's start; give the run tool
-# timeout_s 600). Tests and benchmarks run from an empty temporary folder, so that the repository's
-# ./mmfast does not shadow the installed build (if the build fails they run on the source tree).
+# Order (the numbers the issues' GPU targets need come first): the build runs in the background while the
+# bench times the default GPU backend, Triton, from the source tree (it needs no build: providers eager,
+# compile, mmfast-triton, exp-floor, copy); then the installed build's tests, then the CUDA backend's bench
+# (mmfast-cuda against compile and copy, again side by side).
+# Writes at most 8 files under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt,
+# cli.json, cli.md (the Triton bench tables), cli.png (step times split into forward and backward, peak
+# memory), cli_cuda.json, cli_cuda.md; the optional steps (GPU_CHECK_STEPS=...,ptxas,sweep,tiles,bench,report)
+# add ptxas.txt, sweep*.json/png, tiles.md/json, bench.json/md (pick so that at most 8 come back). A failed
+# step is recorded and the later steps still run; every step has a timeout, cut to what is left of the
+# script's budget ($GPU_CHECK_BUDGET_S, default 560 s: a 15-minute lease less the machine's start; give the
+# run tool timeout_s 600). Tests and benchmarks run from an empty temporary folder, so that the repository's
+# ./mmfast does not shadow the installed build (the Triton bench, and everything when the build fails, put
+# the source tree on PYTHONPATH instead).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,7 +32,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
 # default: no pytest-benchmark pass (bench,report: the same cases as the CLI, twice the time); ptxas: CI prints it;
 # sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, mutual KD over C = 10..32k, ~3 min);
 # tiles: benchmarks/triton_tiles.py (launch-tuning sweep of the Triton softmax kernels, tiles.md / tiles.json)
-STEPS=",${GPU_CHECK_STEPS:-env,build,import,tests,cli,climd},"
+STEPS=",${GPU_CHECK_STEPS:-env,build,cli,import,tests,clicuda,climd},"
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
 # only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
 TESTS_K=${GPU_CHECK_TESTS_K-cuda or triton or gpu}
@@ -91,12 +96,67 @@ run_step env 60 "$OUT/env.txt" "
   $PY -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pybind11|scikit-build-core|cmake|ninja|pytest|pytest-benchmark|hypothesis|numpy|tqdm) '
 "
 
-# (b) build and install with the CUDA kernels, short: sm_90 only, and the CPU kernels (not what is measured
-# here) for the baseline ISA only
-if run_step build 300 "$LOG" "
-  cd '$REPO' && MMFAST_WITH_CUDA=ON $PY -m pip install --no-build-isolation --no-deps --no-index -v \
-    -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C cmake.define.MMFAST_CPU_ISA_CLONES=OFF .
-"; then
+# (b) build and install with the CUDA kernels, in the background (into build.log, appended to gpu_check.log when
+# it ends): sm_90 only, and the CPU kernels (not what is measured here) for the baseline ISA only
+BUILD_CAP=${GPU_CHECK_BUILD_CAP:-300}
+BUILD_PID=
+BUILD_T0=$SECONDS
+BUILD_LOG=$RUN_DIR/build.log
+if [[ $STEPS == *",build,"* ]]; then
+  log "=== build $(date -u +%H:%M:%S) (background, timeout ${BUILD_CAP}s, output: gpu_check.log when it ends)"
+  (
+    cd "$REPO" && MMFAST_WITH_CUDA=ON timeout -k 10 "$BUILD_CAP" $PY -m pip install --no-build-isolation --no-deps \
+      --no-index -v -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 -C cmake.define.MMFAST_CPU_ISA_CLONES=OFF . \
+      >"$BUILD_LOG" 2>&1
+    echo $? >"$RUN_DIR/build.rc"
+  ) &
+  BUILD_PID=$!
+else
+  SUMMARY+=("$(printf '%-7s not selected (GPU_CHECK_STEPS)' build)")
+fi
+
+# bench_suites NAME CAP JSON PROVIDERS...: `python -m mmfast bench`, one process per suite (GPU_CHECK_CLI_SUITES,
+# in that order), all appending to JSON, so that a device fault in one suite (the bench stops at a lost CUDA
+# context) does not cost the others; GPU_CHECK_CLI_ARGS: more bench arguments (e.g. --case TEXT)
+CLI_SUITES=${GPU_CHECK_CLI_SUITES:-routed_kd fdistill uni_instruct masked_reconstruction mutual_kd}
+bench_suites() {
+  local name=$1 cap=$2 json=$3 env=$4
+  shift 4
+  local providers="" p
+  for p in "$@"; do providers+=" --provider $p"; done
+  run_step "$name" "$cap" "$LOG" "
+    cd $RUN_DIR && rc=0 && for suite in $CLI_SUITES; do
+      $env $PY -m mmfast bench --suite \$suite $providers ${GPU_CHECK_CLI_ARGS:-} --json $json --append || rc=1
+    done; exit \$rc"
+}
+
+# (c) the Triton bench, from the source tree while the build runs (CUDA-graph replays time the device, so the
+# build's load on the host CPUs does not enter the numbers; it only slows torch.compile's warm-up)
+# GPU_CHECK_CLI_PROVIDERS / GPU_CHECK_CLICUDA_PROVIDERS: other providers for either bench
+# (each list is split on spaces)
+bench_suites cli "${GPU_CHECK_CLI_CAP:-270}" "$OUT/cli.json" "PYTHONPATH=$REPO" \
+  ${GPU_CHECK_CLI_PROVIDERS:-eager compile mmfast-triton exp-floor copy}
+
+# (d) the build's end
+BUILD_OK=0
+if [[ -n $BUILD_PID ]]; then
+  left=$((BUILD_CAP + 15 - (SECONDS - BUILD_T0)))
+  log "=== build: waiting (at most ${left}s more)"
+  wait "$BUILD_PID"
+  cat "$BUILD_LOG" >>"$LOG"
+  rc=$(cat "$RUN_DIR/build.rc" 2>/dev/null || echo 1)
+  if ((rc == 0)); then
+    status=ok
+    BUILD_OK=1
+  elif ((rc == 124 || rc == 137)); then
+    status="TIMEOUT after ${BUILD_CAP}s"
+  else
+    status="FAILED rc=$rc"
+  fi
+  log "=== build: $status ($((SECONDS - BUILD_T0)) s since its start)"
+  SUMMARY+=("$(printf '%-7s %-22s %4d s  %s' build "$status" "$((SECONDS - BUILD_T0))" gpu_check.log)")
+fi
+if ((BUILD_OK)); then
   run_step import 60 "$LOG" "
     cd $RUN_DIR && $PY -c '
 import json, mmfast, mmfast._C
@@ -106,34 +166,34 @@ print(json.dumps(mmfast.backend_info(), indent=1))
 '"
 else
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-  log "=== build failed: tests and benchmarks use the source tree (no mmfast._C: torch and triton backends only)"
+  log "=== no build: tests and benchmarks use the source tree (no mmfast._C: torch and triton backends only)"
 fi
 
-# (c) ptxas resource report of the CUDA kernels
+# (e) ptxas resource report of the CUDA kernels (optional: CI prints it)
 if [[ -f $REPO/csrc/cuda/compile_check.sh ]]; then
   run_step ptxas 120 "$OUT/ptxas.txt" "cd '$REPO' && bash csrc/cuda/compile_check.sh"
-else
-  echo "csrc/cuda/compile_check.sh is absent: skipped" >"$OUT/ptxas.txt"
-  SUMMARY+=("$(printf '%-7s SKIPPED (csrc/cuda/compile_check.sh absent)' ptxas)")
 fi
 
-# (d) tests (GPU tests are selected automatically when CUDA is present)
+# (f) tests (GPU tests are selected automatically when CUDA is present)
 run_step tests "${GPU_CHECK_TESTS_CAP:-200}" "$OUT/tests.txt" "cd $RUN_DIR && $PYTEST --maxfail=50 $PYTEST_ARGS ${TESTS_K:+-k '$TESTS_K'} $TESTS"
 
-# (e) the command-line comparison table: one process per suite (GPU_CHECK_CLI_SUITES, in that order), all
-# appending to cli.json, so that a device fault in one suite (the bench stops at a lost CUDA context) does not
-# cost the others; GPU_CHECK_CLI_ARGS: more bench arguments (e.g. --case TEXT); cap GPU_CHECK_CLI_CAP
-CLI_SUITES=${GPU_CHECK_CLI_SUITES:-routed_kd fdistill uni_instruct masked_reconstruction mutual_kd}
-run_step cli "${GPU_CHECK_CLI_CAP:-300}" "$LOG" "
-  cd $RUN_DIR && rc=0 && for suite in $CLI_SUITES; do
-    $PY -m mmfast bench --suite \$suite ${GPU_CHECK_CLI_ARGS:-} --json $OUT/cli.json --append || rc=1
-  done; exit \$rc"
-# the table of whatever was measured, even when the budget cut the run
+# (g) the CUDA backend's bench (the installed build only), against compile and copy measured again beside it
+if ((BUILD_OK)); then
+  bench_suites clicuda "${GPU_CHECK_CLICUDA_CAP:-240}" "$OUT/cli_cuda.json" "" \
+    ${GPU_CHECK_CLICUDA_PROVIDERS:-compile mmfast-cuda copy}
+else
+  SUMMARY+=("$(printf '%-7s SKIPPED (no build)' clicuda)")
+fi
+
+# the tables of whatever was measured, even when the budget cut a run
 if [[ -s $OUT/cli.json ]]; then
   run_step climd 60 "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/report.py $OUT/cli.json -o $OUT/cli.md --plot $OUT/cli.png"
 fi
+if [[ -s $OUT/cli_cuda.json ]]; then
+  run_step climd 60 "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/report.py $OUT/cli_cuda.json -o $OUT/cli_cuda.md"
+fi
 
-# (f) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional
+# (h) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional
 # step "sweep"
 run_step sweep "${GPU_CHECK_SWEEP_CAP:-180}" "$LOG" "
   cd $RUN_DIR && $PY $REPO/benchmarks/class_sweep.py --json $OUT/sweep.json --plot $OUT/sweep.png &&
@@ -141,13 +201,13 @@ run_step sweep "${GPU_CHECK_SWEEP_CAP:-180}" "$LOG" "
     --json $OUT/sweep-mutual.json --plot $OUT/sweep-mutual.png
 "
 
-# (g) launch tuning of the Triton routed- and mutual-KD kernels: candidate ROW_TILES per shape, fp32 and bf16
+# (i) launch tuning of the Triton routed- and mutual-KD kernels: candidate ROW_TILES per shape, fp32 and bf16
 # (optional step "tiles", ~3 min; GPU_CHECK_TILES_ARGS=--quick for two shapes)
 run_step tiles "${GPU_CHECK_TILES_CAP:-240}" "$OUT/tiles.md" "
   cd $RUN_DIR && $PY $REPO/benchmarks/triton_tiles.py ${GPU_CHECK_TILES_ARGS:-} --json $OUT/tiles.json
 "
 
-# (h) benchmarks -> bench.json -> bench.md
+# (j) benchmarks -> bench.json -> bench.md
 run_step bench 300 "$LOG" "
   cd $RUN_DIR && $PYTEST $REPO/benchmarks --benchmark-only --benchmark-json=$OUT/bench.json \
     --benchmark-max-time=0.25 --benchmark-min-rounds=10

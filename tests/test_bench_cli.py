@@ -408,3 +408,30 @@ def test_graph_step_keeps_its_inputs_alive(monkeypatch):
     del step
     gc.collect()
     assert inputs_ref() is None
+
+
+def test_gpu_check_script_runs_its_steps_in_order_and_keeps_going(tmp_path):
+    """benchmarks/gpu_check.sh, as far as a CPU machine can run it: the bench step runs one process per suite
+    with the providers asked for, a suite that fails (here: no --quick case) does not cost the others' results,
+    the tables are drawn from what was measured, the CUDA bench is skipped without a build, the summary names
+    every step, and only the files it documents come back under $OUT."""
+    out = tmp_path / "out"
+    env = dict(
+        os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_STEPS="env,cli,climd",
+        GPU_CHECK_CLI_SUITES="mutual_kd routed_kd", GPU_CHECK_CLI_ARGS="--quick --device cpu --no-forward",
+        GPU_CHECK_CLI_PROVIDERS="eager mmfast-torch", GPU_CHECK_BUDGET_S="240",
+    )
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = proc.stdout[proc.stdout.index("=== summary"):]
+    steps = [line.split()[0] for line in summary.splitlines()[1:] if line and not line.startswith("tests:")]
+    assert steps == ["env", "build", "cli", "ptxas", "tests", "clicuda", "climd", "sweep", "tiles", "bench"], summary
+    assert re.search(r"^cli +FAILED rc=1", summary, re.M), summary  # mutual_kd has no --quick case
+    assert re.search(r"^climd +ok", summary, re.M) and re.search(r"^clicuda +SKIPPED \(no build\)", summary, re.M)
+    assert sorted(p.name for p in out.iterdir()) == ["cli.json", "cli.md", "cli.png", "env.txt", "gpu_check.log"]
+    doc = json.loads((out / "cli.json").read_text())
+    assert sorted(b["extra_info"]["provider"] for b in doc["benchmarks"]) == ["eager", "mmfast-torch"]
+    assert "routed" in (out / "cli.md").read_text()
+    log = (out / "gpu_check.log").read_text()
+    assert "--provider eager --provider mmfast-torch" in log and "no benchmark matches" in log
