@@ -53,7 +53,8 @@ SUMMARY=()
 log() { echo "$*" | tee -a "$LOG"; }
 
 # run_step NAME CAP_S OUTFILE COMMAND: run COMMAND (bash) with a timeout of min(CAP_S, budget left),
-# append its output to OUTFILE, record the outcome; returns COMMAND's status.
+# append its output to OUTFILE, record the outcome; returns COMMAND's status. At the timeout the command gets
+# $STEP_SIGNAL (default TERM; INT lets pytest print what failed so far), and KILL 15 s later.
 run_step() {
   local name=$1 cap=$2 out=$3 cmd=$4
   if [[ $STEPS != *",$name,"* ]]; then
@@ -69,7 +70,7 @@ run_step() {
   fi
   log "=== $name $(date -u +%H:%M:%S) (timeout ${limit}s, output: $(basename "$out")): $cmd"
   local t0=$SECONDS rc status
-  timeout -k 10 "$limit" bash -o pipefail -c "$cmd" >>"$out" 2>&1
+  timeout -s "${STEP_SIGNAL:-TERM}" -k 15 "$limit" bash -o pipefail -c "$cmd" >>"$out" 2>&1
   rc=$?
   if ((rc == 124 || rc == 137)); then
     status="TIMEOUT after ${limit}s"
@@ -83,7 +84,7 @@ run_step() {
   return "$rc"
 }
 
-PYTEST="$PY -m pytest -q -p no:cacheprovider --rootdir=$REPO -c $REPO/pyproject.toml"
+PYTEST="$PY -m pytest -p no:cacheprovider --rootdir=$REPO -c $REPO/pyproject.toml"
 
 # (a) environment
 run_step env 60 "$OUT/env.txt" "
@@ -174,8 +175,10 @@ if [[ -f $REPO/csrc/cuda/compile_check.sh ]]; then
   run_step ptxas 120 "$OUT/ptxas.txt" "cd '$REPO' && bash csrc/cuda/compile_check.sh"
 fi
 
-# (f) tests (GPU tests are selected automatically when CUDA is present)
-run_step tests "${GPU_CHECK_TESTS_CAP:-200}" "$OUT/tests.txt" "cd $RUN_DIR && $PYTEST --maxfail=50 $PYTEST_ARGS ${TESTS_K:+-k '$TESTS_K'} $TESTS"
+# (f) tests (GPU tests are selected automatically when CUDA is present): each test's outcome on its own line as
+# it ends, and at the timeout an interrupt, so that pytest still lists the failures (with tracebacks) so far
+STEP_SIGNAL=INT run_step tests "${GPU_CHECK_TESTS_CAP:-200}" "$OUT/tests.txt" \
+  "cd $RUN_DIR && $PYTEST -v -rfE --maxfail=50 $PYTEST_ARGS ${TESTS_K:+-k '$TESTS_K'} $TESTS"
 
 # (g) the CUDA backend's bench (the installed build only), against compile and copy measured again beside it
 if ((BUILD_OK)); then
@@ -209,7 +212,7 @@ run_step tiles "${GPU_CHECK_TILES_CAP:-240}" "$OUT/tiles.md" "
 
 # (j) benchmarks -> bench.json -> bench.md
 run_step bench 300 "$LOG" "
-  cd $RUN_DIR && $PYTEST $REPO/benchmarks --benchmark-only --benchmark-json=$OUT/bench.json \
+  cd $RUN_DIR && $PYTEST -q $REPO/benchmarks --benchmark-only --benchmark-json=$OUT/bench.json \
     --benchmark-max-time=0.25 --benchmark-min-rounds=10
 "
 if [[ -s $OUT/bench.json ]]; then
@@ -219,6 +222,6 @@ fi
 log ""
 log "=== summary ($SECONDS s of ${BUDGET_S} s; files in $OUT)"
 for line in "${SUMMARY[@]}"; do log "$line"; done
-[[ -s $OUT/tests.txt ]] && log "tests: $(grep -E '(passed|failed|error)' "$OUT/tests.txt" | tail -n 1)"
+[[ -s $OUT/tests.txt ]] && log "tests: $(grep -E '^=+ .*(passed|failed|error)' "$OUT/tests.txt" | tail -n 1)"
 [[ -s $OUT/bench.md ]] && log "bench: $(grep '^| ' "$OUT/bench.md" | grep -vc '^| provider') timed rows in bench.md"
 exit 0
