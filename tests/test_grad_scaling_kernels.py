@@ -89,18 +89,48 @@ def test_one_value_of_an_expanded_scalar():
     assert _grad_scaling._one_value(torch.ones(0)) is None
 
 
-def test_expanded_scalar_is_passed_as_one_value_per_row(monkeypatch):
-    """The kernel gets the one value ([1], no copy to the factor's size) and the layout keeps a program per
-    (repeat, row) pair, so the grid stays within its limits wherever the factor's own layout does."""
+def test_expanded_scalar_is_passed_as_one_value_over_the_flat_gradient(monkeypatch):
+    """The kernel gets the one value ([1], no copy to the factor's size) and the gradient as one long row, whatever
+    its row length (short rows too: C = 10 logits); past the grid's limit of blocks per row, rows of one block
+    and the rest; a factor of several values keeps the factor's own layout."""
     from mmfast.triton import grad_scaling
 
     seen = []
     monkeypatch.setattr(grad_scaling, "scale_unless_one_",
-                        lambda grad, flat, layout: seen.append((tuple(flat.shape), layout)) or True)
+                        lambda grad, flat, layout: seen.append((grad.data_ptr(), tuple(flat.shape), layout)) or True)
     grad = torch.zeros(2, 3, 70, 4)
+    base = grad.data_ptr()
     assert _grad_scaling._scale_unless_one_("triton", grad, torch.tensor(1.0).expand(1, 3, 1, 4))
     assert _grad_scaling._scale_unless_one_("triton", grad, torch.rand(1, 3, 1, 4))
-    assert seen == [((1,), (6, 1, 280, 1)), ((12,), (2, 3, 70, 4))]
+    small = torch.zeros(50, 10)
+    assert _grad_scaling._scale_unless_one_("triton", small, torch.tensor(0.5).expand(50, 1))
+    assert not _grad_scaling._scale_unless_one_("triton", small, torch.rand(50, 1))  # D < 64: torch multiplies
+    assert seen == [
+        (base, (1,), (1, 1, 1680, 1)), (base, (12,), (2, 3, 70, 4)), (small.data_ptr(), (1,), (1, 1, 500, 1)),
+    ]
+    seen.clear()
+    monkeypatch.setattr(_grad_scaling, "_MAX_BLOCKS_PER_ROW", 2)
+    long = torch.zeros(3 * 4096 + 100)
+    assert _grad_scaling._scale_unless_one_("triton", long, torch.tensor(1.0).expand(1))
+    assert seen == [(long.data_ptr(), (1,), (3, 1, 4096, 1)), (long[3 * 4096:].data_ptr(), (1,), (1, 1, 100, 1))]
+    seen.clear()
+    assert _grad_scaling._scale_unless_one_("triton", long[: 2 * 4096], torch.tensor(1.0).expand(1))
+    assert seen == [(long.data_ptr(), (1,), (1, 1, 2 * 4096, 1))]  # within the limit: one launch
+
+
+@pytest.mark.parametrize("backend,device,dtype", KERNELS)
+@pytest.mark.parametrize("value", [1.0, 0.5, float("nan")])
+def test_scale_by_one_value_in_pieces(backend, device, dtype, value, monkeypatch):
+    """Past the grid's limit of blocks per row (lowered here), the flat gradient is scaled in rows of one block
+    and a shorter rest, every element once; rows shorter than 64 elements take the kernel too."""
+    monkeypatch.setattr(_grad_scaling, "_MAX_BLOCKS_PER_ROW", 2)
+    g = torch.Generator().manual_seed(5)
+    for grad_shape, factor_shape in (((3, 4096 + 37), (3, 1)), ((2049, 6), (2049, 1))):
+        grad = torch.randn(grad_shape, generator=g).to(device, dtype)
+        factor = torch.tensor(value, device=device).expand(factor_shape)
+        expected = (grad.float() * factor).to(dtype)
+        assert _grad_scaling._scale_unless_one_(backend, grad, factor)
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend,device,dtype", KERNELS)

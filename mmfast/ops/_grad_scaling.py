@@ -91,26 +91,49 @@ def _one_value(factor: Tensor) -> Tensor | None:
     return factor.as_strided((1,), (1,))
 
 
+# both kernels: elements of a row per program (BLOCK in mmfast/triton/grad_scaling.py, kScaleBlock in
+# csrc/cuda/grad_scaling.cu), and programs per row at most (the CUDA grid's y limit)
+_KERNEL_BLOCK = 4096
+_MAX_BLOCKS_PER_ROW = 65535
+
+
+def _one_value_pieces(numel: int) -> list[tuple[int, int, tuple[int, int, int, int]]]:
+    """(start, stop, layout) pieces of a flat gradient of ``numel`` elements scaled by one value: one long row
+    when the grid allows it (one launch), else rows of one kernel block each, then the rest as one short row."""
+    if -(-numel // _KERNEL_BLOCK) <= _MAX_BLOCKS_PER_ROW:
+        return [(0, numel, (1, 1, numel, 1))]
+    bulk = numel // _KERNEL_BLOCK * _KERNEL_BLOCK
+    pieces = [(0, bulk, (bulk // _KERNEL_BLOCK, 1, _KERNEL_BLOCK, 1))]
+    return pieces + ([(bulk, numel, (1, 1, numel - bulk, 1))] if numel > bulk else [])
+
+
 def _scale_unless_one_(backend: str, grad: Tensor, factor: Tensor) -> bool:
     """grad *= factor in place with the ``backend``'s kernel that skips blocks of unit factors; False (nothing
-    done) where the kernel does not take the layout. A factor that is one value broadcast (an expanded scalar)
-    is read as that value by every (repeat, row) pair, without first copying it out to the factor's size."""
-    layout = kernel_layout(grad, factor)
-    if layout is None:
-        return False
-    repeat, rows, D, Q = layout
+    done) where the kernel does not take the layout.
+
+    A factor that is one value broadcast (an expanded scalar: autograd's gradient of a sum or mean) is read as
+    that value, without first copying it out to the factor's size, over the gradient taken flat: any row
+    length, any size (:func:`_one_value_pieces`)."""
     one = _one_value(factor)
-    if one is not None:
-        layout, flat = (repeat * rows, 1, D * Q, 1), one.to(torch.float32)
+    if one is not None and torch.broadcast_shapes(grad.shape, factor.shape) == grad.shape:
+        if torch.float64 in (grad.dtype, factor.dtype) or not grad.is_contiguous() or grad.numel() == 0:
+            return False
+        flat = grad.view(-1)
+        pieces = [(flat[start:stop], layout) for start, stop, layout in _one_value_pieces(grad.numel())]
+        value = one.to(torch.float32)
     else:
-        flat = factor.reshape(rows * Q).to(torch.float32).contiguous()
+        layout = kernel_layout(grad, factor)
+        if layout is None:
+            return False
+        _, rows, _, Q = layout
+        pieces, value = [(grad, layout)], factor.reshape(rows * Q).to(torch.float32).contiguous()
     if backend == "triton":
-        from mmfast.triton.grad_scaling import scale_unless_one_
-
-        return scale_unless_one_(grad, flat, layout)
-    from mmfast import _native
-
-    return _native.scale_unless_one_cuda(grad, flat, layout)
+        from mmfast.triton.grad_scaling import scale_unless_one_ as scale_piece
+    else:
+        from mmfast._native import scale_unless_one_cuda as scale_piece
+    # every piece after the first is one row shorter than a block: the kernels refuse none but the first, so
+    # False never comes after a piece was scaled
+    return all(scale_piece(piece, value, layout) for piece, layout in pieces)
 
 
 def scale_(grad: Tensor, factor: Tensor) -> Tensor:
