@@ -406,8 +406,9 @@ def fdistill_rows(
     loss = torch.empty(B, dtype=cdt, device=x.device)
     dx = torch.empty(B, D, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
     if B > 0:
-        ws = _score_workspace(x, kernel)
-        _run(kernel, "fdistill", fdistill_params(x, a, b, _per_sample(h, cdt), scale, loss, dx, ws), x.device)
+        # every tensor whose address the params hold stays referenced here until the launch is enqueued
+        ws, h_c = _score_workspace(x, kernel), _per_sample(h, cdt)
+        _run(kernel, "fdistill", fdistill_params(x, a, b, h_c, scale, loss, dx, ws), x.device)
     return loss, dx
 
 
@@ -453,11 +454,10 @@ def uni_instruct_rows(
 
     dx, da, db = grad(need_dx), grad(need_da), grad(need_db)
     if B > 0:
+        # every tensor whose address the params hold stays referenced here until the launch is enqueued
         norm = None if di_norm is None or not di else _per_sample(di_norm, cdt).reshape(1)
-        params = uni_instruct_params(
-            x, a, b, _per_sample(coef, cdt), norm, alpha, scale, fgm, di, loss, dx, da, db,
-            _score_workspace(x, kernel),
-        )
+        coef_c, ws = _per_sample(coef, cdt), _score_workspace(x, kernel)
+        params = uni_instruct_params(x, a, b, coef_c, norm, alpha, scale, fgm, di, loss, dx, da, db, ws)
         _run(kernel, "uni_instruct", params, x.device)
     return loss, dx, da, db
 
@@ -485,6 +485,7 @@ def fake_score_rows(
     loss = torch.empty(B, dtype=cdt, device=b.device)
     db = torch.empty(B, D, dtype=b.dtype, device=b.device) if need_db else b.new_empty(0)
     if B > 0:
-        ws = _score_workspace(b, kernel)
-        _run(kernel, "fake_score", fake_score_params(b, x, _per_sample(lam, cdt), scale, loss, db, ws), b.device)
+        # every tensor whose address the params hold stays referenced here until the launch is enqueued
+        ws, lam_c = _score_workspace(b, kernel), _per_sample(lam, cdt)
+        _run(kernel, "fake_score", fake_score_params(b, x, lam_c, scale, loss, db, ws), b.device)
     return loss, db

@@ -35,12 +35,27 @@ def interpreted(name: str) -> bool:
     return name == "triton" and backend_device(name) == "cpu"
 
 
+def cuda_emulated() -> bool:
+    """True when the cuda backend's tests run its kernels on CPU tensors over the CUDA emulation
+    (tests/cuda_emu.py): no GPU here, and the emulation can be built."""
+    import cuda_emu
+
+    return not torch.cuda.is_available() and cuda_emu.unavailable_reason() is None
+
+
 def backend_params(names=("torch", *KERNEL_BACKENDS), dtypes=None) -> list:
     """pytest params (backend, device, dtype) for every backend in ``names`` and each of its
-    ``dtypes[name]`` (default float32); an unavailable backend is skipped with backend_info's reason."""
+    ``dtypes[name]`` (default float32); an unavailable backend is skipped with backend_info's reason.
+    Without a GPU the cuda backend runs on CPU tensors over the CUDA emulation (marker ``cuda_emu``, id
+    ``cuda_emu-<dtype>``; conftest.py switches it on for the test) where it can be built."""
     params = []
     for name in names:
         device = backend_device(name)
+        if name == "cuda" and cuda_emulated():
+            for dtype in (dtypes or {}).get(name, (torch.float32,)):
+                params.append(pytest.param(name, "cpu", dtype, marks=pytest.mark.cuda_emu,
+                                           id=f"cuda_emu-{str(dtype)[6:]}"))
+            continue
         reason = mmfast.backend_info(device)["unavailable_reasons"].get(name)
         marks = []
         if reason is not None:

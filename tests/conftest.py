@@ -6,6 +6,7 @@ switched on before Triton is first imported: that is done here, before any test 
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -24,3 +25,13 @@ settings.register_profile(
     "nightly", max_examples=max(500, int(os.environ.get("MMFAST_FUZZ_EXAMPLES", "500"))), **_fuzz
 )
 settings.load_profile(os.environ.get("MMFAST_FUZZ_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request, monkeypatch):
+    """Tests marked ``cuda_emu`` (the cuda backend's params without a GPU: _utils.backend_params) run the CUDA
+    kernels on CPU tensors over the emulation (tests/cuda_emu.py)."""
+    if request.node.get_closest_marker("cuda_emu") is not None:
+        import cuda_emu
+
+        cuda_emu.emulate_cuda_backend(monkeypatch)

@@ -1,9 +1,10 @@
 """The hand-written CUDA kernels (csrc/cuda) against the reference.
 
-Runs only where a CUDA device is present and ``mmfast._C`` was built with ``MMFAST_WITH_CUDA=ON``.
-Each output is compared to a float64 ground truth (the reference evaluated in float64 on the same
-inputs): the kernel's error must be no worse than the reference's own error at the input dtype plus
-a small tolerance, and NaN / inf entries must match exactly.
+On a GPU with ``mmfast._C`` built with ``MMFAST_WITH_CUDA=ON`` the kernels run on the device; without a GPU
+they run on CPU tensors over the CPU emulation of the CUDA runtime (tests/cuda_emu.py: every thread a fiber,
+barriers and warp shuffles as on the device). Each output is compared to a float64 ground truth (the reference
+evaluated in float64 on the same inputs): the kernel's error must be no worse than the reference's own error
+at the input dtype plus a small tolerance, and NaN / inf entries must match exactly.
 """
 
 from __future__ import annotations
@@ -11,22 +12,31 @@ from __future__ import annotations
 import itertools
 import math
 
+import cuda_emu
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA device", allow_module_level=True)
+from mmfast import _native
+from mmfast.reference import mutual_kd as ref_mutual
+from mmfast.reference import routed_kd as ref_routed
 
-from mmfast import _native  # noqa: E402
-from mmfast.reference import mutual_kd as ref_mutual  # noqa: E402
-from mmfast.reference import routed_kd as ref_routed  # noqa: E402
-
-if _native.load() is None or not getattr(_native.load(), "with_cuda", False):
+EMULATED = not torch.cuda.is_available()
+if not EMULATED and (_native.load() is None or not getattr(_native.load(), "with_cuda", False)):
     pytest.skip(
         "mmfast._C was built without the CUDA kernels (MMFAST_WITH_CUDA=OFF)", allow_module_level=True
     )
+if EMULATED and cuda_emu.unavailable_reason() is not None:
+    pytest.skip(f"no GPU, and no CUDA emulation: {cuda_emu.unavailable_reason()}", allow_module_level=True)
 
-DEVICE = torch.device("cuda")
+DEVICE = torch.device("cpu" if EMULATED else "cuda")
+
+
+@pytest.fixture(autouse=True)
+def _cuda_backend(monkeypatch):
+    """Without a GPU, mmfast._native's "cuda" launches run on the emulation."""
+    if EMULATED:
+        cuda_emu.emulate_cuda_backend(monkeypatch)
+
 
 # (rtol relative to the largest |truth| of the output, atol) on top of the reference's error
 TOLERANCES = {torch.float32: (1e-4, 1e-6), torch.bfloat16: (8e-3, 1e-5), torch.float16: (1e-3, 1e-5)}
@@ -252,6 +262,7 @@ def test_float64_is_refused():
         _native.routed_kd_rows("cuda", x, z, w, None, None, 1.0, 0, 0, 0.5, 1.0, True, False, False)
 
 
+@pytest.mark.skipif(EMULATED, reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture():
     """One launch per call, no host synchronisation: the kernel replays inside a CUDA graph."""
     g = torch.Generator().manual_seed(0)

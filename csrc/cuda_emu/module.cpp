@@ -1,0 +1,19 @@
+// The CUDA kernels' bindings (csrc/cuda/bindings.cpp) over the CPU emulation, as the module
+// `_cuda_emu` that tests/cuda_emu.py builds: the same functions `mmfast._C` has when built with CUDA, taking
+// the parameter structs that `mmfast._C` binds (import mmfast._C first) and host pointers.
+#include <pybind11/pybind11.h>
+
+#include "cuda_emu.h"
+
+namespace py = pybind11;
+
+namespace mmfast {
+void bind_cuda(py::module_& m);
+}  // namespace mmfast
+
+PYBIND11_MODULE(_cuda_emu, m) {
+  m.doc() = "mmfast's CUDA kernels run on the CPU by an emulation of the CUDA runtime (tests only)";
+  mmfast::bind_cuda(m);
+  m.def("set_sm_count", &mmfast_emu::set_sm_count, py::arg("sms"),
+        "the SM count that the launchers' cudaDeviceGetAttribute reads (default 132)");
+}

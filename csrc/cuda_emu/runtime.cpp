@@ -1,0 +1,259 @@
+// The fiber scheduler behind cuda_emu.h: a block's threads are ucontext fibers on the calling host thread.
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <stdexcept>
+#include <vector>
+
+#include "cuda_emu.h"
+
+uint3 threadIdx{0, 0, 0};
+uint3 blockIdx{0, 0, 0};
+dim3 blockDim{1, 1, 1};
+dim3 gridDim{1, 1, 1};
+
+namespace mmfast_emu {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxThreads = 1024;
+constexpr unsigned kMaxGridYZ = 65535;
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
+
+enum State { kRunnable, kWaiting, kDone };
+
+// A barrier over a set of fibers: `arrived` of `live` have arrived in the current phase; OR of predicates.
+struct Barrier {
+  int live = 0, arrived = 0;
+  int acc = 0, result = 0;
+};
+
+struct Fiber {
+  ucontext_t ctx;
+  State state = kRunnable;
+  Barrier* waiting_on = nullptr;
+};
+
+struct Block {
+  int nt = 0;
+  std::vector<Fiber> fibers;
+  Barrier block;
+  std::vector<Barrier> warps;
+  std::vector<uint64_t> lanes;  // a shuffle's value of each thread
+  int current = -1;
+  int done = 0;
+  bool stuck = false;
+};
+
+cudaError_t g_last_error = cudaSuccess;
+int g_sm_count = 132;
+std::map<const void*, size_t> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
+ucontext_t g_scheduler;
+Block* g_block = nullptr;
+unsigned char* g_smem = nullptr;
+void (*g_body)(void*) = nullptr;
+void* g_arg = nullptr;
+
+// fiber stacks, reused by every launch, each below a guard page
+char* g_stacks = nullptr;
+int g_stack_count = 0;
+size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+size_t stack_stride() { return kStackBytes + page_size(); }
+
+char* stack_of(int t) {
+  if (t >= g_stack_count) {
+    if (g_stacks != nullptr) munmap(g_stacks, stack_stride() * g_stack_count);
+    void* mem = mmap(nullptr, stack_stride() * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+    if (mem == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map the fiber stacks");
+    g_stacks = static_cast<char*>(mem);
+    g_stack_count = kMaxThreads;
+    for (int i = 0; i < kMaxThreads; ++i) mprotect(g_stacks + i * stack_stride(), page_size(), PROT_NONE);
+  }
+  return g_stacks + t * stack_stride() + page_size();
+}
+
+void set_thread_index(int t) {
+  threadIdx.x = t % blockDim.x;
+  threadIdx.y = (t / blockDim.x) % blockDim.y;
+  threadIdx.z = t / (blockDim.x * blockDim.y);
+}
+
+// Releases `b`'s phase when every live fiber has arrived: its waiters become runnable.
+void release_if_complete(Barrier& b) {
+  if (b.arrived == 0 || b.arrived < b.live) return;
+  b.result = b.acc;
+  b.acc = 0;
+  b.arrived = 0;
+  for (Fiber& f : g_block->fibers) {
+    if (f.state == kWaiting && f.waiting_on == &b) {
+      f.state = kRunnable;
+      f.waiting_on = nullptr;
+    }
+  }
+}
+
+// The current fiber arrives at `b` and waits for the others; returns the phase's OR of predicates.
+int arrive_and_wait(Barrier& b, int predicate) {
+  Block& blk = *g_block;
+  Fiber& self = blk.fibers[blk.current];
+  b.acc |= predicate;
+  ++b.arrived;
+  self.state = kWaiting;
+  self.waiting_on = &b;
+  release_if_complete(b);
+  if (self.state == kWaiting) swapcontext(&self.ctx, &g_scheduler);
+  return b.result;
+}
+
+void fiber_main() {
+  g_body(g_arg);
+  Block& blk = *g_block;
+  const int t = blk.current;
+  blk.fibers[t].state = kDone;
+  ++blk.done;
+  --blk.block.live;
+  --blk.warps[t / kWarp].live;
+  release_if_complete(blk.block);
+  release_if_complete(blk.warps[t / kWarp]);
+  // returning ends the fiber: uc_link resumes the scheduler
+}
+
+// Runs one block to its end; false when no live thread can move (a barrier some thread never reaches).
+bool run_block(Block& blk) {
+  g_block = &blk;
+  for (int t = 0; t < blk.nt; ++t) {
+    Fiber& f = blk.fibers[t];
+    f.state = kRunnable;
+    f.waiting_on = nullptr;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stack_of(t);
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &g_scheduler;
+    makecontext(&f.ctx, fiber_main, 0);
+  }
+  blk.done = 0;
+  blk.block = Barrier{blk.nt};
+  for (int w = 0; w < static_cast<int>(blk.warps.size()); ++w) {
+    const int lanes = blk.nt - w * kWarp;
+    blk.warps[w] = Barrier{lanes < kWarp ? lanes : kWarp};
+  }
+  while (blk.done < blk.nt) {
+    bool moved = false;
+    for (int t = 0; t < blk.nt; ++t) {
+      if (blk.fibers[t].state != kRunnable) continue;
+      blk.current = t;
+      set_thread_index(t);
+      swapcontext(&g_scheduler, &blk.fibers[t].ctx);
+      moved = true;
+    }
+    if (!moved) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+cudaError_t set_func_max_dynamic_smem(const void* func, int bytes) {
+  if (bytes < 0 || bytes > 227 * 1024) return cudaErrorInvalidValue;  // an H100's opt-in limit
+  g_max_smem[func] = static_cast<size_t>(bytes);
+  return cudaSuccess;
+}
+
+int sync_block(int predicate) { return arrive_and_wait(g_block->block, predicate); }
+
+uint64_t shfl_xor(uint64_t bits, int lane_mask, int width) {
+  if (width != kWarp) {
+    std::fprintf(stderr, "cuda_emu: __shfl_xor_sync with width %d is not emulated\n", width);
+    std::abort();
+  }
+  Block& blk = *g_block;
+  const int t = blk.current, warp = t / kWarp, lane = t % kWarp;
+  blk.lanes[t] = bits;
+  arrive_and_wait(blk.warps[warp], 0);
+  const int partner = warp * kWarp + (lane ^ (lane_mask & (kWarp - 1)));
+  const uint64_t value = partner < blk.nt ? blk.lanes[partner] : bits;
+  arrive_and_wait(blk.warps[warp], 0);  // every lane has read before any lane writes again
+  return value;
+}
+
+unsigned char* dynamic_smem() { return g_smem; }
+
+void set_sm_count(int sms) { g_sm_count = sms; }
+
+void launch(const void* func, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* arg) {
+  const long long nt = static_cast<long long>(block.x) * block.y * block.z;
+  const auto opted = g_max_smem.find(func);
+  const size_t smem_limit = opted == g_max_smem.end() ? kDefaultSmem : opted->second;
+  if (nt <= 0 || nt > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > kMaxGridYZ || grid.z > kMaxGridYZ || smem > smem_limit) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (g_block != nullptr) {
+    std::fprintf(stderr, "cuda_emu: a kernel launched from inside a kernel\n");
+    std::abort();
+  }
+  Block blk;
+  blk.nt = static_cast<int>(nt);
+  blk.fibers.resize(blk.nt);
+  blk.warps.resize((blk.nt + kWarp - 1) / kWarp);
+  blk.lanes.resize(blk.nt);
+  std::vector<unsigned char> shared(smem + 16);
+  g_smem = shared.data() + (16 - reinterpret_cast<uintptr_t>(shared.data()) % 16) % 16;
+  g_body = body;
+  g_arg = arg;
+  blockDim = block;
+  gridDim = grid;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = {x, y, z};
+        std::memset(g_smem, 0xff, smem);
+        if (!run_block(blk)) {
+          std::fprintf(stderr, "cuda_emu: block (%u, %u, %u) cannot finish: a barrier that some thread never "
+                               "reaches\n", x, y, z);
+          g_last_error = cudaErrorLaunchFailure;
+          g_block = nullptr;
+          return;
+        }
+      }
+    }
+  }
+  g_block = nullptr;
+}
+
+}  // namespace mmfast_emu
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = mmfast_emu::g_last_error;
+  mmfast_emu::g_last_error = cudaSuccess;
+  return e;
+}
+
+const char* cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorNotSupported: return "operation not supported";
+  }
+  return "unknown error";
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = mmfast_emu::g_sm_count;
+  return cudaSuccess;
+}
