@@ -143,9 +143,13 @@ bool run_block(Block& blk) {
     const int lanes = blk.nt - w * kWarp;
     blk.warps[w] = Barrier{lanes < kWarp ? lanes : kWarp};
   }
+  // sweeps alternate between ascending and descending thread order: a thread that reads what another writes
+  // in the same phase (a race: no barrier between them) sees a different value in one of the two orders
+  bool descending = false;
   while (blk.done < blk.nt) {
     bool moved = false;
-    for (int t = 0; t < blk.nt; ++t) {
+    for (int i = 0; i < blk.nt; ++i) {
+      const int t = descending ? blk.nt - 1 - i : i;
       if (blk.fibers[t].state != kRunnable) continue;
       blk.current = t;
       set_thread_index(t);
@@ -153,6 +157,7 @@ bool run_block(Block& blk) {
       moved = true;
     }
     if (!moved) return false;
+    descending = !descending;
   }
   return true;
 }
