@@ -80,7 +80,8 @@ def build(verbose: bool = False) -> Path:
     module = out_dir / f"_cuda_emu{suffix}"
     if module.exists():
         return module
-    src = out_dir / "src"
+    work = out_dir / f"work-{os.getpid()}"  # per process: concurrent builds (pytest-xdist) do not share files
+    src = work / "src"
     src.mkdir(parents=True, exist_ok=True)
     units = []
     for path in CUDA_DIR.glob("*.cu*"):
@@ -93,7 +94,7 @@ def build(verbose: bool = False) -> Path:
     flags = [f"-I{src}", *_flags()]
 
     def compile_unit(unit: Path) -> Path:
-        obj = out_dir / (unit.stem + ("_emu" if unit.parent != src else "") + ".o")
+        obj = work / (unit.stem + ("_emu" if unit.parent != src else "") + ".o")
         cmd = [cxx, *flags, "-c", str(unit), "-o", str(obj)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -104,16 +105,14 @@ def build(verbose: bool = False) -> Path:
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(compile_unit, units))
-    tmp = module.with_suffix(".tmp")
+    tmp = work / module.name
     link_flags = ["-fsanitize=address"] if SANITIZE else []
     proc = subprocess.run([cxx, "-shared", "-pthread", *link_flags, *map(str, objects), "-o", str(tmp)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"cuda_emu: linking failed:\n{proc.stderr[-6000:]}")
     tmp.replace(module)  # atomic: a concurrent build finds a whole module or none
-    for obj in objects:
-        obj.unlink()
-    shutil.rmtree(src)
+    shutil.rmtree(work)
     return module
 
 
