@@ -84,7 +84,7 @@ def build(verbose: bool = False) -> Path:
     src = work / "src"
     src.mkdir(parents=True, exist_ok=True)
     units = []
-    for path in CUDA_DIR.glob("*.cu*"):
+    for path in [*CUDA_DIR.glob("*.cu*"), EMU_DIR / "selftest.cu"]:
         target = src / (path.stem + ".cpp" if path.suffix == ".cu" else path.name)
         target.write_text(translate(path.read_text()))
         if path.suffix == ".cu":

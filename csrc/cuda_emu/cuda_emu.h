@@ -3,8 +3,9 @@
 // compiler; nothing of this enters the package).
 //
 // Every CUDA thread of a block is a fiber (ucontext) on one host thread; blocks run one after another, and the
-// scheduler's sweeps over a block's threads alternate between ascending and descending order, so that two
-// threads racing within one phase (no barrier between a write and another thread's read) show.
+// scheduler's sweeps over a block's threads alternate between ascending and descending order (the first
+// sweep's order alternating between blocks and launches), so that two threads racing within one phase (no
+// barrier between a write and another thread's read) show.
 // __syncthreads, __syncthreads_or and the warp shuffles switch fibers until every live thread of the block
 // (or warp) has arrived; a thread that has returned no longer counts, as on the device. A barrier that some
 // live thread can never reach (divergent __syncthreads) fails the launch with cudaErrorLaunchFailure

@@ -2,6 +2,11 @@
 // `_cuda_emu` that tests/cuda_emu.py builds: the same functions `mmfast._C` has when built with CUDA, taking
 // the parameter structs that `mmfast._C` binds (import mmfast._C first) and host pointers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "cuda_emu.h"
 
@@ -11,9 +16,15 @@ namespace mmfast {
 void bind_cuda(py::module_& m);
 }  // namespace mmfast
 
+namespace mmfast_emu {
+std::pair<int, std::vector<float>> run_selftest(const std::string& name, int threads, int arg);  // selftest.cu
+}  // namespace mmfast_emu
+
 PYBIND11_MODULE(_cuda_emu, m) {
   m.doc() = "mmfast's CUDA kernels run on the CPU by an emulation of the CUDA runtime (tests only)";
   mmfast::bind_cuda(m);
   m.def("set_sm_count", &mmfast_emu::set_sm_count, py::arg("sms"),
         "the SM count that the launchers' cudaDeviceGetAttribute reads (default 132)");
+  m.def("run_selftest", &mmfast_emu::run_selftest, py::arg("name"), py::arg("threads"), py::arg("arg") = 0,
+        "runs one of the emulation's self-test kernels (csrc/cuda_emu/selftest.cu): (cudaError code, outputs)");
 }

@@ -47,10 +47,11 @@ struct Block {
   std::vector<uint64_t> lanes;  // a shuffle's value of each thread
   int current = -1;
   int done = 0;
-  bool stuck = false;
+  bool first_descending = false;
 };
 
 cudaError_t g_last_error = cudaSuccess;
+unsigned g_launches = 0;
 int g_sm_count = 132;
 std::map<const void*, size_t> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 ucontext_t g_scheduler;
@@ -143,9 +144,10 @@ bool run_block(Block& blk) {
     const int lanes = blk.nt - w * kWarp;
     blk.warps[w] = Barrier{lanes < kWarp ? lanes : kWarp};
   }
-  // sweeps alternate between ascending and descending thread order: a thread that reads what another writes
-  // in the same phase (a race: no barrier between them) sees a different value in one of the two orders
-  bool descending = false;
+  // sweeps alternate between ascending and descending thread order, and blocks (and launches) alternate the
+  // order of their first sweep: a thread that reads what another writes in the same phase (a race: no
+  // barrier between them) sees a different value in one of the two orders
+  bool descending = blk.first_descending;
   while (blk.done < blk.nt) {
     bool moved = false;
     for (int i = 0; i < blk.nt; ++i) {
@@ -215,10 +217,12 @@ void launch(const void* func, dim3 grid, dim3 block, size_t smem, void (*body)(v
   g_arg = arg;
   blockDim = block;
   gridDim = grid;
+  const unsigned launch_parity = g_launches++ % 2;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = {x, y, z};
+        blk.first_descending = ((x + y + z + launch_parity) % 2) == 1;
         std::memset(g_smem, 0xff, smem);
         if (!run_block(blk)) {
           std::fprintf(stderr, "cuda_emu: block (%u, %u, %u) cannot finish: a barrier that some thread never "
