@@ -445,13 +445,14 @@ def test_fuzz_mutual_parity(backend, device, dtype, M, N, C, tau, seed):
 # fuzz of the f-divergence losses and masked reconstruction (issues 3 and 4)
 
 
-def _no_worse_than_reference(actual, reference, truth, dtype, what):
+def _no_worse_than_reference(actual, reference, truth, dtype, what, scale=1.0):
     """Flash-attention's rule for ill-conditioned problems: max|actual - truth| <= 2 max|reference - truth|
-    + atol * max(1, max|truth|), the reference being the torch backend at the same dtype."""
+    + atol * max(1, max|truth|, scale), the reference being the torch backend at the same dtype; ``scale``: the
+    size of the problem's largest output (an output that cancels to 0 carries the rounding of terms that size)."""
     t = truth.detach().double().cpu()
     err = float((actual.detach().double().cpu() - t).abs().max()) if t.numel() else 0.0
     err_ref = float((reference.detach().double().cpu() - t).abs().max()) if t.numel() else 0.0
-    floor = TOL[dtype][1] * max(1.0, float(t.abs().max()) if t.numel() else 1.0)
+    floor = TOL[dtype][1] * max(1.0, float(t.abs().max()) if t.numel() else 1.0, scale)
     assert err <= 2 * err_ref + floor, f"{what}: error {err:.3g} vs the reference's {err_ref:.3g} at {dtype}"
 
 
@@ -473,11 +474,12 @@ def check_parity(fn, backend, device, dtype, inputs, wrt, grad_out=None, layout_
         assert grad.dtype == dtype, name
         if name in layout_of and inputs[name].numel() > 1:
             assert grad.stride() == inputs[name].stride(), f"grad {name} is not in its input's layout"
+    largest = max(float(v.detach().abs().max()) for v in (value_t, *grads_t.values()) if v.numel())
     for what, k, t, r in [("value", value_k, value_t, value_r if ill_conditioned else None)] + [
         (f"grad {n}", grads_k[n], grads_t[n], grads_r[n] if ill_conditioned else None) for n in grads_t
     ]:
         if ill_conditioned:
-            _no_worse_than_reference(k, r, t, dtype, what)
+            _no_worse_than_reference(k, r, t, dtype, what, scale=largest)
         else:
             _close(k, t, dtype, what)
 
@@ -550,7 +552,11 @@ def test_fuzz_uni_instruct_parity(backend, device, dtype, data):
         reduction=reduction,
     )
     wrt = ("x", *data.draw(st.sampled_from([(), ("teacher_x0",), ("teacher_x0", "fake_x0")])))
-    check_parity(mmfast.uni_instruct_loss, backend, device, dtype, inputs, wrt, grad_out, layout_of=("x",), **kw)
+    # a sample with |x - a| = 0 takes wf = 1e-5: its terms grow 1e5-fold and cancel (e.g. d(loss)/da at alpha = 1
+    # with fgm), so the rounding of float32, or of float64 with fused multiply-adds, is held to flash-attention's rule
+    tie = bool((inputs["x"] == inputs["teacher_x0"]).flatten(1).all(1).any())
+    check_parity(mmfast.uni_instruct_loss, backend, device, dtype, inputs, wrt, grad_out, layout_of=("x",),
+                 ill_conditioned=tie, **kw)
 
 
 @pytest.mark.parametrize("backend,device,dtype", cases([()]))

@@ -239,7 +239,9 @@ struct OnlineLse2 {
 // rounding of m's magnitude. m = -inf (an empty or all -inf row) gives NaN log-probabilities.
 struct RowLse2 {
   float m, ls;
-  __device__ __forceinline__ float log2_prob(float logit, float k2) const { return fmaf(logit, k2, -m) - ls; }
+  // logit * k2 rounded as in lse_sweep (never fused: the row's largest logit gives exactly -ls, so one class
+  // has probability exactly 1, as in the reference)
+  __device__ __forceinline__ float log2_prob(float logit, float k2) const { return (__fmul_rn(logit, k2) - m) - ls; }
 };
 
 // (m, s) <- (m, s) (+) l for one value with a single exp2 (the smaller side is rescaled).
@@ -301,7 +303,7 @@ __device__ __forceinline__ void lse_sweep(const T* __restrict__ row, int64_t str
     float a[V];
     load_chunk<T>(row, stride, j * V - rc.shift, rc, -INFINITY, a);
 #pragma unroll
-    for (int i = 0; i < V; ++i) a[i] *= k2;
+    for (int i = 0; i < V; ++i) a[i] = __fmul_rn(a[i], k2);  // not fused into a later subtraction
     acc.add(a);
   }
   part[2 * src * blockDim.x + threadIdx.x] = acc.m;
