@@ -52,6 +52,17 @@ SUMMARY=()
 
 log() { echo "$*" | tee -a "$LOG"; }
 
+# step_status RC LIMIT_S: a step's outcome from its exit status under `timeout`
+step_status() {
+  if (($1 == 124 || $1 == 137)); then
+    echo "TIMEOUT after ${2}s"
+  elif (($1 != 0)); then
+    echo "FAILED rc=$1"
+  else
+    echo ok
+  fi
+}
+
 # run_step NAME CAP_S OUTFILE COMMAND: run COMMAND (bash) with a timeout of min(CAP_S, budget left),
 # append its output to OUTFILE, record the outcome; returns COMMAND's status. At the timeout the command gets
 # $STEP_SIGNAL (default TERM; INT lets pytest print what failed so far), and KILL 15 s later.
@@ -72,13 +83,7 @@ run_step() {
   local t0=$SECONDS rc status
   timeout -s "${STEP_SIGNAL:-TERM}" -k 15 "$limit" bash -o pipefail -c "$cmd" >>"$out" 2>&1
   rc=$?
-  if ((rc == 124 || rc == 137)); then
-    status="TIMEOUT after ${limit}s"
-  elif ((rc != 0)); then
-    status="FAILED rc=$rc"
-  else
-    status=ok
-  fi
+  status=$(step_status "$rc" "$limit")
   log "=== $name: $status ($((SECONDS - t0)) s)"
   SUMMARY+=("$(printf '%-7s %-22s %4d s  %s' "$name" "$status" "$((SECONDS - t0))" "$(basename "$out")")")
   return "$rc"
@@ -146,14 +151,8 @@ if [[ -n $BUILD_PID ]]; then
   wait "$BUILD_PID"
   cat "$BUILD_LOG" >>"$LOG"
   rc=$(cat "$RUN_DIR/build.rc" 2>/dev/null || echo 1)
-  if ((rc == 0)); then
-    status=ok
-    BUILD_OK=1
-  elif ((rc == 124 || rc == 137)); then
-    status="TIMEOUT after ${BUILD_CAP}s"
-  else
-    status="FAILED rc=$rc"
-  fi
+  status=$(step_status "$rc" "$BUILD_CAP")
+  ((rc == 0)) && BUILD_OK=1
   log "=== build: $status ($((SECONDS - BUILD_T0)) s since its start)"
   SUMMARY+=("$(printf '%-7s %-22s %4d s  %s' build "$status" "$((SECONDS - BUILD_T0))" gpu_check.log)")
 fi

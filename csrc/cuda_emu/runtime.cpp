@@ -60,20 +60,17 @@ unsigned char* g_smem = nullptr;
 void (*g_body)(void*) = nullptr;
 void* g_arg = nullptr;
 
-// fiber stacks, reused by every launch, each below a guard page
+// fiber stacks for kMaxThreads threads, mapped on first use and reused by every launch, each below a guard page
 char* g_stacks = nullptr;
-int g_stack_count = 0;
 size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 size_t stack_stride() { return kStackBytes + page_size(); }
 
 char* stack_of(int t) {
-  if (t >= g_stack_count) {
-    if (g_stacks != nullptr) munmap(g_stacks, stack_stride() * g_stack_count);
+  if (g_stacks == nullptr) {
     void* mem = mmap(nullptr, stack_stride() * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                      -1, 0);
     if (mem == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map the fiber stacks");
     g_stacks = static_cast<char*>(mem);
-    g_stack_count = kMaxThreads;
     for (int i = 0; i < kMaxThreads; ++i) mprotect(g_stacks + i * stack_stride(), page_size(), PROT_NONE);
   }
   return g_stacks + t * stack_stride() + page_size();

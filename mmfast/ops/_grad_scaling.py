@@ -72,11 +72,17 @@ def row_layout(grad_shape: tuple[int, ...], factor_shape: tuple[int, ...]) -> tu
     return repeat, rows, D, Q
 
 
+def _kernel_takes(grad: Tensor, factor: Tensor) -> bool:
+    """False for what the GPU scaling kernels never take: float64 (they compute in fp32), a non-contiguous or
+    empty gradient."""
+    return torch.float64 not in (grad.dtype, factor.dtype) and grad.is_contiguous() and grad.numel() > 0
+
+
 def kernel_layout(grad: Tensor, factor: Tensor) -> tuple[int, int, int, int] | None:
     """The [repeat, rows, D, Q] layout (:func:`row_layout`) a GPU scaling kernel takes, or None where torch
     multiplies: float64 (the kernels compute in fp32), a non-contiguous or empty gradient, another broadcast
     pattern, or broadcast runs shorter than 64 elements."""
-    if torch.float64 in (grad.dtype, factor.dtype) or not grad.is_contiguous() or grad.numel() == 0:
+    if not _kernel_takes(grad, factor):
         return None
     layout = row_layout(tuple(grad.shape), tuple(factor.shape))
     return layout if layout is not None and layout[2] >= _KERNEL_MIN_D else None
@@ -116,7 +122,7 @@ def _scale_unless_one_(backend: str, grad: Tensor, factor: Tensor) -> bool:
     length, any size (:func:`_one_value_pieces`)."""
     one = _one_value(factor)
     if one is not None and torch.broadcast_shapes(grad.shape, factor.shape) == grad.shape:
-        if torch.float64 in (grad.dtype, factor.dtype) or not grad.is_contiguous() or grad.numel() == 0:
+        if not _kernel_takes(grad, factor):
             return False
         flat = grad.view(-1)
         pieces = [(flat[start:stop], layout) for start, stop, layout in _one_value_pieces(grad.numel())]
