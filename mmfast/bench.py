@@ -75,7 +75,8 @@ LARGE_ENV = "MMFAST_BENCH_LARGE"
 
 @dataclass(frozen=True)
 class RoutedCase:
-    """Routed teacher-mixture KD: student [N, C], teachers [E, N, C]; dense weights, or top-k indices."""
+    """Routed teacher-mixture KD: student [N, C], teachers [E, N, C]; dense weights, or top-k indices. With
+    ``pixels`` = (H, W): dense logits [N, C, H, W] (class_dim=1, routing per sample), N * H * W rows."""
 
     suite: ClassVar[str] = "routed_kd"
     description: ClassVar[str] = "routed KD (mix=loss, kl, tau=4; student grad)"
@@ -87,15 +88,21 @@ class RoutedCase:
     mix: str = "loss"
     divergence: str = "kl"
     temperature: float = 4.0
+    pixels: tuple[int, int] | None = None
 
     @property
     def teachers_read(self) -> int:
         return self.top_k or self.E
 
     @property
+    def rows(self) -> int:
+        return self.N * (math.prod(self.pixels) if self.pixels else 1)
+
+    @property
     def name(self) -> str:
         routing = f"top-{self.top_k} of {self.E}" if self.top_k else f"E={self.E} dense"
-        return f"routed-kd N={self.N} C={self.C} {routing}"
+        pixels = f" {self.pixels[0]}x{self.pixels[1]} pixels" if self.pixels else ""
+        return f"routed-kd N={self.N} C={self.C}{pixels} {routing}"
 
     def label(self, dtype: torch.dtype) -> str:
         return f"{self.name} {DTYPE_NAMES[dtype]}"
@@ -104,17 +111,18 @@ class RoutedCase:
         s = g = torch.finfo(dtype).bits // 8
         K = self.teachers_read
         routing = self.N * K * 4 + (self.N * K * 8 if self.top_k else 0)
-        return self.N * self.C * (s + K * s + g) + routing
+        return self.rows * self.C * (s + K * s + g) + routing
 
     def exp_elements(self) -> int:
         """One exp per logit read: the student's and the routed teachers'."""
-        return (self.teachers_read + 1) * self.N * self.C
+        return (self.teachers_read + 1) * self.rows * self.C
 
     def inputs(self, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
         """Keyword arguments of the loss; only the student logits require grad (frozen teachers)."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = (2 * torch.randn(self.N, self.C, generator=gen)).to(device, dtype).requires_grad_()
-        z = (2 * torch.randn(self.E, self.N, self.C, generator=gen)).to(device, dtype)
+        pixels = self.pixels or ()
+        x = (2 * torch.randn(self.N, self.C, *pixels, generator=gen)).to(device, dtype).requires_grad_()
+        z = (2 * torch.randn(self.E, self.N, self.C, *pixels, generator=gen)).to(device, dtype)
         if self.top_k:
             indices = torch.randint(0, self.E, (self.N, self.top_k), generator=gen).to(device)
             weights = torch.full((self.N, self.top_k), 1.0 / self.top_k, device=device)  # MST hard routing
@@ -122,7 +130,8 @@ class RoutedCase:
             indices = None
             weights = torch.softmax(torch.randn(self.N, self.E, generator=gen), dim=1).to(device)
         return dict(student_logits=x, teacher_logits=z, weights=weights, indices=indices,
-                    temperature=self.temperature, mix=self.mix, divergence=self.divergence)
+                    temperature=self.temperature, mix=self.mix, divergence=self.divergence,
+                    class_dim=1 if self.pixels else -1)
 
     @staticmethod
     def eager_loss() -> Callable[..., Tensor]:
@@ -336,10 +345,13 @@ ROUTED_CASES = (
     RoutedCase(N=256, C=8192, E=4),
     RoutedCase(N=4096, C=32768, E=2, large=True),
     RoutedCase(N=256, C=8192, E=4, top_k=1),
+    RoutedCase(N=65536, C=10, E=4),  # many rows of few classes (CUDA backend: a thread per row)
+    RoutedCase(N=8, C=19, E=4, pixels=(128, 256), large=True),  # segmentation logits (class_dim=1)
 )
 MUTUAL_CASES = (
     MutualCase(M=3, N=256, C=1000),
     MutualCase(M=3, N=256, C=8192),
+    MutualCase(M=3, N=65536, C=10),
 )
 # one entry per op: the suite name -> its cases (the pytest-benchmark fixture is "<suite>_case")
 SUITES: dict[str, tuple[Case, ...]] = {

@@ -33,9 +33,28 @@ DEVICE = torch.device("cpu" if EMULATED else "cuda")
 
 @pytest.fixture(autouse=True)
 def _cuda_backend(monkeypatch):
-    """Without a GPU, mmfast._native's "cuda" launches run on the emulation."""
+    """Without a GPU, mmfast._native's "cuda" launches run on the emulation. Returns the module of the kernels."""
     if EMULATED:
-        cuda_emu.emulate_cuda_backend(monkeypatch)
+        return cuda_emu.emulate_cuda_backend(monkeypatch)
+    return _native.load()
+
+
+ROW_TEAMS = {"block_rows": 1, "thread_rows": 2}  # mmfast/kernels.h: kCudaRowTeamBlock, kCudaRowTeamThread
+
+
+@pytest.fixture(autouse=True, params=list(ROW_TEAMS))
+def row_team(request, _cuda_backend):
+    """Every routed/mutual KD case runs with a block per row and with a thread per row (the kernels' automatic
+    choice is one of the two: csrc/cuda/common.cuh)."""
+    previous = _cuda_backend.cuda_row_team()
+    _cuda_backend.set_cuda_row_team(ROW_TEAMS[request.param])
+    yield request.param
+    _cuda_backend.set_cuda_row_team(previous)
+
+
+def test_row_team_setting_is_checked(_cuda_backend):
+    with pytest.raises(ValueError, match="team must be 0"):
+        _cuda_backend.set_cuda_row_team(3)
 
 
 # (rtol relative to the largest |truth| of the output, atol) on top of the reference's error
@@ -234,6 +253,10 @@ class TestRoutedShapes:
     def test_requested_gradients(self, mix, div, need):
         check_routed(3, 19, 1, 3, 2, mix, div, need=need, duplicate=True)
 
+    def test_many_rows(self, mix, div):  # thread teams of several blocks of 128 rows, rows ending mid-block
+        check_routed(300, 10, 1, 4, None, mix, div, mask="some")
+        check_routed(2, 5, (16, 20), 3, 2, mix, div, duplicate=True, mask="some", dtype=torch.bfloat16)
+
     def test_many_teachers(self, mix, div):  # per-slot statistics in shared memory cap the block size
         check_routed(3, 300, 1, 64, None, mix, div)
         check_routed(3, 300, 1, 64, 64, mix, div, duplicate=True)
@@ -252,6 +275,8 @@ def test_mutual_shapes():
     check_mutual(3, 2, 262144, dtype=torch.bfloat16)
     check_mutual(3, 41, 1271, need=False)
     check_mutual(40, 3, 100)
+    check_mutual(3, 300, 10)
+    check_mutual(2, 261, 9, layout="transposed")  # class-strided rows: a thread per row in the automatic choice
 
 
 def test_float64_is_refused():

@@ -1,10 +1,13 @@
 // Device helpers shared by the CUDA kernels: element conversion, vector chunk loads/stores,
 // online log-sum-exp in base 2 and block-wide column reductions.
 //
-// Row model used by every kernel: one thread block owns one row of C classes at a time. The row
-// is cut into chunks of kVec consecutive classes (kChunkBytes bytes); thread t handles chunks
-// t, t + blockDim.x, ... in every pass, so a thread always touches the same classes of a row and
-// read-modify-writes of one row need no synchronisation. When every row pointer of a row has unit
+// Row model: a team owns one row of C classes at a time: the whole thread block (BlockTeam, every
+// kernel's default) or, in the routed and mutual KD kernels, one thread (ThreadTeam: rows of few
+// classes, and class-strided rows of dense logits, whose neighbouring rows are neighbours in memory
+// so that a warp's 32 rows load as one coalesced access). The row is cut into chunks of kVec
+// consecutive classes (kChunkBytes bytes); member t of a team of n handles chunks t, t + n, ... in
+// every pass, so a thread always touches the same classes of a row and read-modify-writes of one
+// row need no synchronisation. When every row pointer of a row has unit
 // class stride and the same address modulo kChunkBytes, chunk j covers classes
 // [j * kVec - shift, (j + 1) * kVec - shift) with shift = (address % kChunkBytes) / sizeof(T):
 // interior chunks are aligned vector accesses and only the two edge chunks are element-wise.
@@ -19,6 +22,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "mmfast/kernels.h"
 #include "mmfast/params.h"
 
 namespace mmfast {
@@ -198,11 +202,75 @@ __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t stride,
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Teams: who works on one row
+// ---------------------------------------------------------------------------------------------
+
+// Thread-team launches: this many threads (rows) per block, fewer when the rows' tables would pass
+// the default shared memory.
+constexpr int kThreadTeamThreads = 128;
+
+// One row per block: the block's threads split the row's chunks and meet at block barriers.
+// kLaunchThreads / kLaunchMinBlocks: the kernels' __launch_bounds__ (a 64-register cap).
+struct BlockTeam {
+  static constexpr bool kPerThread = false;
+  static constexpr int kLaunchThreads = kMaxThreads, kLaunchMinBlocks = kMinBlocksPerSM;
+  __device__ static int lane() { return static_cast<int>(threadIdx.x); }
+  __device__ static int size() { return static_cast<int>(blockDim.x); }
+  __device__ static bool leader() { return threadIdx.x == 0; }
+  __device__ static void sync() { __syncthreads(); }
+  __device__ static int any(int v) { return __syncthreads_or(v); }
+  __device__ static int64_t first_row() { return blockIdx.x; }
+  __device__ static int64_t row_stride() { return gridDim.x; }
+};
+
+// One row per thread: no barriers, no shuffles; per-row tables are per thread. Blocks of at most
+// kThreadTeamThreads, six per SM (an 80-register cap: a 64-register one spilled the logits mix at
+// sm_90; more blocks would not fit the shared memory of 4 teachers' tables anyway).
+struct ThreadTeam {
+  static constexpr bool kPerThread = true;
+  static constexpr int kLaunchThreads = kThreadTeamThreads, kLaunchMinBlocks = 6;
+  __device__ static int lane() { return 0; }
+  __device__ static int size() { return 1; }
+  __device__ static bool leader() { return true; }
+  __device__ static void sync() {}
+  __device__ static int any(int v) { return v; }
+  __device__ static int64_t first_row() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
+  __device__ static int64_t row_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+};
+
+// A team's table in shared memory, indexed as if the team had it alone: one copy per block for a
+// BlockTeam; one copy per thread for a ThreadTeam, interleaved (entry i of thread t at
+// i * blockDim.x + t) so that a warp reading the same entry touches 32 consecutive words.
+template <typename V, typename Team>
+struct TeamArray {
+  V* base;
+  __device__ __forceinline__ V& operator[](int64_t i) const {
+    if constexpr (Team::kPerThread) {
+      return base[i * blockDim.x];
+    } else {
+      return base[i];
+    }
+  }
+};
+
+// Cuts a block's dynamic shared memory into consecutive team tables (take in decreasing alignment).
+template <typename Team>
+struct SmemCarver {
+  unsigned char* next;
+  template <typename V>
+  __device__ __forceinline__ TeamArray<V, Team> take(int64_t count) {
+    V* start = reinterpret_cast<V*>(next);
+    next += static_cast<size_t>(count) * (Team::kPerThread ? blockDim.x : 1) * sizeof(V);
+    return TeamArray<V, Team>{Team::kPerThread ? start + threadIdx.x : start};
+  }
+};
+
 // Writes one value to every class of a row (masked / invalid rows); coalesced for stride 1.
-template <typename T>
+template <typename T, typename Team = BlockTeam>
 __device__ __forceinline__ void fill_row(T* __restrict__ row, int64_t stride, int64_t C, float v) {
   const T value = from_float<T>(v);
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) row[c * stride] = value;
+  for (int64_t c = Team::lane(); c < C; c += Team::size()) row[c * stride] = value;
 }
 
 // Online log-sum-exp in base 2: the running (max m, sum s of exp2(a - m)) of a stream of values.
@@ -258,11 +326,17 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Block-wide reductions over per-thread partials laid out by column: part[col * blockDim.x + t]
-// is thread t's partial of column col. Warp w reduces columns w, w + nwarps, ... in a fixed order
-// (deterministic). Every thread of the block must call; both barriers are inside: the first makes
-// the partials visible, the second makes `out` visible and frees `part` for reuse.
-__device__ __forceinline__ void reduce_sum_columns(const float* part, int ncols, float* out) {
+// Team-wide reductions over per-member partials laid out by column: part[col * n + t] is member
+// t's partial of column col (n = Team::size()). Block teams: warp w reduces columns w, w + nwarps,
+// ... in a fixed order (deterministic); every thread of the block must call; both barriers are
+// inside: the first makes the partials visible, the second makes `out` visible and frees `part`
+// for reuse. Thread teams: a member's partial is the row's value.
+template <typename Team = BlockTeam, typename Part, typename Out>
+__device__ __forceinline__ void reduce_sum_columns(const Part& part, int ncols, const Out& out) {
+  if constexpr (Team::kPerThread) {
+    for (int col = 0; col < ncols; ++col) out[col] = part[col];
+    return;
+  }
   __syncthreads();
   const int nt = blockDim.x, lane = threadIdx.x % kWarpSize;
   for (int col = threadIdx.x / kWarpSize; col < ncols; col += nt / kWarpSize) {
@@ -275,7 +349,16 @@ __device__ __forceinline__ void reduce_sum_columns(const float* part, int ncols,
 }
 
 // Same for log-sum-exp partials: column 2i holds maxima, column 2i + 1 sums.
-__device__ __forceinline__ void reduce_lse_columns(const float* part, int nsources, RowLse2* out) {
+template <typename Team = BlockTeam, typename Part, typename Out>
+__device__ __forceinline__ void reduce_lse_columns(const Part& part, int nsources, const Out& out) {
+  if constexpr (Team::kPerThread) {
+    for (int src = 0; src < nsources; ++src) {
+      OnlineLse2 acc;  // the block path's merge of one partial (NaN and -inf handled alike)
+      acc.merge(part[2 * src], part[2 * src + 1]);
+      out[src] = RowLse2{acc.m, log2f(acc.s)};
+    }
+    return;
+  }
   __syncthreads();
   const int nt = blockDim.x, lane = threadIdx.x % kWarpSize;
   for (int src = threadIdx.x / kWarpSize; src < nsources; src += nt / kWarpSize) {
@@ -292,22 +375,23 @@ __device__ __forceinline__ void reduce_lse_columns(const float* part, int nsourc
   __syncthreads();
 }
 
-// Pass-1 sweep of one row: this thread's (max, sum) of exp2(k2 * logit) over its chunks,
+// Pass-1 sweep of one row: this member's (max, sum) of exp2(k2 * logit) over its chunks,
 // stored as column pair `src` of `part`.
-template <typename T>
+template <typename T, typename Team = BlockTeam, typename Part>
 __device__ __forceinline__ void lse_sweep(const T* __restrict__ row, int64_t stride, const RowChunks& rc,
-                                          float k2, float* part, int src) {
+                                          float k2, const Part& part, int src) {
   constexpr int V = kVec<T>;
+  const int n = Team::size(), t = Team::lane();
   OnlineLse2 acc;
-  for (int j = threadIdx.x; j < rc.nchunks; j += blockDim.x) {
+  for (int j = t; j < rc.nchunks; j += n) {
     float a[V];
     load_chunk<T>(row, stride, j * V - rc.shift, rc, -INFINITY, a);
 #pragma unroll
     for (int i = 0; i < V; ++i) a[i] = __fmul_rn(a[i], k2);  // not fused into a later subtraction
     acc.add(a);
   }
-  part[2 * src * blockDim.x + threadIdx.x] = acc.m;
-  part[(2 * src + 1) * blockDim.x + threadIdx.x] = acc.s;
+  part[2 * src * n + t] = acc.m;
+  part[(2 * src + 1) * n + t] = acc.s;
 }
 
 // Threads per row: about one chunk per thread, a warp at least, kMaxThreads at most, and
@@ -322,6 +406,37 @@ __host__ __forceinline__ int threads_for_row(int64_t C, int vec, size_t fixed_by
   if (fixed_bytes + per_thread * kWarpSize > kDefaultSmemBytes) return kWarpSize;
   const int64_t fit = static_cast<int64_t>((kDefaultSmemBytes - fixed_bytes) / per_thread) / kWarpSize * kWarpSize;
   return static_cast<int>(nt < fit ? nt : fit);
+}
+
+// Rows of unit class stride run one per thread up to this many classes: at most 8 chunks, which a
+// block team would give to a warp of mostly idle lanes, paying its barriers for a row of a few
+// hundred bytes. (Set from the arithmetic, not yet from a GPU measurement.)
+constexpr int64_t kThreadRowMaxClasses = 32;
+// No row of more classes ever runs on one thread (even when forced): a thread sums its row's terms
+// one after another, whose rounding grows with the count (a block sums ~C / nt per thread, then a
+// tree), and a long row cannot stay in cache between the passes of the 128 rows of a block.
+constexpr int64_t kThreadTeamMaxClasses = 1024;
+
+// Threads per block of a thread-team launch for rows of C classes whose member needs
+// `bytes_per_member` of shared memory, or 0 for block teams: by cuda_row_team(), and on its own
+// (kCudaRowTeamAuto) for `strided_rows` (class-strided rows whose neighbours are adjacent: a warp's
+// rows then load coalesced) and rows of at most kThreadRowMaxClasses classes. 0 also for rows of
+// more than kThreadTeamMaxClasses classes and when not even a warp of members fits the default
+// shared memory.
+__host__ inline int thread_team_threads(int64_t C, bool strided_rows, size_t bytes_per_member) {
+  const int team = cuda_row_team();
+  if (team == kCudaRowTeamBlock || C > kThreadTeamMaxClasses ||
+      (team == kCudaRowTeamAuto && !strided_rows && C > kThreadRowMaxClasses)) {
+    return 0;
+  }
+  const size_t fit = kDefaultSmemBytes / bytes_per_member / kWarpSize * kWarpSize;
+  return static_cast<int>(fit < static_cast<size_t>(kThreadTeamThreads) ? fit : kThreadTeamThreads);
+}
+
+// Grid of a thread-team launch: a block per `threads` rows (grid-stride beyond kMaxBlocks).
+__host__ inline unsigned thread_team_grid(int64_t rows, int threads) {
+  const int64_t blocks = (rows + threads - 1) / threads;
+  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
 }  // namespace cuda

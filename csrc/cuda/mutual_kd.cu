@@ -4,7 +4,8 @@
 //   R_i = sum_c p_i (M log p_i - T)              (0 where p_i == 0; a NaN stays NaN)
 //   loss = scale * sum_i R_i                     (= scale * sum over i != j of KL(p_j || p_i))
 //   grad_i = scale / tau * (M p_i - S + p_i (M log p_i - T - R_i))
-// One block per row n, grid-stride over rows. Pass 1: log-sum-exp of each model's row (one row at
+// One team per row n (a block, or a thread for rows of few classes and class-strided rows:
+// common.cuh), grid-stride over rows. Pass 1: log-sum-exp of each model's row (one row at
 // a time, so each is read once); pass 2: R_i (needs T, a sum over models, per class); pass 3 (only
 // with a gradient): grad_i (needs S and T per class, and R_i). Base-2 logits as in routed_kd.cu.
 #include <cuda_runtime.h>
@@ -25,34 +26,35 @@ struct MutualArgs {
   float scale;  // tau^2 or 1
 };
 
-// Per-row tables in dynamic shared memory (M models, nt threads).
-template <typename T>
+// Per-row tables of a team in dynamic shared memory (M models, a team of nt).
+template <typename T, typename Team>
 struct MutualShared {
-  const T** row;  // [M] logits row of model i
-  T** grow;       // [M] gradient row of model i (nullptr without a gradient)
-  RowLse2* lse;   // [M] log2-sum-exp2 of the scaled logits of model i
-  float* R;       // [M] R_i
-  float* part;    // [2M * nt] per-thread partials, by column
+  TeamArray<const T*, Team> row;  // [M] logits row of model i
+  TeamArray<T*, Team> grow;       // [M] gradient row of model i (nullptr without a gradient)
+  TeamArray<RowLse2, Team> lse;   // [M] log2-sum-exp2 of the scaled logits of model i
+  TeamArray<float, Team> R;       // [M] R_i
+  TeamArray<float, Team> part;    // [2M * nt] per-member partials, by column
 };
 
 __host__ __device__ __forceinline__ size_t mutual_fixed_bytes(int64_t M) {
   return static_cast<size_t>(M) * (2 * sizeof(void*) + sizeof(RowLse2) + sizeof(float));
 }
 
-template <typename T>
-__device__ __forceinline__ MutualShared<T> carve_mutual(unsigned char* smem, int M) {
-  MutualShared<T> sh;
-  sh.row = reinterpret_cast<const T**>(smem);
-  sh.grow = reinterpret_cast<T**>(smem + M * sizeof(void*));
-  sh.lse = reinterpret_cast<RowLse2*>(smem + 2 * M * sizeof(void*));
-  sh.R = reinterpret_cast<float*>(sh.lse + M);
-  sh.part = sh.R + M;
+template <typename T, typename Team>
+__device__ __forceinline__ MutualShared<T, Team> carve_mutual(unsigned char* smem, int M) {
+  SmemCarver<Team> c{smem};
+  MutualShared<T, Team> sh;
+  sh.row = c.template take<const T*>(M);
+  sh.grow = c.template take<T*>(M);
+  sh.lse = c.template take<RowLse2>(M);
+  sh.R = c.template take<float>(M);
+  sh.part = c.template take<float>(2 * M * Team::size());
   return sh;
 }
 
 // Base-2 log-probabilities of a chunk of model i (classes outside the row: -inf).
-template <typename T>
-__device__ __forceinline__ void log2_softmax_chunk(const MutualArgs& a, const MutualShared<T>& sh, int i,
+template <typename T, typename Team>
+__device__ __forceinline__ void log2_softmax_chunk(const MutualArgs& a, const MutualShared<T, Team>& sh, int i,
                                                    const RowChunks& rc, int c0, float (&l2)[kVec<T>]) {
   load_chunk<T>(sh.row[i], a.p.s_c, c0, rc, -INFINITY, l2);
   const RowLse2 L = sh.lse[i];
@@ -60,22 +62,22 @@ __device__ __forceinline__ void log2_softmax_chunk(const MutualArgs& a, const Mu
   for (int v = 0; v < kVec<T>; ++v) l2[v] = L.log2_prob(l2[v], a.k2);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel(const MutualArgs a) {
+template <typename T, typename Team>
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) mutual_kd_kernel(const MutualArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const MutualKDParams& p = a.p;
-  const int M = static_cast<int>(p.M), nt = blockDim.x, tid = threadIdx.x;
+  const int M = static_cast<int>(p.M), nt = Team::size(), tid = Team::lane();
   const float Mf = static_cast<float>(p.M);
-  const MutualShared<T> sh = carve_mutual<T>(smem, M);
+  const MutualShared<T, Team> sh = carve_mutual<T, Team>(smem, M);
 
-  for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
-    __syncthreads();  // the previous row is done with the tables
+  for (int64_t n = Team::first_row(); n < p.N; n += Team::row_stride()) {
+    Team::sync();  // the previous row is done with the tables
     for (int i = tid; i < M; i += nt) {
       sh.row[i] = static_cast<const T*>(p.logits) + i * p.s_m + n * p.s_n;
       sh.grow[i] = p.grad != nullptr ? static_cast<T*>(p.grad) + (i * p.N + n) * p.C : nullptr;
     }
-    __syncthreads();
+    Team::sync();
     // vector accesses when every row has unit class stride and one alignment
     const uintptr_t residue = reinterpret_cast<uintptr_t>(sh.row[0]) % kChunkBytes<T>;
     bool vec = p.s_c == 1;
@@ -86,8 +88,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel
     const RowChunks rc = make_chunks<T>(static_cast<int>(p.C), vec, residue);
 
     // pass 1
-    for (int i = 0; i < M; ++i) lse_sweep<T>(sh.row[i], p.s_c, rc, a.k2, sh.part, i);
-    reduce_lse_columns(sh.part, M, sh.lse);
+    for (int i = 0; i < M; ++i) lse_sweep<T, Team>(sh.row[i], p.s_c, rc, a.k2, sh.part, i);
+    reduce_lse_columns<Team>(sh.part, M, sh.lse);
 
     // pass 2: R_i partials in column i
     for (int i = 0; i < M; ++i) sh.part[i * nt + tid] = 0.f;
@@ -98,13 +100,13 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel
       for (int v = 0; v < V; ++v) T2[v] = 0.f;
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
 #pragma unroll
         for (int v = 0; v < V; ++v) T2[v] += l2[v];
       }
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
         float acc = 0.f;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel
         sh.part[i * nt + tid] += acc * kLn2;
       }
     }
-    reduce_sum_columns(sh.part, M, sh.R);
+    reduce_sum_columns<Team>(sh.part, M, sh.R);
     if (tid == 0) {
       float loss = 0.f;
       for (int i = 0; i < M; ++i) loss += sh.R[i];
@@ -130,7 +132,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel
       for (int v = 0; v < V; ++v) T2[v] = S[v] = 0.f;
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           T2[v] += l2[v];
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel
       }
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
         const float Ri = sh.R[i];
 #pragma unroll
         for (int v = 0; v < V; ++v) {
@@ -153,20 +155,31 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) mutual_kd_kernel
   }
 }
 
+template <typename T, typename Team>
+int launch_kernel(const MutualArgs& a, unsigned grid, int nt, size_t smem, cudaStream_t stream) {
+  if (smem > kDefaultSmemBytes) {  // very many models: opt in (fails cleanly past the device limit)
+    const cudaError_t err = cudaFuncSetAttribute(mutual_kd_kernel<T, Team>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  mutual_kd_kernel<T, Team><<<grid, nt, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// A thread per row (few classes, or class-strided rows whose neighbours are neighbours in memory),
+// else a block per row.
 template <typename T>
 int launch_mutual(const MutualArgs& a, cudaStream_t stream) {
   const size_t fixed = mutual_fixed_bytes(a.p.M);
-  const size_t per_thread = static_cast<size_t>(2 * a.p.M);
-  const int nt = threads_for_row(a.p.C, kVec<T>, fixed, per_thread);
-  const size_t smem = fixed + per_thread * sizeof(float) * nt;
-  if (smem > kDefaultSmemBytes) {  // very many models: opt in (fails cleanly past the device limit)
-    const cudaError_t err = cudaFuncSetAttribute(mutual_kd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
+  const size_t per_thread = static_cast<size_t>(2 * a.p.M) * sizeof(float);
+  const int rows_per_block = thread_team_threads(a.p.C, a.p.s_c != 1 && a.p.s_n == 1, fixed + per_thread);
+  if (rows_per_block > 0) {
+    return launch_kernel<T, ThreadTeam>(a, thread_team_grid(a.p.N, rows_per_block), rows_per_block,
+                                        rows_per_block * (fixed + per_thread), stream);
   }
+  const int nt = threads_for_row(a.p.C, kVec<T>, fixed, 2 * a.p.M);
   const int64_t grid = a.p.N < kMaxBlocks ? a.p.N : kMaxBlocks;
-  mutual_kd_kernel<T><<<static_cast<unsigned>(grid), nt, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel<T, BlockTeam>(a, static_cast<unsigned>(grid), nt, fixed + per_thread * nt, stream);
 }
 
 }  // namespace

@@ -112,19 +112,19 @@ __device__ __forceinline__ RowSums row_sums(float S1, float S2, float mass, floa
 // Shared memory and row setup
 // ---------------------------------------------------------------------------------------------
 
-// Per-row tables in dynamic shared memory (K slots, nt threads), in this order.
-template <typename T>
+// Per-row tables of a team in dynamic shared memory (K slots, a team of nt), in this order.
+template <typename T, typename Team>
 struct RoutedShared {
-  const T** zrow;  // [K] teacher row of slot k (clamped index; never read for an invalid row)
-  T** dzrow;       // [K] dz row slot k writes; nullptr when an earlier slot has the same teacher
-  RowLse2* lse;    // [K + 1] log2-sum-exp2 of the scaled student row (0) and teacher rows (1 + k)
-  float* w;        // [K] routing weight
-  float* wdz;      // [K] summed weight of the slots of slot k's teacher
-  float* inf_nan;  // [K] 1 where those weights include a zero or both signs (see write_dz)
-  float* lw2;      // [K] log2 w
-  float* red;      // [2K + 2] column-reduction results
-  float* W;        // [1] sum_k w_k
-  float* part;     // [(2K + 2) * nt] per-thread partials, by column
+  TeamArray<const T*, Team> zrow;  // [K] teacher row of slot k (clamped index; never read for an invalid row)
+  TeamArray<T*, Team> dzrow;       // [K] dz row slot k writes; nullptr when an earlier slot has the same teacher
+  TeamArray<RowLse2, Team> lse;    // [K + 1] log2-sum-exp2 of the scaled student row (0) and teachers (1 + k)
+  TeamArray<float, Team> w;        // [K] routing weight
+  TeamArray<float, Team> wdz;      // [K] summed weight of the slots of slot k's teacher
+  TeamArray<float, Team> inf_nan;  // [K] 1 where those weights include a zero or both signs (see write_dz)
+  TeamArray<float, Team> lw2;      // [K] log2 w
+  TeamArray<float, Team> red;      // [2K + 2] column-reduction results
+  TeamArray<float, Team> W;        // [1] sum_k w_k
+  TeamArray<float, Team> part;     // [(2K + 2) * nt] per-member partials, by column
 };
 
 __host__ __device__ __forceinline__ int64_t routed_columns(int64_t K) { return 2 * K + 2; }
@@ -134,19 +134,20 @@ __host__ __device__ __forceinline__ size_t routed_fixed_bytes(int64_t K) {
          static_cast<size_t>(4 * K + 2 * (K + 1) + routed_columns(K) + 1) * sizeof(float);
 }
 
-template <typename T>
-__device__ __forceinline__ RoutedShared<T> carve_routed(unsigned char* smem, int K) {
-  RoutedShared<T> sh;
-  sh.zrow = reinterpret_cast<const T**>(smem);
-  sh.dzrow = reinterpret_cast<T**>(smem + K * sizeof(void*));
-  sh.lse = reinterpret_cast<RowLse2*>(sh.dzrow + K);
-  sh.w = reinterpret_cast<float*>(sh.lse + K + 1);
-  sh.wdz = sh.w + K;
-  sh.inf_nan = sh.wdz + K;
-  sh.lw2 = sh.inf_nan + K;
-  sh.red = sh.lw2 + K;
-  sh.W = sh.red + routed_columns(K);
-  sh.part = sh.W + 1;
+template <typename T, typename Team>
+__device__ __forceinline__ RoutedShared<T, Team> carve_routed(unsigned char* smem, int K) {
+  SmemCarver<Team> c{smem};
+  RoutedShared<T, Team> sh;
+  sh.zrow = c.template take<const T*>(K);
+  sh.dzrow = c.template take<T*>(K);
+  sh.lse = c.template take<RowLse2>(K + 1);
+  sh.w = c.template take<float>(K);
+  sh.wdz = c.template take<float>(K);
+  sh.inf_nan = c.template take<float>(K);
+  sh.lw2 = c.template take<float>(K);
+  sh.red = c.template take<float>(routed_columns(K));
+  sh.W = c.template take<float>(1);
+  sh.part = c.template take<float>(routed_columns(K) * Team::size());
   return sh;
 }
 
@@ -161,8 +162,8 @@ struct RoutedRow {
 // g * (sum of their weights) * X, added into the caller's zero-filled dz with sparse routing,
 // written with dense routing. The summed weight gives the reference's sum over the slots except
 // where X = +-inf and the weights include a zero or both signs: that sum is NaN there.
-template <typename T>
-__device__ __forceinline__ void write_dz(const RoutedArgs& a, const RoutedShared<T>& sh, int k, int c0,
+template <typename T, typename Team>
+__device__ __forceinline__ void write_dz(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int k, int c0,
                                          const RowChunks& rc, float (&X)[kVec<T>]) {
   const float gw = a.g * sh.wdz[k];
   const bool inf_nan = sh.inf_nan[k] != 0.f;
@@ -176,10 +177,10 @@ __device__ __forceinline__ void write_dz(const RoutedArgs& a, const RoutedShared
 }
 
 // Fills the slot tables of `row`. Rows with an index outside [0, E) (NaN) and masked rows
-// (zeros) are written here and give false. Uniform over the block; starts with a barrier that
+// (zeros) are written here and give false. Uniform over the team; starts with a barrier that
 // ends the previous row's use of the tables.
-template <typename T>
-__device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T>& sh, int64_t row,
+template <typename T, typename Team>
+__device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int64_t row,
                                  RoutedRow<T>& r) {
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K);
@@ -189,9 +190,9 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T>& sh,
   const T* z = static_cast<const T*>(p.z);
   T* dz = static_cast<T*>(p.dz);
 
-  __syncthreads();
+  Team::sync();
   int bad = 0;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+  for (int k = Team::lane(); k < K; k += Team::size()) {
     const int64_t e = idx != nullptr ? idx[k] : k;
     bad |= e < 0 || e >= p.E;
     const int64_t ec = e < 0 ? 0 : (e >= p.E ? p.E - 1 : e);
@@ -218,25 +219,25 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T>& sh,
       sh.dzrow[k] = first ? dz + (ec * p.B + b) * p.C * p.S + s : nullptr;
     }
   }
-  if (threadIdx.x == 0) {
+  if (Team::leader()) {
     float W = 0.f;
     for (int k = 0; k < K; ++k) W += w[k];
     sh.W[0] = W;
   }
-  bad = __syncthreads_or(bad);
+  bad = Team::any(bad);
 
   T* dx = p.dx != nullptr ? static_cast<T*>(p.dx) + b * p.C * p.S + s : nullptr;
   const bool masked = p.mask != nullptr && p.mask[row] == 0;
   if (bad || masked) {
     const float v = bad ? quiet_nan() : 0.f;
-    if (threadIdx.x == 0) static_cast<float*>(p.loss)[row] = v;
+    if (Team::leader()) static_cast<float*>(p.loss)[row] = v;
     if (p.dw != nullptr) {
-      for (int k = threadIdx.x; k < K; k += blockDim.x) static_cast<float*>(p.dw)[row * K + k] = v;
+      for (int k = Team::lane(); k < K; k += Team::size()) static_cast<float*>(p.dw)[row * K + k] = v;
     }
-    if (dx != nullptr) fill_row(dx, p.S, p.C, v);
+    if (dx != nullptr) fill_row<T, Team>(dx, p.S, p.C, v);
     if (dz != nullptr && (bad || idx == nullptr)) {  // sparse masked rows leave dz untouched
       for (int k = 0; k < K; ++k) {
-        if (sh.dzrow[k] != nullptr) fill_row(sh.dzrow[k], p.S, p.C, v);
+        if (sh.dzrow[k] != nullptr) fill_row<T, Team>(sh.dzrow[k], p.S, p.C, v);
       }
     }
     return false;
@@ -272,35 +273,35 @@ __device__ __forceinline__ void log_softmax_chunk(const T* row, int64_t stride, 
 }
 
 // Pass 1 for the student and every slot's teacher: sh.lse[0] and sh.lse[1 + k].
-template <typename T>
-__device__ __forceinline__ void student_teacher_lse(const RoutedArgs& a, const RoutedShared<T>& sh,
+template <typename T, typename Team>
+__device__ __forceinline__ void student_teacher_lse(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                     const RoutedRow<T>& r) {
   const int K = static_cast<int>(a.p.K);
-  lse_sweep<T>(r.x, a.p.sx_c, r.rc, a.k2, sh.part, 0);
-  for (int k = 0; k < K; ++k) lse_sweep<T>(sh.zrow[k], a.p.sz_c, r.rc, a.k2, sh.part, 1 + k);
-  reduce_lse_columns(sh.part, K + 1, sh.lse);
+  lse_sweep<T, Team>(r.x, a.p.sx_c, r.rc, a.k2, sh.part, 0);
+  for (int k = 0; k < K; ++k) lse_sweep<T, Team>(sh.zrow[k], a.p.sz_c, r.rc, a.k2, sh.part, 1 + k);
+  reduce_lse_columns<Team>(sh.part, K + 1, sh.lse);
 }
 
 // ---------------------------------------------------------------------------------------------
 // mix = "loss": L = sum_k w_k D(p_k || q)
 //   dx = g (sum_k w_k A_k - q sum_k w_k sum_c A_k),  dz_k = g w_k (B_k - p_k sum_c B_k),  dw_k = D_k
 // ---------------------------------------------------------------------------------------------
-template <typename T, int Div>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_loss_kernel(const RoutedArgs a) {
+template <typename T, typename Team, int Div>
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) routed_loss_kernel(const RoutedArgs a) {
   constexpr int V = kVec<T>;
   constexpr int NQ = (Div == kJS || Div == kTVD) ? 2 : 1;  // row sums per slot
   extern __shared__ __align__(16) unsigned char smem[];
   const RoutedKDParams& p = a.p;
-  const int K = static_cast<int>(p.K), nt = blockDim.x, tid = threadIdx.x;
-  const RoutedShared<T> sh = carve_routed<T>(smem, K);
+  const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
+  const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
   // KL: sum_c A = -W, so dx needs no row sum; reverse KL: sum_c B_k = -1, so dz_k needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
   const bool dz_pass2 = Div == kReverseKL && p.dz != nullptr, dz_pass3 = Div != kReverseKL && p.dz != nullptr;
 
-  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+  for (int64_t row = Team::first_row(); row < a.N; row += Team::row_stride()) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T>(a, sh, row, r)) continue;
-    student_teacher_lse<T>(a, sh, r);
+    if (!setup_routed_row<T, Team>(a, sh, row, r)) continue;
+    student_teacher_lse<T, Team>(a, sh, r);
     const RowLse2 Lq = sh.lse[0];
     const float W = sh.W[0];
 
@@ -329,7 +330,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_loss_kern
         }
         sh.part[k * nt + tid] += s1;
         if constexpr (NQ == 2) sh.part[(K + k) * nt + tid] += s2;
-        if (dz_pass2 && sh.dzrow[k] != nullptr) write_dz<T>(a, sh, k, c0, r.rc, dv);
+        if (dz_pass2 && sh.dzrow[k] != nullptr) write_dz<T, Team>(a, sh, k, c0, r.rc, dv);
       }
       if (dx_pass2) {  // KL: A - q sum A = q W - sum_k w_k p_k
         float d[V];
@@ -338,7 +339,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_loss_kern
         store_chunk<T>(r.dx, p.S, c0, r.rc, d);
       }
     }
-    reduce_sum_columns(sh.part, NQ * K, sh.red);
+    reduce_sum_columns<Team>(sh.part, NQ * K, sh.red);
 
     float L = 0.f, SA = 0.f;  // sum_k w_k D_k, sum_k w_k sum_c A_k
     for (int k = 0; k < K; ++k) {
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_loss_kern
           A[i] = fmaf(wk, e.A, A[i]);
           dv[i] = fmaf(-pk[i], SB, e.B);
         }
-        if (dz_pass3 && sh.dzrow[k] != nullptr) write_dz<T>(a, sh, k, c0, r.rc, dv);
+        if (dz_pass3 && sh.dzrow[k] != nullptr) write_dz<T, Team>(a, sh, k, c0, r.rc, dv);
       }
       if (dx_pass3) {
         float d[V];
@@ -391,8 +392,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_loss_kern
 // ---------------------------------------------------------------------------------------------
 
 // The mixed logits of a chunk in base-2 units, -inf outside the row.
-template <typename T>
-__device__ __forceinline__ void mixed_logits_chunk(const RoutedArgs& a, const RoutedShared<T>& sh,
+template <typename T, typename Team>
+__device__ __forceinline__ void mixed_logits_chunk(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                    const RowChunks& rc, int c0, float (&vb)[kVec<T>]) {
 #pragma unroll
   for (int i = 0; i < kVec<T>; ++i) vb[i] = 0.f;
@@ -409,8 +410,8 @@ __device__ __forceinline__ void mixed_logits_chunk(const RoutedArgs& a, const Ro
 
 // Given dvbar of a chunk (0 outside the row): dz_k (slots that own a dz row) and the dw_k partial
 // sum_c dvbar v_k into column col0 + k.
-template <typename T>
-__device__ __forceinline__ void mixed_logits_slot_grads(const RoutedArgs& a, const RoutedShared<T>& sh,
+template <typename T, typename Team>
+__device__ __forceinline__ void mixed_logits_slot_grads(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                         const RowChunks& rc, int c0,
                                                         const float (&dvb)[kVec<T>], int col0) {
   constexpr int V = kVec<T>;
@@ -422,46 +423,46 @@ __device__ __forceinline__ void mixed_logits_slot_grads(const RoutedArgs& a, con
       float acc = 0.f;
 #pragma unroll
       for (int i = 0; i < V; ++i) acc = fmaf(dvb[i], zk[i], acc);
-      sh.part[(col0 + k) * blockDim.x + threadIdx.x] += acc * a.inv_tau;
+      sh.part[(col0 + k) * Team::size() + Team::lane()] += acc * a.inv_tau;
     }
     if (p.dz != nullptr && sh.dzrow[k] != nullptr) {
       float d[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) d[i] = dvb[i];
-      write_dz<T>(a, sh, k, c0, rc, d);
+      write_dz<T, Team>(a, sh, k, c0, rc, d);
     }
   }
 }
 
-template <typename T, int Div>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_logits_kernel(const RoutedArgs a) {
+template <typename T, typename Team, int Div>
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) routed_logits_kernel(const RoutedArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const RoutedKDParams& p = a.p;
-  const int K = static_cast<int>(p.K), nt = blockDim.x, tid = threadIdx.x;
-  const RoutedShared<T> sh = carve_routed<T>(smem, K);
+  const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
+  const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
   const bool slot_grads = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -1, so dx needs no row sum; reverse KL: sum B = -1, so dvbar = P - q needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
   const bool dv_pass2 = Div == kReverseKL && slot_grads, dv_pass3 = Div != kReverseKL && slot_grads;
 
-  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+  for (int64_t row = Team::first_row(); row < a.N; row += Team::row_stride()) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T>(a, sh, row, r)) continue;
+    if (!setup_routed_row<T, Team>(a, sh, row, r)) continue;
 
     // pass 1: student (column pair 0) and mixed logits (column pair 1)
-    lse_sweep<T>(r.x, p.sx_c, r.rc, a.k2, sh.part, 0);
+    lse_sweep<T, Team>(r.x, p.sx_c, r.rc, a.k2, sh.part, 0);
     {
       OnlineLse2 acc;
       for (int j = tid; j < r.rc.nchunks; j += nt) {
         float vb[V];
-        mixed_logits_chunk<T>(a, sh, r.rc, j * V - r.rc.shift, vb);
+        mixed_logits_chunk<T, Team>(a, sh, r.rc, j * V - r.rc.shift, vb);
         acc.add(vb);
       }
       sh.part[2 * nt + tid] = acc.m;
       sh.part[3 * nt + tid] = acc.s;
     }
-    reduce_lse_columns(sh.part, 2, sh.lse);
+    reduce_lse_columns<Team>(sh.part, 2, sh.lse);
     const RowLse2 Lq = sh.lse[0], LP = sh.lse[1];
 
     // pass 2: S1, S2 (columns 0, 1; registers until the end), reverse-KL dw_k in columns 2 + k
@@ -473,7 +474,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_logits_ke
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], vb[V], d[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_logits_chunk<T>(a, sh, r.rc, c0, vb);
+      mixed_logits_chunk<T, Team>(a, sh, r.rc, c0, vb);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float dl = (vb[i] - LP.m) - LP.ls;
@@ -486,11 +487,11 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_logits_ke
         d[i] = dx_pass2 ? a.g * (q[i] - P) : (ok ? P - q[i] : 0.f);
       }
       if (dx_pass2) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
-      if (dv_pass2) mixed_logits_slot_grads<T>(a, sh, r.rc, c0, d, 2);
+      if (dv_pass2) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, d, 2);
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    reduce_sum_columns(sh.part, dv_pass2 && p.dw != nullptr ? 2 + K : 2, sh.red);
+    reduce_sum_columns<Team>(sh.part, dv_pass2 && p.dw != nullptr ? 2 + K : 2, sh.red);
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], 1.f, a.beta);
     if (tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
     if (dv_pass2 && p.dw != nullptr) {
@@ -506,7 +507,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_logits_ke
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], vb[V], d[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_logits_chunk<T>(a, sh, r.rc, c0, vb);
+      mixed_logits_chunk<T, Team>(a, sh, r.rc, c0, vb);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float dl = (vb[i] - LP.m) - LP.ls;
@@ -516,10 +517,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_logits_ke
         vb[i] = in_row(c0 + i, r.rc.C) ? fmaf(-P, rs.SB, e.B) : 0.f;  // dvbar
       }
       if (dx_pass3) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
-      if (dv_pass3) mixed_logits_slot_grads<T>(a, sh, r.rc, c0, vb, 0);
+      if (dv_pass3) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, vb, 0);
     }
     if (dv_pass3 && p.dw != nullptr) {
-      reduce_sum_columns(sh.part, K, sh.red);
+      reduce_sum_columns<Team>(sh.part, K, sh.red);
       for (int k = tid; k < K; k += nt) static_cast<float*>(p.dw)[row * K + k] = a.scale * sh.red[k];
     }
   }
@@ -551,8 +552,8 @@ __device__ __forceinline__ float probs_g(const Elem& e, float lq, float lP2) {
 }
 
 // log2 P of a chunk: log2-sum-exp2 over k of log2 w_k + log2 p_k, per class.
-template <typename T>
-__device__ __forceinline__ void mixed_probs_chunk(const RoutedArgs& a, const RoutedShared<T>& sh,
+template <typename T, typename Team>
+__device__ __forceinline__ void mixed_probs_chunk(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                   const RowChunks& rc, int c0, float (&lP2)[kVec<T>]) {
   constexpr int V = kVec<T>;
   float m[V], s[V];
@@ -573,21 +574,21 @@ __device__ __forceinline__ void mixed_probs_chunk(const RoutedArgs& a, const Rou
   for (int i = 0; i < V; ++i) lP2[i] = m[i] + log2f(s[i]);
 }
 
-template <typename T, int Div>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_probs_kernel(const RoutedArgs a) {
+template <typename T, typename Team, int Div>
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) routed_probs_kernel(const RoutedArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const RoutedKDParams& p = a.p;
-  const int K = static_cast<int>(p.K), nt = blockDim.x, tid = threadIdx.x;
-  const RoutedShared<T> sh = carve_routed<T>(smem, K);
+  const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
+  const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
   const bool need_Y = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -W, so dx needs no row sum
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
 
-  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+  for (int64_t row = Team::first_row(); row < a.N; row += Team::row_stride()) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T>(a, sh, row, r)) continue;
-    student_teacher_lse<T>(a, sh, r);
+    if (!setup_routed_row<T, Team>(a, sh, row, r)) continue;
+    student_teacher_lse<T, Team>(a, sh, r);
     const RowLse2 Lq = sh.lse[0];
     const float W = sh.W[0];
 
@@ -600,7 +601,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_probs_ker
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], lP2[V], G[V], d[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_probs_chunk<T>(a, sh, r.rc, c0, lP2);
+      mixed_probs_chunk<T, Team>(a, sh, r.rc, c0, lP2);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float P = exp2f(lP2[i]);
@@ -626,7 +627,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_probs_ker
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    reduce_sum_columns(sh.part, need_Y ? 2 + K : 2, sh.red);
+    reduce_sum_columns<Team>(sh.part, need_Y ? 2 + K : 2, sh.red);
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], W, a.beta);
     if (tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
     if (p.dw != nullptr) {
@@ -639,7 +640,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_probs_ker
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], lP2[V], G[V], d[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_probs_chunk<T>(a, sh, r.rc, c0, lP2);
+      mixed_probs_chunk<T, Team>(a, sh, r.rc, c0, lP2);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float P = exp2f(lP2[i]);
@@ -660,7 +661,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_probs_ker
             const float lp2 = Lk.log2_prob(pk[i], a.k2);
             pk[i] = fmaf(-exp2f(lp2), Yk, p_times_G<Div>(lp2, G[i]));
           }
-          write_dz<T>(a, sh, k, c0, r.rc, pk);
+          write_dz<T, Team>(a, sh, k, c0, r.rc, pk);
         }
       }
     }
@@ -673,23 +674,39 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) routed_probs_ker
 
 using RoutedKernel = void (*)(RoutedArgs);
 
-template <typename T, int Mix, int Div>
-int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
-  RoutedKernel kernel = routed_probs_kernel<T, Div>;
-  if constexpr (Mix == kMixLoss) kernel = routed_loss_kernel<T, Div>;
-  if constexpr (Mix == kMixLogits) kernel = routed_logits_kernel<T, Div>;
-  const size_t fixed = routed_fixed_bytes(a.p.K);
-  const size_t per_thread = static_cast<size_t>(routed_columns(a.p.K));
-  const int nt = threads_for_row(a.p.C, kVec<T>, fixed, per_thread);
-  const size_t smem = fixed + per_thread * sizeof(float) * nt;
+template <typename T, typename Team, int Mix, int Div>
+RoutedKernel routed_kernel() {
+  if constexpr (Mix == kMixLoss) return routed_loss_kernel<T, Team, Div>;
+  if constexpr (Mix == kMixLogits) return routed_logits_kernel<T, Team, Div>;
+  return routed_probs_kernel<T, Team, Div>;
+}
+
+int launch_kernel(RoutedKernel kernel, const RoutedArgs& a, unsigned grid, int nt, size_t smem,
+                  cudaStream_t stream) {
   if (smem > kDefaultSmemBytes) {  // very many slots: opt in (fails cleanly past the device limit)
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const int64_t grid = a.N < kMaxBlocks ? a.N : kMaxBlocks;
-  kernel<<<static_cast<unsigned>(grid), nt, smem, stream>>>(a);
+  kernel<<<grid, nt, smem, stream>>>(a);
   return cudaGetLastError();
+}
+
+// A thread per row (few classes, or dense logits whose neighbouring pixels are neighbours in
+// memory), else a block per row.
+template <typename T, int Mix, int Div>
+int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
+  const size_t fixed = routed_fixed_bytes(a.p.K);
+  const size_t per_thread = static_cast<size_t>(routed_columns(a.p.K)) * sizeof(float);
+  const int rows_per_block = thread_team_threads(a.p.C, a.p.S > 1, fixed + per_thread);
+  if (rows_per_block > 0) {
+    return launch_kernel(routed_kernel<T, ThreadTeam, Mix, Div>(), a, thread_team_grid(a.N, rows_per_block),
+                         rows_per_block, rows_per_block * (fixed + per_thread), stream);
+  }
+  const int nt = threads_for_row(a.p.C, kVec<T>, fixed, routed_columns(a.p.K));
+  const int64_t grid = a.N < kMaxBlocks ? a.N : kMaxBlocks;
+  return launch_kernel(routed_kernel<T, BlockTeam, Mix, Div>(), a, static_cast<unsigned>(grid), nt,
+                       fixed + per_thread * nt, stream);
 }
 
 template <typename T, int Mix>
