@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 import mmfast
+from mmfast import _native
 
 MIXES = ("loss", "logits", "probs")
 DIVERGENCES = ("kl", "reverse_kl", "js", "tvd")
@@ -67,6 +68,19 @@ def backend_params(names=("torch", *KERNEL_BACKENDS), dtypes=None) -> list:
         for dtype in (dtypes or {}).get(name, (torch.float32,)):
             params.append(pytest.param(name, device, dtype, marks=marks, id=f"{name}-{str(dtype)[6:]}"))
     return params
+
+
+@contextlib.contextmanager
+def cuda_row_team(team: int):
+    """Inside the block, the CUDA routed/mutual KD and masked-reconstruction kernels give each row the team
+    ``team`` (mmfast/kernels.h: 1 a block per row, 2 a thread per row) instead of their own choice."""
+    native = _native.load()
+    previous = native.cuda_row_team()
+    native.set_cuda_row_team(team)
+    try:
+        yield
+    finally:
+        native.set_cuda_row_team(previous)
 
 
 def make_routed(

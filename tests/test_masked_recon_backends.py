@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from _utils import assert_scaled_close, backend_params, interpreted, seed_of
+from _utils import assert_scaled_close, backend_params, cuda_row_team, interpreted, seed_of
 
 import mmfast
 from mmfast.ops import masked_reconstruction as recon_ops
@@ -138,6 +138,18 @@ def test_channel_dim_1_matches_reference(backend, device, dtype, loss, mask, red
     """[B, D, H, W] with channel_dim=1: rows are positions, read through the channel stride."""
     if interpreted(backend) and (normalize or reduction == "none") and mask not in ("row", "element_bcast"):
         pytest.skip("interpreter: a representative subset keeps the run short (the cpu backend runs all)")
+    _check_channel_dim_1(backend, device, dtype, loss, mask, reduction, normalize)
+
+
+@pytest.mark.parametrize("loss,mask,reduction,normalize", DENSE)
+@pytest.mark.parametrize("backend,device,dtype", backend_params(("cuda",)))
+def test_channel_dim_1_block_rows(backend, device, dtype, loss, mask, reduction, normalize):
+    """The CUDA kernel's other row team for channel-strided rows: a block per row (by default a thread)."""
+    with cuda_row_team(1):
+        _check_channel_dim_1(backend, device, dtype, loss, mask, reduction, normalize)
+
+
+def _check_channel_dim_1(backend, device, dtype, loss, mask, reduction, normalize):
     seed = seed_of("dense", loss, mask, reduction, normalize)
     P, Y, M = make_case((2, 6, 3, 2), 1, mask, seed, device=device, dtype=dtype)
     assert_matches(backend, device, dtype, P, Y, M, grad_out=seed, loss=loss, reduction=reduction,

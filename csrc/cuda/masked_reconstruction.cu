@@ -1,7 +1,9 @@
 // Masked reconstruction loss (SPEC section 2; oracle: mmfast/reference/masked_reconstruction.py;
 // layout: MaskedReconParams in params.h).
 //
-// One block per row r = a * S + s (grid-stride over rows), the row cut into chunks as in common.cuh.
+// One team per row r = a * S + s (grid-stride over rows), the row cut into chunks as in common.cuh:
+// a thread for channel-strided rows (S > 1: a warp's 32 neighbouring rows load coalesced) of at most
+// kThreadTeamMaxClasses channels, else a block.
 // Yt = Y, or (Y - mean) * rstd with rstd = 1 / sqrt(var + eps) (normalize_target). Sweeps over the
 // row (the repeats hit L1/L2):
 //   stats (normalize_target and/or cosine): mean; then var, and the cosine's P.Yt, |P|^2, |Yt|^2;
@@ -94,14 +96,15 @@ __device__ __forceinline__ void chunk_grads(const ReconArgs& a, const RowStats& 
   }
 }
 
-template <typename T, int kLoss, int kElem>
-__global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_kernel(const ReconArgs a) {
+template <typename T, typename Team, int kLoss, int kElem>
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) masked_recon_kernel(const ReconArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const MaskedReconParams& p = a.p;
-  float* part = reinterpret_cast<float*>(smem);          // [kReconCols * nt]
-  float* sums = part + kReconCols * blockDim.x;          // [kReconCols]
-  const int nt = blockDim.x, tid = threadIdx.x;
+  SmemCarver<Team> carver{smem};
+  const TeamArray<float, Team> part = carver.template take<float>(kReconCols * Team::size());  // by column
+  const TeamArray<float, Team> sums = carver.template take<float>(kReconCols);
+  const int nt = Team::size(), tid = Team::lane();
   const int C = static_cast<int>(p.D);
   const int64_t R = p.A * p.S, S = p.S;
   const bool per_element = p.per_element != 0, normalize = p.normalize_target != 0;
@@ -112,7 +115,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
   const bool dm_rows = dm != nullptr && rows_mask && !per_element;
   const float inv_D = 1.f / static_cast<float>(C);
 
-  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+  for (int64_t r = Team::first_row(); r < R; r += Team::row_stride()) {
     const int64_t ai = r / S, si = r - ai * S;
     const int64_t o = ai * p.D * S + si;  // outputs [A, D, S] contiguous: channel stride S
     RowStats st{};
@@ -123,12 +126,12 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
     const bool excluded = st.w == 0.f;
     if (excluded && dm == nullptr) {  // not read
       if (per_element) {
-        fill_row(static_cast<T*>(p.loss_out) + o, S, p.D, 0.f);
+        fill_row<T, Team>(static_cast<T*>(p.loss_out) + o, S, p.D, 0.f);
       } else if (tid == 0) {
         static_cast<float*>(p.loss_out)[r] = 0.f;
       }
-      if (dp != nullptr) fill_row(dp + o, S, p.D, 0.f);
-      if (dy != nullptr) fill_row(dy + o, S, p.D, 0.f);
+      if (dp != nullptr) fill_row<T, Team>(dp + o, S, p.D, 0.f);
+      if (dy != nullptr) fill_row<T, Team>(dy + o, S, p.D, 0.f);
       continue;
     }
     const T* prow = static_cast<const T*>(p.pred) + ai * p.sp_a + si * p.sp_s;
@@ -159,7 +162,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
           for (int i = 0; i < V; ++i) sy += y[i];
         }
         part[tid] = sy;
-        reduce_sum_columns(part, 1, sums);
+        reduce_sum_columns<Team>(part, 1, sums);
         st.mean = sums[0] * inv_D;
       }
       float sq = 0.f, dot = 0.f, pp = 0.f;
@@ -181,7 +184,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
       part[tid] = sq;
       part[nt + tid] = dot;
       part[2 * nt + tid] = pp;
-      reduce_sum_columns(part, kLoss == kReconCosine ? 3 : 1, sums);
+      reduce_sum_columns<Team>(part, kLoss == kReconCosine ? 3 : 1, sums);
       float scale = 1.f;  // Yt = (Y - mean) * scale
       if (normalize) scale = st.rstd = rsqrtf(sums[0] * inv_D + a.eps);
       if constexpr (kLoss == kReconCosine) {
@@ -230,7 +233,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
     part[2 * nt + tid] = macc;
     part[3 * nt + tid] = sg;
     part[4 * nt + tid] = sgy;
-    reduce_sum_columns(part, kReconCols, sums);
+    reduce_sum_columns<Team>(part, kReconCols, sums);
     if (tid == 0) {
       const float row_raw = kLoss == kReconCosine ? 1.f - st.cos : sums[1];
       const float row_loss = kLoss == kReconCosine ? st.w * row_raw : sums[0];
@@ -262,17 +265,26 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocksPerSM) masked_recon_ker
         store_chunk<T>(dyrow, S, c0, rc, g);
       }
     }
-    __syncthreads();  // `sums` is read above before the next row's reductions overwrite it
+    Team::sync();  // `sums` is read above before the next row's reductions overwrite it
   }
 }
 
 template <typename T, int kLoss, int kElem>
 cudaError_t launch(const ReconArgs& a, cudaStream_t stream) {
   const int64_t R = a.p.A * a.p.S;
-  const int nt = threads_for_row(a.p.D, kVec<T>, kReconCols * sizeof(float), kReconCols);
-  const size_t smem = (static_cast<size_t>(kReconCols) * nt + kReconCols) * sizeof(float);
+  constexpr size_t kCols = kReconCols * sizeof(float);
+  // channel-strided rows (S > 1) only: rows of few unit-stride channels are rare here (patches, features)
+  const int rows_per_block = a.p.S > 1 ? thread_team_threads(a.p.D, true, 2 * kCols) : 0;
+  if (rows_per_block > 0) {
+    const unsigned grid = thread_team_grid(R, rows_per_block);
+    const size_t smem = rows_per_block * 2 * kCols;
+    masked_recon_kernel<T, ThreadTeam, kLoss, kElem><<<grid, rows_per_block, smem, stream>>>(a);
+    return cudaGetLastError();
+  }
+  const int nt = threads_for_row(a.p.D, kVec<T>, kCols, kReconCols);
+  const size_t smem = kCols * nt + kCols;
   const int64_t blocks = R < kMaxBlocks ? R : kMaxBlocks;
-  masked_recon_kernel<T, kLoss, kElem><<<static_cast<unsigned>(blocks), nt, smem, stream>>>(a);
+  masked_recon_kernel<T, BlockTeam, kLoss, kElem><<<static_cast<unsigned>(blocks), nt, smem, stream>>>(a);
   return cudaGetLastError();
 }
 

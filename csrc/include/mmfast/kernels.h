@@ -32,9 +32,9 @@ void set_cpu_isa_level(int level);
 int64_t cpu_row_tile_max_classes();
 void set_cpu_row_tile_max_classes(int64_t classes);
 
-// Which team of threads the CUDA routed-KD and mutual-KD kernels give one row (csrc/cuda/common.cuh):
-// kCudaRowTeamAuto (the default) a thread per row for rows of few classes and for class-strided
-// rows, else a block; kCudaRowTeamBlock / kCudaRowTeamThread force one (tests: both run the same
+// Which team of threads the CUDA routed-KD, mutual-KD and masked-reconstruction kernels give one row
+// (csrc/cuda/common.cuh): kCudaRowTeamAuto (the default) a thread per row for class-strided rows and
+// (not masked reconstruction) rows of few classes, else a block; kCudaRowTeamBlock / kCudaRowTeamThread force one (tests: both run the same
 // problems; rows of more than 1024 classes, and rows whose thread-team tables would not fit the default
 // shared memory, always run as blocks).
 constexpr int kCudaRowTeamAuto = 0, kCudaRowTeamBlock = 1, kCudaRowTeamThread = 2;
