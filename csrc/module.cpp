@@ -54,7 +54,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("scale", &RoutedKDParams::scale)
       .def_readwrite("mix", &RoutedKDParams::mix)
       .def_readwrite("div", &RoutedKDParams::div)
-      .def_readwrite("dtype", &RoutedKDParams::dtype);
+      .def_readwrite("dtype", &RoutedKDParams::dtype)
+      .def_readwrite("workspace_floats", &RoutedKDParams::workspace_floats);
   MMFAST_PTR_FIELD(rk, RoutedKDParams, x, const void);
   MMFAST_PTR_FIELD(rk, RoutedKDParams, z, const void);
   MMFAST_PTR_FIELD(rk, RoutedKDParams, w, const void);
@@ -64,6 +65,9 @@ PYBIND11_MODULE(_C, m) {
   MMFAST_PTR_FIELD(rk, RoutedKDParams, dx, void);
   MMFAST_PTR_FIELD(rk, RoutedKDParams, dw, void);
   MMFAST_PTR_FIELD(rk, RoutedKDParams, dz, void);
+  MMFAST_PTR_FIELD(rk, RoutedKDParams, workspace, void);
+  m.attr("routed_workspace_floats") = kRoutedWorkspaceFloats;
+  m.attr("routed_split_min_classes") = kRoutedSplitMinClasses;
 
   py::class_<MutualKDParams> mk(m, "MutualKDParams");
   mk.def(py::init([]() { return MutualKDParams{}; }))

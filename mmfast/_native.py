@@ -115,8 +115,10 @@ def routed_kd_params(
     dx: Tensor | None,
     dw: Tensor | None,
     dz: Tensor | None,
+    workspace: Tensor | None = None,
 ):
-    """A ``_C.RoutedKDParams`` for x [B, C, S], z [E, B, C, S] (any strides) and contiguous rest."""
+    """A ``_C.RoutedKDParams`` for x [B, C, S], z [E, B, C, S] (any strides) and contiguous rest; ``workspace``:
+    the CUDA kernels' float32 scratch for rows split over several blocks (see :func:`_routed_workspace`)."""
     C_ = load()
     p = C_.RoutedKDParams()
     p.B, p.C, p.S = x.shape
@@ -129,7 +131,17 @@ def routed_kd_params(
     p.inv_tau, p.beta, p.scale = 1.0 / temperature, beta, scale
     p.mix, p.div, p.dtype = mix, divergence, DTYPE_CODES[x.dtype]
     p.loss, p.dx, p.dw, p.dz = _ptr(loss), _ptr(dx), _ptr(dw), _ptr(dz)
+    p.workspace, p.workspace_floats = _ptr(workspace), 0 if workspace is None else workspace.numel()
     return p
+
+
+def _routed_workspace(x: Tensor, kernel: str) -> Tensor | None:
+    """Scratch of the CUDA routed-KD kernel for a few long rows of class logits split over several blocks
+    (csrc/cuda/routed_kd.cu); None where it never splits (the CPU, dense logits, short rows)."""
+    C_ = load()
+    if kernel != "cuda" or x.shape[2] != 1 or x.shape[1] < C_.routed_split_min_classes:
+        return None
+    return torch.empty(C_.routed_workspace_floats, dtype=torch.float32, device=x.device)
 
 
 def mutual_kd_params(logits: Tensor, temperature: float, scale: float, loss: Tensor, grad: Tensor | None):
@@ -206,8 +218,9 @@ def routed_kd_rows(
     """Native routed KD (``kernel`` is "cpu" or "cuda"); same contract as the reference."""
     w, idx, m, loss, dx, dw, dz = routed_kd_outputs(x, z, weights, indices, mask, need_dx, need_dw, need_dz)
     if loss.numel() > 0:
+        workspace = _routed_workspace(x, kernel)  # held until the launch
         params = routed_kd_params(
-            x, z, w, idx, m, temperature, mix, divergence, beta, scale, loss, dx, dw, dz
+            x, z, w, idx, m, temperature, mix, divergence, beta, scale, loss, dx, dw, dz, workspace
         )
         _run(kernel, "routed_kd", params, x.device)
     return loss, dx, dw, dz

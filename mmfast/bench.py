@@ -345,6 +345,7 @@ ROUTED_CASES = (
     RoutedCase(N=256, C=8192, E=4),
     RoutedCase(N=4096, C=32768, E=2, large=True),
     RoutedCase(N=256, C=8192, E=4, top_k=1),
+    RoutedCase(N=16, C=131072, E=2),  # a few long rows: fewer than a GPU's SMs, split over several blocks
     RoutedCase(N=65536, C=10, E=4),  # many rows of few classes (CUDA backend: a thread per row)
     RoutedCase(N=8, C=19, E=4, pixels=(128, 256), large=True),  # segmentation logits (class_dim=1)
 )

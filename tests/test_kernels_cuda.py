@@ -221,6 +221,17 @@ class TestRoutedShapes:
         # N % 8 == 0: x, z, dx, dz rows share their alignment, vector accesses with a shift
         check_routed(8, 1271, 1, 2, None, mix, div, dtype=dtype)
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_split_rows(self, mix, div, dtype):  # fewer rows than SMs of >= 8192 classes: rows cut into pieces
+        check_routed(5, 20000, 1, 3, 2, mix, div, dtype=dtype, duplicate=True, mask="some", bad_index=True)
+        check_routed(4, 16411, 1, 3, None, mix, div, dtype=dtype, layout="misaligned", extreme=True)
+
+    @pytest.mark.parametrize(
+        "need", [(False, False, False), (True, False, False), (False, True, False), (False, False, True)]
+    )
+    def test_split_rows_requested_gradients(self, mix, div, need):
+        check_routed(3, 12289, 1, 3, 2, mix, div, need=need, duplicate=True, mask="some")
+
     def test_large_classes(self, mix, div):
         check_routed(3, 100003, 1, 2, 1, mix, div, tau=1.0)
         check_routed(2, 262144, 1, 2, None, mix, div, dtype=torch.bfloat16, tau=4.0)

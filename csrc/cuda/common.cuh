@@ -214,6 +214,7 @@ constexpr int kThreadTeamThreads = 128;
 // kLaunchThreads / kLaunchMinBlocks: the kernels' __launch_bounds__ (a 64-register cap).
 struct BlockTeam {
   static constexpr bool kPerThread = false;
+  static constexpr bool kPieces = false;  // a team of a piece of a row (routed_kd.cu's split mode)
   static constexpr int kLaunchThreads = kMaxThreads, kLaunchMinBlocks = kMinBlocksPerSM;
   __device__ static int lane() { return static_cast<int>(threadIdx.x); }
   __device__ static int size() { return static_cast<int>(blockDim.x); }
@@ -229,6 +230,7 @@ struct BlockTeam {
 // sm_90; more blocks would not fit the shared memory of 4 teachers' tables anyway).
 struct ThreadTeam {
   static constexpr bool kPerThread = true;
+  static constexpr bool kPieces = false;
   static constexpr int kLaunchThreads = kThreadTeamThreads, kLaunchMinBlocks = 6;
   __device__ static int lane() { return 0; }
   __device__ static int size() { return 1; }
@@ -348,14 +350,15 @@ __device__ __forceinline__ void reduce_sum_columns(const Part& part, int ncols, 
   __syncthreads();
 }
 
-// Same for log-sum-exp partials: column 2i holds maxima, column 2i + 1 sums.
-template <typename Team = BlockTeam, typename Part, typename Out>
-__device__ __forceinline__ void reduce_lse_columns(const Part& part, int nsources, const Out& out) {
+// Same for log-sum-exp partials: column 2i holds maxima, column 2i + 1 sums; emit(src, acc) gets
+// each source's merged OnlineLse2 (block teams: on lane 0 of the warp that reduced it).
+template <typename Team, typename Part, typename Emit>
+__device__ __forceinline__ void reduce_lse_columns_to(const Part& part, int nsources, Emit&& emit) {
   if constexpr (Team::kPerThread) {
     for (int src = 0; src < nsources; ++src) {
       OnlineLse2 acc;  // the block path's merge of one partial (NaN and -inf handled alike)
       acc.merge(part[2 * src], part[2 * src + 1]);
-      out[src] = RowLse2{acc.m, log2f(acc.s)};
+      emit(src, acc);
     }
     return;
   }
@@ -370,20 +373,27 @@ __device__ __forceinline__ void reduce_lse_columns(const Part& part, int nsource
       const float s2 = __shfl_xor_sync(0xffffffffu, acc.s, o);
       acc.merge(m2, s2);
     }
-    if (lane == 0) out[src] = RowLse2{acc.m, log2f(acc.s)};
+    if (lane == 0) emit(src, acc);
   }
   __syncthreads();
 }
 
-// Pass-1 sweep of one row: this member's (max, sum) of exp2(k2 * logit) over its chunks,
-// stored as column pair `src` of `part`.
+// The row's log2-sum-exp2 of each source into out[src].
+template <typename Team = BlockTeam, typename Part, typename Out>
+__device__ __forceinline__ void reduce_lse_columns(const Part& part, int nsources, const Out& out) {
+  reduce_lse_columns_to<Team>(part, nsources,
+                              [&](int src, const OnlineLse2& acc) { out[src] = RowLse2{acc.m, log2f(acc.s)}; });
+}
+
+// Pass-1 sweep of chunks [j0, j1) of one row: this member's (max, sum) of exp2(k2 * logit) over its
+// chunks, stored as column pair `src` of `part`.
 template <typename T, typename Team = BlockTeam, typename Part>
 __device__ __forceinline__ void lse_sweep(const T* __restrict__ row, int64_t stride, const RowChunks& rc,
-                                          float k2, const Part& part, int src) {
+                                          int j0, int j1, float k2, const Part& part, int src) {
   constexpr int V = kVec<T>;
   const int n = Team::size(), t = Team::lane();
   OnlineLse2 acc;
-  for (int j = t; j < rc.nchunks; j += n) {
+  for (int j = j0 + t; j < j1; j += n) {
     float a[V];
     load_chunk<T>(row, stride, j * V - rc.shift, rc, -INFINITY, a);
 #pragma unroll

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
     const RowChunks rc = make_chunks<T>(static_cast<int>(p.C), vec, residue);
 
     // pass 1
-    for (int i = 0; i < M; ++i) lse_sweep<T, Team>(sh.row[i], p.s_c, rc, a.k2, sh.part, i);
+    for (int i = 0; i < M; ++i) lse_sweep<T, Team>(sh.row[i], p.s_c, rc, 0, rc.nchunks, a.k2, sh.part, i);
     reduce_lse_columns<Team>(sh.part, M, sh.lse);
 
     // pass 2: R_i partials in column i

@@ -1,6 +1,7 @@
 // Routed teacher-mixture KD (SPEC section 1): per-row loss and gradients, written in the forward.
 //
-// One block per row (b, s), grid-stride over the B * S rows. With u = x / tau, q = softmax(u),
+// One team per row (b, s) (a block, or a thread for short and class-strided rows: common.cuh),
+// grid-stride over the B * S rows. With u = x / tau, q = softmax(u),
 // p_k = softmax(z_k / tau) for routing slot k (teacher idx[b, k], weight w_k), the divergence is
 // written through A = dD/dlog q and B = dD/dlog P (G = dD/dP for the probs mix), so that
 //   dL/du = A - q sum_c(A),   dL/dv = B - P sum_c(B)          (mmfast/reference/routed_kd.py).
@@ -12,6 +13,13 @@
 //      teacher mass; reverse KL: sum B = -1);
 //   3. only when a gradient needs a row sum of pass 2: those gradients.
 // Per-slot statistics live in shared memory (sized by K at launch), never in per-thread arrays.
+// Split mode, for a batch of fewer class-logit rows than the GPU has SMs (a few very long rows): each
+// row's chunks are cut into pieces, one block per (row, piece), and the passes become three launches:
+// (1) each piece's softmax statistics into a workspace; (2) the row's statistics merged in piece
+// order, each piece's pass-2 row sums into the workspace and its closed-form gradients; (3) both
+// merged again in piece order (the same bits in every block), the loss and dw by piece 0, and each
+// piece's pass-3 gradients. The mix "logits" dw, a pass-3 row sum, is formed there from two pass-2
+// sums instead: dw_k = sum_c B v_k - (sum_c B) sum_c P v_k.
 // With sparse routing a teacher's dz row is written by the first slot that selects it, with the
 // summed weight of all its slots (every factor but w_k is identical for those slots), added into
 // the caller's zero-filled dz. An index outside [0, E) is never dereferenced: the row's loss and
@@ -39,9 +47,33 @@ struct RoutedArgs {
   float beta;        // JS mixing weight
   float log_beta;    // log(beta)
   float log1m_beta;  // log(1 - beta)
+  // split mode: each row's chunks cut into nsplit pieces of `span` chunks, one block per (row,
+  // piece); phase 1, 2, 3 is the launch. nsplit == 1, phase 0: whole rows in one launch.
+  int phase, nsplit, span;
+  int64_t units;  // N * nsplit
+  int rec;        // floats per workspace record (2K + 2)
+  float* ws;      // [N, nsplit, 2, rec]: a piece's softmax statistics (record 0) and pass-2 sums (1)
 };
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// A block per piece of a row (split mode): the block team's code with the phases compiled in (other
+// teams fold them away); one block of kMaxThreads per SM, as the phases' extra state spilled at the
+// 64 registers that two would leave.
+struct PieceTeam : BlockTeam {
+  static constexpr bool kPieces = true;
+  static constexpr int kLaunchMinBlocks = 1;
+};
+
+// The launch's phase and pieces per row as the team sees them (0 and 1 unless it is a PieceTeam).
+template <typename Team>
+__device__ __forceinline__ int phase_of(const RoutedArgs& a) {
+  return Team::kPieces ? a.phase : 0;
+}
+template <typename Team>
+__device__ __forceinline__ int64_t pieces_of(const RoutedArgs& a) {
+  return Team::kPieces ? a.nsplit : 1;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Divergence, elementwise and per row
@@ -153,9 +185,12 @@ __device__ __forceinline__ RoutedShared<T, Team> carve_routed(unsigned char* sme
 
 template <typename T>
 struct RoutedRow {
+  int64_t row;  // b * S + s
+  int piece;    // split mode: the piece of the row this block owns (0 otherwise)
   const T* x;   // student row, class stride p.sx_c
   T* dx;        // dx row (class stride S) or nullptr
   RowChunks rc;
+  int j0, j1;   // the chunks of the row this team sweeps
 };
 
 // dz of slot k's teacher from X = dL/dv / w (the same for every slot of that teacher):
@@ -176,13 +211,16 @@ __device__ __forceinline__ void write_dz(const RoutedArgs& a, const RoutedShared
   }
 }
 
-// Fills the slot tables of `row`. Rows with an index outside [0, E) (NaN) and masked rows
-// (zeros) are written here and give false. Uniform over the team; starts with a barrier that
-// ends the previous row's use of the tables.
+// Fills the slot tables of work unit `unit` (row, piece). Rows with an index outside [0, E) (NaN)
+// and masked rows (zeros) are written here (split mode: the piece's classes, in phase 1) and give
+// false. Uniform over the team; starts with a barrier that ends the previous row's use of the tables.
 template <typename T, typename Team>
-__device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int64_t row,
+__device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int64_t unit,
                                  RoutedRow<T>& r) {
   const RoutedKDParams& p = a.p;
+  const int64_t nsplit = pieces_of<Team>(a), row = unit / nsplit;
+  r.row = row;
+  r.piece = static_cast<int>(unit - row * nsplit);
   const int K = static_cast<int>(p.K);
   const int64_t b = row / p.S, s = row - b * p.S;
   const float* w = static_cast<const float*>(p.w) + b * K;
@@ -229,15 +267,25 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team
   T* dx = p.dx != nullptr ? static_cast<T*>(p.dx) + b * p.C * p.S + s : nullptr;
   const bool masked = p.mask != nullptr && p.mask[row] == 0;
   if (bad || masked) {
+    if (phase_of<Team>(a) > 1) return false;  // written in phase 1
     const float v = bad ? quiet_nan() : 0.f;
-    if (Team::leader()) static_cast<float*>(p.loss)[row] = v;
-    if (p.dw != nullptr) {
-      for (int k = Team::lane(); k < K; k += Team::size()) static_cast<float*>(p.dw)[row * K + k] = v;
+    if (r.piece == 0) {
+      if (Team::leader()) static_cast<float*>(p.loss)[row] = v;
+      if (p.dw != nullptr) {
+        for (int k = Team::lane(); k < K; k += Team::size()) static_cast<float*>(p.dw)[row * K + k] = v;
+      }
     }
-    if (dx != nullptr) fill_row<T, Team>(dx, p.S, p.C, v);
+    // this piece's classes: [piece * span * V, (piece + 1) * span * V), the last piece's up to C
+    const int64_t piece_classes = static_cast<int64_t>(a.span) * kVec<T>;
+    int64_t c_lo = 0, c_hi = p.C;
+    if (nsplit > 1) {
+      c_lo = r.piece * piece_classes < p.C ? r.piece * piece_classes : p.C;
+      if (r.piece + 1 < nsplit) c_hi = c_lo + piece_classes < p.C ? c_lo + piece_classes : p.C;
+    }
+    if (dx != nullptr) fill_row<T, Team>(dx + c_lo * p.S, p.S, c_hi - c_lo, v);
     if (dz != nullptr && (bad || idx == nullptr)) {  // sparse masked rows leave dz untouched
       for (int k = 0; k < K; ++k) {
-        if (sh.dzrow[k] != nullptr) fill_row<T, Team>(sh.dzrow[k], p.S, p.C, v);
+        if (sh.dzrow[k] != nullptr) fill_row<T, Team>(sh.dzrow[k] + c_lo * p.S, p.S, c_hi - c_lo, v);
       }
     }
     return false;
@@ -254,7 +302,70 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team
           (dz == nullptr || sh.dzrow[k] == nullptr || reinterpret_cast<uintptr_t>(sh.dzrow[k]) % kChunkBytes<T> == residue);
   }
   r.rc = make_chunks<T>(static_cast<int>(p.C), vec, residue);
+  r.j0 = 0;
+  r.j1 = r.rc.nchunks;
+  if (nsplit > 1) {  // pieces of `span` chunks; the last takes the rest
+    r.j0 = r.piece * a.span < r.rc.nchunks ? r.piece * a.span : r.rc.nchunks;
+    if (r.piece + 1 < nsplit) r.j1 = r.j0 + a.span < r.rc.nchunks ? r.j0 + a.span : r.rc.nchunks;
+  }
   return true;
+}
+
+// Pass 1 of a row: the log2-sum-exp2 of `nsrc` sources into sh.lse, after `sweep()` has put this
+// member's partials of the team's chunks in sh.part (column pairs by source). Split phase 1 writes
+// the piece's statistics to the workspace and gives false (nothing more in that launch); phases 2
+// and 3 merge the pieces' statistics in piece order, without a sweep.
+template <typename T, typename Team, typename Sweep>
+__device__ __forceinline__ bool row_lse(const RoutedArgs& a, const RoutedShared<T, Team>& sh, const RoutedRow<T>& r,
+                                        int nsrc, Sweep&& sweep) {
+  const int phase = phase_of<Team>(a);
+  if (phase <= 1) {
+    sweep();
+    if (phase == 0) {
+      reduce_lse_columns<Team>(sh.part, nsrc, sh.lse);
+      return true;
+    }
+    float* rec = a.ws + (r.row * a.nsplit + r.piece) * 2 * a.rec;
+    reduce_lse_columns_to<Team>(sh.part, nsrc, [&](int src, const OnlineLse2& acc) {
+      rec[2 * src] = acc.m;
+      rec[2 * src + 1] = acc.s;
+    });
+    return false;
+  }
+  const float* first = a.ws + r.row * a.nsplit * 2 * a.rec;
+  for (int src = Team::lane(); src < nsrc; src += Team::size()) {
+    OnlineLse2 acc;
+    for (int piece = 0; piece < a.nsplit; ++piece) {
+      acc.merge(first[piece * 2 * a.rec + 2 * src], first[piece * 2 * a.rec + 2 * src + 1]);
+    }
+    sh.lse[src] = RowLse2{acc.m, log2f(acc.s)};
+  }
+  Team::sync();
+  return true;
+}
+
+// The pass-2 row sums (`ncols` columns of sh.part) into sh.red. Split phase 2 writes the piece's sums to
+// the workspace and gives false; phase 3 (which skips the pass-2 sweep) adds the pieces' sums in
+// piece order.
+template <typename T, typename Team>
+__device__ __forceinline__ bool pass2_sums(const RoutedArgs& a, const RoutedShared<T, Team>& sh, const RoutedRow<T>& r,
+                                           int ncols) {
+  const int phase = phase_of<Team>(a);
+  if (phase == 3) {
+    const float* first = a.ws + (r.row * a.nsplit * 2 + 1) * a.rec;
+    for (int col = Team::lane(); col < ncols; col += Team::size()) {
+      float total = 0.f;
+      for (int piece = 0; piece < a.nsplit; ++piece) total += first[piece * 2 * a.rec + col];
+      sh.red[col] = total;
+    }
+    Team::sync();
+    return true;
+  }
+  reduce_sum_columns<Team>(sh.part, ncols, sh.red);
+  if (phase == 0) return true;
+  float* rec = a.ws + ((r.row * a.nsplit + r.piece) * 2 + 1) * a.rec;
+  for (int col = Team::lane(); col < ncols; col += Team::size()) rec[col] = sh.red[col];
+  return false;
 }
 
 // log p and p = softmax(logits / tau) of a chunk of a row with log2-sum-exp2 `L`.
@@ -272,14 +383,15 @@ __device__ __forceinline__ void log_softmax_chunk(const T* row, int64_t stride, 
   }
 }
 
-// Pass 1 for the student and every slot's teacher: sh.lse[0] and sh.lse[1 + k].
+// Pass 1 for the student and every slot's teacher: sh.lse[0] and sh.lse[1 + k] (see row_lse).
 template <typename T, typename Team>
-__device__ __forceinline__ void student_teacher_lse(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
+__device__ __forceinline__ bool student_teacher_lse(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                     const RoutedRow<T>& r) {
   const int K = static_cast<int>(a.p.K);
-  lse_sweep<T, Team>(r.x, a.p.sx_c, r.rc, a.k2, sh.part, 0);
-  for (int k = 0; k < K; ++k) lse_sweep<T, Team>(sh.zrow[k], a.p.sz_c, r.rc, a.k2, sh.part, 1 + k);
-  reduce_lse_columns<Team>(sh.part, K + 1, sh.lse);
+  return row_lse<T, Team>(a, sh, r, K + 1, [&] {
+    lse_sweep<T, Team>(r.x, a.p.sx_c, r.rc, r.j0, r.j1, a.k2, sh.part, 0);
+    for (int k = 0; k < K; ++k) lse_sweep<T, Team>(sh.zrow[k], a.p.sz_c, r.rc, r.j0, r.j1, a.k2, sh.part, 1 + k);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,20 +406,23 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
+  const int phase = phase_of<Team>(a);
   // KL: sum_c A = -W, so dx needs no row sum; reverse KL: sum_c B_k = -1, so dz_k needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
   const bool dz_pass2 = Div == kReverseKL && p.dz != nullptr, dz_pass3 = Div != kReverseKL && p.dz != nullptr;
 
-  for (int64_t row = Team::first_row(); row < a.N; row += Team::row_stride()) {
+  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T, Team>(a, sh, row, r)) continue;
-    student_teacher_lse<T, Team>(a, sh, r);
+    if (!setup_routed_row<T, Team>(a, sh, unit, r)) continue;
+    const int64_t row = r.row;
+    const bool results = !Team::kPieces || r.piece == 0;  // the row's loss and dw: one block of a split row
+    if (!student_teacher_lse<T, Team>(a, sh, r)) continue;
     const RowLse2 Lq = sh.lse[0];
     const float W = sh.W[0];
 
-    // pass 2: S1_k, S2_k in columns k, K + k
+    // pass 2: S1_k, S2_k in columns k, K + k (split phase 3: summed over the pieces instead)
     for (int col = 0; col < NQ * K; ++col) sh.part[col * nt + tid] = 0.f;
-    for (int j = tid; j < r.rc.nchunks; j += nt) {
+    for (int j = r.j0 + tid; phase != 3 && j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], wp[V];  // wp = sum_k w_k p_k
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
@@ -339,7 +454,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
         store_chunk<T>(r.dx, p.S, c0, r.rc, d);
       }
     }
-    reduce_sum_columns<Team>(sh.part, NQ * K, sh.red);
+    if (!pass2_sums<T, Team>(a, sh, r, NQ * K)) continue;
 
     float L = 0.f, SA = 0.f;  // sum_k w_k D_k, sum_k w_k sum_c A_k
     for (int k = 0; k < K; ++k) {
@@ -347,8 +462,8 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
       L = fmaf(sh.w[k], rs.D, L);
       SA = fmaf(sh.w[k], rs.SA, SA);
     }
-    if (tid == 0) static_cast<float*>(p.loss)[row] = a.scale * L;
-    if (p.dw != nullptr) {
+    if (results && tid == 0) static_cast<float*>(p.loss)[row] = a.scale * L;
+    if (results && p.dw != nullptr) {
       for (int k = tid; k < K; k += nt) {
         const RowSums rs = row_sums<Div>(sh.red[k], NQ == 2 ? sh.red[K + k] : 0.f, 1.f, a.beta);
         static_cast<float*>(p.dw)[row * K + k] = a.scale * rs.D;
@@ -357,7 +472,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
     if (!dx_pass3 && !dz_pass3) continue;
 
     // pass 3: the gradients that need the row sums
-    for (int j = tid; j < r.rc.nchunks; j += nt) {
+    for (int j = r.j0 + tid; j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], A[V];  // A = sum_k w_k A_k
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
@@ -408,16 +523,16 @@ __device__ __forceinline__ void mixed_logits_chunk(const RoutedArgs& a, const Ro
   for (int i = 0; i < kVec<T>; ++i) vb[i] = in_row(c0 + i, rc.C) ? vb[i] : -INFINITY;
 }
 
-// Given dvbar of a chunk (0 outside the row): dz_k (slots that own a dz row) and the dw_k partial
-// sum_c dvbar v_k into column col0 + k.
+// Given dvbar of a chunk (0 outside the row): dz_k (slots that own a dz row) and, with `with_dw`,
+// the dw_k partial sum_c dvbar v_k into column col0 + k.
 template <typename T, typename Team>
 __device__ __forceinline__ void mixed_logits_slot_grads(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                         const RowChunks& rc, int c0,
-                                                        const float (&dvb)[kVec<T>], int col0) {
+                                                        const float (&dvb)[kVec<T>], int col0, bool with_dw) {
   constexpr int V = kVec<T>;
   const RoutedKDParams& p = a.p;
   for (int k = 0; k < static_cast<int>(p.K); ++k) {
-    if (p.dw != nullptr) {
+    if (with_dw) {
       float zk[V];
       load_chunk<T>(sh.zrow[k], p.sz_c, c0, rc, 0.f, zk);
       float acc = 0.f;
@@ -441,38 +556,44 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
+  const int phase = phase_of<Team>(a);
   const bool slot_grads = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -1, so dx needs no row sum; reverse KL: sum B = -1, so dvbar = P - q needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
   const bool dv_pass2 = Div == kReverseKL && slot_grads, dv_pass3 = Div != kReverseKL && slot_grads;
+  // split rows: dw_k = sum_c B v_k - SB sum_c P v_k from pass-2 sums (columns 2 + k, 2 + K + k)
+  const bool dw_bv = Team::kPieces && dv_pass3 && p.dw != nullptr;
+  const bool dw_pass3 = !dw_bv && dv_pass3 && p.dw != nullptr;
 
-  for (int64_t row = Team::first_row(); row < a.N; row += Team::row_stride()) {
+  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T, Team>(a, sh, row, r)) continue;
+    if (!setup_routed_row<T, Team>(a, sh, unit, r)) continue;
+    const int64_t row = r.row;
+    const bool results = !Team::kPieces || r.piece == 0;  // the row's loss and dw: one block of a split row
 
     // pass 1: student (column pair 0) and mixed logits (column pair 1)
-    lse_sweep<T, Team>(r.x, p.sx_c, r.rc, a.k2, sh.part, 0);
-    {
+    const bool whole = row_lse<T, Team>(a, sh, r, 2, [&] {
+      lse_sweep<T, Team>(r.x, p.sx_c, r.rc, r.j0, r.j1, a.k2, sh.part, 0);
       OnlineLse2 acc;
-      for (int j = tid; j < r.rc.nchunks; j += nt) {
+      for (int j = r.j0 + tid; j < r.j1; j += nt) {
         float vb[V];
         mixed_logits_chunk<T, Team>(a, sh, r.rc, j * V - r.rc.shift, vb);
         acc.add(vb);
       }
       sh.part[2 * nt + tid] = acc.m;
       sh.part[3 * nt + tid] = acc.s;
-    }
-    reduce_lse_columns<Team>(sh.part, 2, sh.lse);
+    });
+    if (!whole) continue;
     const RowLse2 Lq = sh.lse[0], LP = sh.lse[1];
 
-    // pass 2: S1, S2 (columns 0, 1; registers until the end), reverse-KL dw_k in columns 2 + k
-    if (dv_pass2 && p.dw != nullptr) {
-      for (int k = 0; k < K; ++k) sh.part[(2 + k) * nt + tid] = 0.f;
-    }
+    // pass 2: S1, S2 (columns 0, 1; registers until the end), reverse-KL dw_k in columns 2 + k, or
+    // sum_c B v_k and sum_c P v_k in columns 2 + k and 2 + K + k (split phase 3: summed over the pieces)
+    const int ncols = 2 + (dv_pass2 && p.dw != nullptr ? K : 0) + (dw_bv ? 2 * K : 0);
+    for (int col = 2; col < ncols; ++col) sh.part[col * nt + tid] = 0.f;
     float S1 = 0.f, S2 = 0.f;
-    for (int j = tid; j < r.rc.nchunks; j += nt) {
+    for (int j = r.j0 + tid; phase != 3 && j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
-      float lq[V], q[V], vb[V], d[V];
+      float lq[V], q[V], vb[V], d[V], Bc[V], Pc[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
       mixed_logits_chunk<T, Team>(a, sh, r.rc, c0, vb);
 #pragma unroll
@@ -481,29 +602,50 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
         const float P = exp2f(dl);
         const Elem e = elem<Div>(dl * kLn2, P, lq[i], q[i], a);
         const bool ok = in_row(c0 + i, r.rc.C);
+        Bc[i] = ok ? e.B : 0.f;  // B and P of the chunk, 0 outside the row (dw_bv)
+        Pc[i] = ok ? P : 0.f;
         S1 += ok ? e.s1 : 0.f;
         S2 += ok ? e.s2 : 0.f;
         // KL: dx = g (A - q sum A) = g (q - P); reverse KL: dvbar = B - P sum B = P - q
         d[i] = dx_pass2 ? a.g * (q[i] - P) : (ok ? P - q[i] : 0.f);
       }
       if (dx_pass2) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
-      if (dv_pass2) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, d, 2);
+      if (dv_pass2) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, d, 2, p.dw != nullptr);
+      if (dw_bv) {
+        for (int k = 0; k < K; ++k) {
+          float zk[V];
+          load_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, 0.f, zk);
+          float bv = 0.f, pv = 0.f;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            bv = fmaf(Bc[i], zk[i], bv);
+            pv = fmaf(Pc[i], zk[i], pv);
+          }
+          sh.part[(2 + k) * nt + tid] += bv * a.inv_tau;
+          sh.part[(2 + K + k) * nt + tid] += pv * a.inv_tau;
+        }
+      }
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    reduce_sum_columns<Team>(sh.part, dv_pass2 && p.dw != nullptr ? 2 + K : 2, sh.red);
+    if (!pass2_sums<T, Team>(a, sh, r, ncols)) continue;
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], 1.f, a.beta);
-    if (tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
-    if (dv_pass2 && p.dw != nullptr) {
+    if (results && tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
+    if (results && dv_pass2 && p.dw != nullptr) {
       for (int k = tid; k < K; k += nt) static_cast<float*>(p.dw)[row * K + k] = a.scale * sh.red[2 + k];
+    }
+    if (results && dw_bv) {  // sum_c (B - P SB) v_k
+      for (int k = tid; k < K; k += nt) {
+        static_cast<float*>(p.dw)[row * K + k] = a.scale * fmaf(-rs.SB, sh.red[2 + K + k], sh.red[2 + k]);
+      }
     }
     if (!dx_pass3 && !dv_pass3) continue;
 
-    // pass 3: dx and dvbar with the row sums; dw_k in columns k
-    if (dv_pass3 && p.dw != nullptr) {
+    // pass 3: dx and dvbar with the row sums; dw_k in columns k (whole rows)
+    if (dw_pass3) {
       for (int k = 0; k < K; ++k) sh.part[k * nt + tid] = 0.f;
     }
-    for (int j = tid; j < r.rc.nchunks; j += nt) {
+    for (int j = r.j0 + tid; j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], vb[V], d[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
@@ -517,9 +659,9 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
         vb[i] = in_row(c0 + i, r.rc.C) ? fmaf(-P, rs.SB, e.B) : 0.f;  // dvbar
       }
       if (dx_pass3) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
-      if (dv_pass3) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, vb, 0);
+      if (dv_pass3) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, vb, 0, dw_pass3);
     }
-    if (dv_pass3 && p.dw != nullptr) {
+    if (dw_pass3) {
       reduce_sum_columns<Team>(sh.part, K, sh.red);
       for (int k = tid; k < K; k += nt) static_cast<float*>(p.dw)[row * K + k] = a.scale * sh.red[k];
     }
@@ -581,23 +723,26 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
+  const int phase = phase_of<Team>(a);
   const bool need_Y = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -W, so dx needs no row sum
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
 
-  for (int64_t row = Team::first_row(); row < a.N; row += Team::row_stride()) {
+  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T, Team>(a, sh, row, r)) continue;
-    student_teacher_lse<T, Team>(a, sh, r);
+    if (!setup_routed_row<T, Team>(a, sh, unit, r)) continue;
+    const int64_t row = r.row;
+    const bool results = !Team::kPieces || r.piece == 0;  // the row's loss and dw: one block of a split row
+    if (!student_teacher_lse<T, Team>(a, sh, r)) continue;
     const RowLse2 Lq = sh.lse[0];
     const float W = sh.W[0];
 
-    // pass 2: S1, S2 (columns 0, 1), Y_k (columns 2 + k)
+    // pass 2: S1, S2 (columns 0, 1), Y_k (columns 2 + k) (split phase 3: summed over the pieces)
     if (need_Y) {
       for (int k = 0; k < K; ++k) sh.part[(2 + k) * nt + tid] = 0.f;
     }
     float S1 = 0.f, S2 = 0.f;
-    for (int j = tid; j < r.rc.nchunks; j += nt) {
+    for (int j = r.j0 + tid; phase != 3 && j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], lP2[V], G[V], d[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
@@ -627,16 +772,16 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    reduce_sum_columns<Team>(sh.part, need_Y ? 2 + K : 2, sh.red);
+    if (!pass2_sums<T, Team>(a, sh, r, need_Y ? 2 + K : 2)) continue;
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], W, a.beta);
-    if (tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
-    if (p.dw != nullptr) {
+    if (results && tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
+    if (results && p.dw != nullptr) {
       for (int k = tid; k < K; k += nt) static_cast<float*>(p.dw)[row * K + k] = a.scale * sh.red[2 + k];
     }
     if (!dx_pass3 && p.dz == nullptr) continue;
 
     // pass 3: dx with sum A, dz_k with Y_k
-    for (int j = tid; j < r.rc.nchunks; j += nt) {
+    for (int j = r.j0 + tid; j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], lP2[V], G[V], d[V];
       log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
@@ -692,12 +837,62 @@ int launch_kernel(RoutedKernel kernel, const RoutedArgs& a, unsigned grid, int n
   return cudaGetLastError();
 }
 
+// Split mode (the file comment): a block per SM in all, pieces of at least this many classes, at
+// most kMaxSplit pieces per row.
+constexpr int kSplitBlocksPerSM = PieceTeam::kLaunchMinBlocks;
+constexpr int64_t kSplitMinPieceClasses = 4096;
+constexpr int64_t kMaxSplit = 64;
+
+struct RoutedSplit {
+  int nsplit, span;  // pieces per row, chunks per piece; nsplit == 1: whole rows
+};
+
+// Rows of class logits (S == 1) of at least kRoutedSplitMinClasses classes, fewer than the SMs, are
+// split when the caller's workspace holds the pieces' records.
+RoutedSplit routed_split_plan(const RoutedArgs& a, int vec) {
+  const RoutedSplit whole{1, 0};
+  const RoutedKDParams& p = a.p;
+  if (p.S != 1 || p.C < kRoutedSplitMinClasses || p.workspace == nullptr) return whole;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || a.N >= sms) {
+    return whole;
+  }
+  const int64_t chunks = (p.C + vec - 1) / vec + 1;  // a row's chunks at most (one more when misaligned)
+  int64_t n = (kSplitBlocksPerSM * static_cast<int64_t>(sms) + a.N - 1) / a.N;
+  n = n < kMaxSplit ? n : kMaxSplit;
+  n = n < p.C / kSplitMinPieceClasses ? n : p.C / kSplitMinPieceClasses;
+  if (n <= 1) return whole;
+  const int64_t span = (chunks + n - 1) / n;
+  n = (chunks + span - 1) / span;
+  if (n <= 1 || a.N * n * 2 * routed_columns(p.K) > p.workspace_floats) return whole;
+  return {static_cast<int>(n), static_cast<int>(span)};
+}
+
 // A thread per row (few classes, or dense logits whose neighbouring pixels are neighbours in
-// memory), else a block per row.
+// memory), a block per row, or (a few long rows) a block per piece of a row in three launches.
 template <typename T, int Mix, int Div>
 int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
   const size_t fixed = routed_fixed_bytes(a.p.K);
   const size_t per_thread = static_cast<size_t>(routed_columns(a.p.K)) * sizeof(float);
+  const RoutedSplit split = routed_split_plan(a, kVec<T>);
+  if (split.nsplit > 1) {
+    RoutedArgs sa = a;
+    sa.nsplit = split.nsplit;
+    sa.span = split.span;
+    sa.units = a.N * split.nsplit;
+    sa.rec = static_cast<int>(routed_columns(a.p.K));
+    sa.ws = static_cast<float*>(a.p.workspace);
+    const int nt = threads_for_row(static_cast<int64_t>(split.span) * kVec<T>, kVec<T>, fixed, routed_columns(a.p.K));
+    const unsigned grid = static_cast<unsigned>(sa.units < kMaxBlocks ? sa.units : kMaxBlocks);
+    for (int phase = 1; phase <= 3; ++phase) {
+      sa.phase = phase;
+      const int err = launch_kernel(routed_kernel<T, PieceTeam, Mix, Div>(), sa, grid, nt, fixed + per_thread * nt,
+                                    stream);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
   const int rows_per_block = thread_team_threads(a.p.C, a.p.S > 1, fixed + per_thread);
   if (rows_per_block > 0) {
     return launch_kernel(routed_kernel<T, ThreadTeam, Mix, Div>(), a, thread_team_grid(a.N, rows_per_block),
@@ -739,6 +934,12 @@ int routed_kd_cuda(const RoutedKDParams& p, void* stream) {
   a.p = p;
   a.N = p.B * p.S;
   if (a.N <= 0) return cudaSuccess;
+  a.phase = 0;  // whole rows (launch_routed may split them)
+  a.nsplit = 1;
+  a.span = 0;
+  a.units = a.N;
+  a.rec = 0;
+  a.ws = nullptr;
   if (p.K < 0 || p.C < 0 || p.C > kMaxClasses || (p.idx == nullptr && p.K != p.E)) return cudaErrorInvalidValue;
   a.k2 = static_cast<float>(p.inv_tau * 1.4426950408889634);
   a.inv_tau = static_cast<float>(p.inv_tau);

@@ -34,6 +34,11 @@ enum Divergence : int32_t { kKL = 0, kReverseKL = 1, kJS = 2, kTVD = 3 };
 //                         selected teachers' rows (a teacher selected twice accumulates).
 //                         With dense routing the kernel writes every element.
 // Masked rows: loss, dx, dw (and dz for dense routing) are written as 0; x and z are not read.
+// workspace (CUDA only; nullptr elsewhere): float32 scratch of workspace_floats elements for the
+// partial statistics of a few long rows of class logits (S == 1, C >= kRoutedSplitMinClasses) split
+// over several blocks; kRoutedWorkspaceFloats always suffices (with less, rows are not split).
+constexpr int64_t kRoutedSplitMinClasses = 8192;
+constexpr int64_t kRoutedWorkspaceFloats = int64_t{1} << 17;
 struct RoutedKDParams {
   int64_t B, C, S, E, K;
   const void* x;
@@ -53,6 +58,8 @@ struct RoutedKDParams {
   void* dx;
   void* dw;
   void* dz;
+  void* workspace;
+  int64_t workspace_floats;
 };
 
 // Mutual (co-training) KD over M models, per-row loss and gradient.
