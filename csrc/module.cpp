@@ -66,8 +66,6 @@ PYBIND11_MODULE(_C, m) {
   MMFAST_PTR_FIELD(rk, RoutedKDParams, dw, void);
   MMFAST_PTR_FIELD(rk, RoutedKDParams, dz, void);
   MMFAST_PTR_FIELD(rk, RoutedKDParams, workspace, void);
-  m.attr("routed_workspace_floats") = kRoutedWorkspaceFloats;
-  m.attr("routed_split_min_classes") = kRoutedSplitMinClasses;
 
   py::class_<MutualKDParams> mk(m, "MutualKDParams");
   mk.def(py::init([]() { return MutualKDParams{}; }))
@@ -79,10 +77,14 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("s_c", &MutualKDParams::s_c)
       .def_readwrite("inv_tau", &MutualKDParams::inv_tau)
       .def_readwrite("scale", &MutualKDParams::scale)
-      .def_readwrite("dtype", &MutualKDParams::dtype);
+      .def_readwrite("dtype", &MutualKDParams::dtype)
+      .def_readwrite("workspace_floats", &MutualKDParams::workspace_floats);
   MMFAST_PTR_FIELD(mk, MutualKDParams, logits, const void);
   MMFAST_PTR_FIELD(mk, MutualKDParams, loss, void);
   MMFAST_PTR_FIELD(mk, MutualKDParams, grad, void);
+  MMFAST_PTR_FIELD(mk, MutualKDParams, workspace, void);
+  m.attr("row_split_workspace_floats") = kRowSplitWorkspaceFloats;
+  m.attr("row_split_min_classes") = kRowSplitMinClasses;
 
   // The GIL is released: kernels touch only raw memory.
   m.def("routed_kd_cpu", &routed_kd_cpu, py::arg("params"), py::arg("num_threads"),

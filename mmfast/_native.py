@@ -118,7 +118,7 @@ def routed_kd_params(
     workspace: Tensor | None = None,
 ):
     """A ``_C.RoutedKDParams`` for x [B, C, S], z [E, B, C, S] (any strides) and contiguous rest; ``workspace``:
-    the CUDA kernels' float32 scratch for rows split over several blocks (see :func:`_routed_workspace`)."""
+    the CUDA kernels' float32 scratch for rows split over several blocks (see :func:`_row_split_workspace`)."""
     C_ = load()
     p = C_.RoutedKDParams()
     p.B, p.C, p.S = x.shape
@@ -135,17 +135,20 @@ def routed_kd_params(
     return p
 
 
-def _routed_workspace(x: Tensor, kernel: str) -> Tensor | None:
-    """Scratch of the CUDA routed-KD kernel for a few long rows of class logits split over several blocks
-    (csrc/cuda/routed_kd.cu); None where it never splits (the CPU, dense logits, short rows)."""
+def _row_split_workspace(kernel: str, classes: int, device: torch.device) -> Tensor | None:
+    """Scratch of the CUDA routed-KD and mutual-KD kernels for a few long rows of class logits split over
+    several blocks (csrc/cuda/common.cuh, split mode); None where they never split (the CPU, short rows)."""
     C_ = load()
-    if kernel != "cuda" or x.shape[2] != 1 or x.shape[1] < C_.routed_split_min_classes:
+    if kernel != "cuda" or classes < C_.row_split_min_classes:
         return None
-    return torch.empty(C_.routed_workspace_floats, dtype=torch.float32, device=x.device)
+    return torch.empty(C_.row_split_workspace_floats, dtype=torch.float32, device=device)
 
 
-def mutual_kd_params(logits: Tensor, temperature: float, scale: float, loss: Tensor, grad: Tensor | None):
-    """A ``_C.MutualKDParams`` for logits [M, N, C] (any strides)."""
+def mutual_kd_params(
+    logits: Tensor, temperature: float, scale: float, loss: Tensor, grad: Tensor | None,
+    workspace: Tensor | None = None,
+):
+    """A ``_C.MutualKDParams`` for logits [M, N, C] (any strides); ``workspace`` as in :func:`routed_kd_params`."""
     C_ = load()
     p = C_.MutualKDParams()
     p.M, p.N, p.C = logits.shape
@@ -153,6 +156,7 @@ def mutual_kd_params(logits: Tensor, temperature: float, scale: float, loss: Ten
     p.logits = _ptr(logits)
     p.inv_tau, p.scale, p.dtype = 1.0 / temperature, scale, DTYPE_CODES[logits.dtype]
     p.loss, p.grad = _ptr(loss), _ptr(grad)
+    p.workspace, p.workspace_floats = _ptr(workspace), 0 if workspace is None else workspace.numel()
     return p
 
 
@@ -218,7 +222,8 @@ def routed_kd_rows(
     """Native routed KD (``kernel`` is "cpu" or "cuda"); same contract as the reference."""
     w, idx, m, loss, dx, dw, dz = routed_kd_outputs(x, z, weights, indices, mask, need_dx, need_dw, need_dz)
     if loss.numel() > 0:
-        workspace = _routed_workspace(x, kernel)  # held until the launch
+        # held until the launch; dense logits (S > 1) are never split
+        workspace = _row_split_workspace(kernel, x.shape[1] if x.shape[2] == 1 else 0, x.device)
         params = routed_kd_params(
             x, z, w, idx, m, temperature, mix, divergence, beta, scale, loss, dx, dw, dz, workspace
         )
@@ -234,7 +239,8 @@ def mutual_kd_rows(
     loss = torch.empty(N, dtype=compute_dtype(logits.dtype), device=logits.device)
     grad = torch.empty(M, N, C, dtype=logits.dtype, device=logits.device) if need_grad else logits.new_empty(0)
     if loss.numel() > 0:
-        _run(kernel, "mutual_kd", mutual_kd_params(logits, temperature, scale, loss, grad), logits.device)
+        workspace = _row_split_workspace(kernel, C, logits.device)  # held until the launch
+        _run(kernel, "mutual_kd", mutual_kd_params(logits, temperature, scale, loss, grad, workspace), logits.device)
     return loss, grad
 
 

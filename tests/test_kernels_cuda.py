@@ -281,6 +281,13 @@ def test_mutual(M, dtype, layout):
     check_mutual(M, 5, 37, dtype=dtype, layout=layout, tau=(0.5, 1.0, 4.0)[M - 1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mutual_split_rows(dtype):  # fewer rows than SMs of >= 8192 classes: rows cut into pieces
+    check_mutual(3, 5, 20000, dtype=dtype)
+    check_mutual(2, 3, 16411, dtype=dtype, layout="misaligned", need=False)
+    check_mutual(1, 2, 12289, dtype=dtype, layout="transposed")
+
+
 def test_mutual_shapes():
     check_mutual(2, 1, 1)
     check_mutual(3, 2, 262144, dtype=torch.bfloat16)

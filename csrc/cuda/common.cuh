@@ -449,5 +449,146 @@ __host__ inline unsigned thread_team_grid(int64_t rows, int threads) {
   return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Split mode: a few long rows cut into pieces
+// ---------------------------------------------------------------------------------------------
+// A batch of fewer rows than the GPU has SMs, each of at least kRowSplitMinClasses classes: each row's
+// chunks are cut into `nsplit` pieces of `span` chunks, a block per (row, piece), and the kernel's
+// passes become one launch each (phase 1, 2, 3). Partial statistics go through the caller's workspace
+// [rows, nsplit, 2, rec] (record 0: a piece's softmax statistics, record 1: its pass-2 sums) and
+// every block of a row merges them in piece order (the same bits in every block; no atomics).
+struct Pieces {
+  int phase;   // 0: whole rows in one launch; 1, 2, 3: the launch of a split
+  int nsplit;  // pieces per row (1: whole rows)
+  int span;    // chunks per piece
+  int rec;     // floats per record
+  float* ws;
+};
+
+__host__ inline Pieces whole_rows() { return Pieces{0, 1, 0, 0, nullptr}; }
+
+// A block per piece of a row: the block team's code with the phases compiled in (other teams fold
+// them away); one block of kMaxThreads per SM, as the phases' extra state spilled at the 64
+// registers that two would leave.
+struct PieceTeam : BlockTeam {
+  static constexpr bool kPieces = true;
+  static constexpr int kLaunchMinBlocks = 1;
+};
+
+// The launch's phase and pieces per row as the team sees them (0 and 1 unless it is a PieceTeam).
+template <typename Team>
+__device__ __forceinline__ int phase_of(const Pieces& pc) {
+  return Team::kPieces ? pc.phase : 0;
+}
+template <typename Team>
+__device__ __forceinline__ int64_t pieces_of(const Pieces& pc) {
+  return Team::kPieces ? pc.nsplit : 1;
+}
+
+// Chunks [j0, j1) of a row of `nchunks` chunks that piece `piece` sweeps (pieces of `span`; the last
+// takes the rest) and its classes [c_lo, c_hi) of C (the same cut by classes, for rows written
+// without chunks).
+template <typename Team>
+__device__ __forceinline__ void piece_range(const Pieces& pc, int piece, int nchunks, int& j0, int& j1) {
+  j0 = 0;
+  j1 = nchunks;
+  if (pieces_of<Team>(pc) > 1) {
+    j0 = piece * pc.span < nchunks ? piece * pc.span : nchunks;
+    if (piece + 1 < pc.nsplit) j1 = j0 + pc.span < nchunks ? j0 + pc.span : nchunks;
+  }
+}
+template <typename Team>
+__device__ __forceinline__ void piece_classes(const Pieces& pc, int piece, int vec, int64_t C, int64_t& c_lo,
+                                              int64_t& c_hi) {
+  c_lo = 0;
+  c_hi = C;
+  if (pieces_of<Team>(pc) > 1) {
+    const int64_t n = static_cast<int64_t>(pc.span) * vec;
+    c_lo = piece * n < C ? piece * n : C;
+    if (piece + 1 < pc.nsplit) c_hi = c_lo + n < C ? c_lo + n : C;
+  }
+}
+
+// Pass 1 of row `row`: the log2-sum-exp2 of `nsrc` sources into lse[src], after `sweep()` has put this
+// member's partials of the team's chunks in `part` (column pairs by source). Split phase 1 writes the
+// piece's statistics to the workspace and gives false (nothing more in that launch); phases 2 and 3
+// merge the pieces' statistics in piece order, without a sweep.
+template <typename Team, typename Part, typename Lse, typename Sweep>
+__device__ __forceinline__ bool pieces_lse(const Pieces& pc, int64_t row, int piece, const Part& part, int nsrc,
+                                           const Lse& lse, Sweep&& sweep) {
+  const int phase = phase_of<Team>(pc);
+  if (phase <= 1) {
+    sweep();
+    if (phase == 0) {
+      reduce_lse_columns<Team>(part, nsrc, lse);
+      return true;
+    }
+    float* rec = pc.ws + (row * pc.nsplit + piece) * 2 * pc.rec;
+    reduce_lse_columns_to<Team>(part, nsrc, [&](int src, const OnlineLse2& acc) {
+      rec[2 * src] = acc.m;
+      rec[2 * src + 1] = acc.s;
+    });
+    return false;
+  }
+  const float* first = pc.ws + row * pc.nsplit * 2 * pc.rec;
+  for (int src = Team::lane(); src < nsrc; src += Team::size()) {
+    OnlineLse2 acc;
+    for (int k = 0; k < pc.nsplit; ++k) acc.merge(first[k * 2 * pc.rec + 2 * src], first[k * 2 * pc.rec + 2 * src + 1]);
+    lse[src] = RowLse2{acc.m, log2f(acc.s)};
+  }
+  Team::sync();
+  return true;
+}
+
+// The pass-2 row sums (`ncols` columns of `part`) into red[col]. Split phase 2 writes the piece's sums
+// to the workspace and gives false; phase 3 (which skips the pass-2 sweep) adds the pieces' sums in
+// piece order.
+template <typename Team, typename Part, typename Red>
+__device__ __forceinline__ bool pieces_sums(const Pieces& pc, int64_t row, int piece, const Part& part, int ncols,
+                                            const Red& red) {
+  const int phase = phase_of<Team>(pc);
+  if (phase == 3) {
+    const float* first = pc.ws + (row * pc.nsplit * 2 + 1) * pc.rec;
+    for (int col = Team::lane(); col < ncols; col += Team::size()) {
+      float total = 0.f;
+      for (int k = 0; k < pc.nsplit; ++k) total += first[k * 2 * pc.rec + col];
+      red[col] = total;
+    }
+    Team::sync();
+    return true;
+  }
+  reduce_sum_columns<Team>(part, ncols, red);
+  if (phase == 0) return true;
+  float* rec = pc.ws + ((row * pc.nsplit + piece) * 2 + 1) * pc.rec;
+  for (int col = Team::lane(); col < ncols; col += Team::size()) rec[col] = red[col];
+  return false;
+}
+
+// Split plan for `rows` rows of C classes (chunks of `vec`) whose pieces need records of `rec` floats:
+// about a block per SM in all, pieces of at least kSplitMinPieceClasses classes, at most
+// kMaxSplit per row; whole rows unless the rows are fewer than the SMs, at least kRowSplitMinClasses
+// long, and the workspace holds the records.
+constexpr int64_t kSplitMinPieceClasses = 4096;
+constexpr int64_t kMaxSplit = 64;
+
+__host__ inline Pieces piece_plan(int64_t rows, int64_t C, int vec, int rec, void* workspace, int64_t workspace_floats) {
+  const Pieces whole = whole_rows();
+  if (C < kRowSplitMinClasses || workspace == nullptr) return whole;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || rows >= sms) {
+    return whole;
+  }
+  const int64_t chunks = (C + vec - 1) / vec + 1;  // a row's chunks at most (one more when misaligned)
+  int64_t n = (PieceTeam::kLaunchMinBlocks * static_cast<int64_t>(sms) + rows - 1) / rows;
+  n = n < kMaxSplit ? n : kMaxSplit;
+  n = n < C / kSplitMinPieceClasses ? n : C / kSplitMinPieceClasses;
+  if (n <= 1) return whole;
+  const int64_t span = (chunks + n - 1) / n;
+  n = (chunks + span - 1) / span;
+  if (n <= 1 || rows * n * 2 * rec > workspace_floats) return whole;
+  return Pieces{0, static_cast<int>(n), static_cast<int>(span), rec, static_cast<float*>(workspace)};
+}
+
 }  // namespace cuda
 }  // namespace mmfast

@@ -8,6 +8,8 @@
 // common.cuh), grid-stride over rows. Pass 1: log-sum-exp of each model's row (one row at
 // a time, so each is read once); pass 2: R_i (needs T, a sum over models, per class); pass 3 (only
 // with a gradient): grad_i (needs S and T per class, and R_i). Base-2 logits as in routed_kd.cu.
+// A few long rows (fewer than the SMs) are cut into pieces, a block per piece, one launch per pass
+// (split mode, common.cuh; records of 2M floats).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -24,6 +26,8 @@ struct MutualArgs {
   float k2;     // log2(e) / tau
   float g;      // scale / tau
   float scale;  // tau^2 or 1
+  Pieces pc;      // split mode, or whole rows
+  int64_t units;  // N * pc.nsplit: (row, piece)
 };
 
 // Per-row tables of a team in dynamic shared memory (M models, a team of nt).
@@ -70,8 +74,11 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   const int M = static_cast<int>(p.M), nt = Team::size(), tid = Team::lane();
   const float Mf = static_cast<float>(p.M);
   const MutualShared<T, Team> sh = carve_mutual<T, Team>(smem, M);
+  const int phase = phase_of<Team>(a.pc);
 
-  for (int64_t n = Team::first_row(); n < p.N; n += Team::row_stride()) {
+  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
+    const int64_t n = unit / pieces_of<Team>(a.pc);
+    const int piece = static_cast<int>(unit - n * pieces_of<Team>(a.pc));
     Team::sync();  // the previous row is done with the tables
     for (int i = tid; i < M; i += nt) {
       sh.row[i] = static_cast<const T*>(p.logits) + i * p.s_m + n * p.s_n;
@@ -86,14 +93,18 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
             (sh.grow[i] == nullptr || reinterpret_cast<uintptr_t>(sh.grow[i]) % kChunkBytes<T> == residue);
     }
     const RowChunks rc = make_chunks<T>(static_cast<int>(p.C), vec, residue);
+    int j0, j1;  // this team's chunks
+    piece_range<Team>(a.pc, piece, rc.nchunks, j0, j1);
 
     // pass 1
-    for (int i = 0; i < M; ++i) lse_sweep<T, Team>(sh.row[i], p.s_c, rc, 0, rc.nchunks, a.k2, sh.part, i);
-    reduce_lse_columns<Team>(sh.part, M, sh.lse);
+    const bool whole = pieces_lse<Team>(a.pc, n, piece, sh.part, M, sh.lse, [&] {
+      for (int i = 0; i < M; ++i) lse_sweep<T, Team>(sh.row[i], p.s_c, rc, j0, j1, a.k2, sh.part, i);
+    });
+    if (!whole) continue;
 
-    // pass 2: R_i partials in column i
+    // pass 2: R_i partials in column i (split phase 3: summed over the pieces)
     for (int i = 0; i < M; ++i) sh.part[i * nt + tid] = 0.f;
-    for (int j = tid; j < rc.nchunks; j += nt) {
+    for (int j = j0 + tid; phase != 3 && j < j1; j += nt) {
       const int c0 = j * V - rc.shift;
       float T2[V];  // T in base-2 units
 #pragma unroll
@@ -116,8 +127,8 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
         sh.part[i * nt + tid] += acc * kLn2;
       }
     }
-    reduce_sum_columns<Team>(sh.part, M, sh.R);
-    if (tid == 0) {
+    if (!pieces_sums<Team>(a.pc, n, piece, sh.part, M, sh.R)) continue;
+    if (tid == 0 && (!Team::kPieces || piece == 0)) {
       float loss = 0.f;
       for (int i = 0; i < M; ++i) loss += sh.R[i];
       static_cast<float*>(p.loss)[n] = a.scale * loss;
@@ -125,7 +136,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
     if (p.grad == nullptr) continue;
 
     // pass 3
-    for (int j = tid; j < rc.nchunks; j += nt) {
+    for (int j = j0 + tid; j < j1; j += nt) {
       const int c0 = j * V - rc.shift;
       float T2[V], S[V];
 #pragma unroll
@@ -167,11 +178,26 @@ int launch_kernel(const MutualArgs& a, unsigned grid, int nt, size_t smem, cudaS
 }
 
 // A thread per row (few classes, or class-strided rows whose neighbours are neighbours in memory),
-// else a block per row.
+// a block per row, or (a few long rows) a block per piece of a row in three launches.
 template <typename T>
 int launch_mutual(const MutualArgs& a, cudaStream_t stream) {
   const size_t fixed = mutual_fixed_bytes(a.p.M);
   const size_t per_thread = static_cast<size_t>(2 * a.p.M) * sizeof(float);
+  const Pieces pc = piece_plan(a.p.N, a.p.C, kVec<T>, static_cast<int>(2 * a.p.M), a.p.workspace,
+                               a.p.workspace_floats);
+  if (pc.nsplit > 1) {
+    MutualArgs sa = a;
+    sa.pc = pc;
+    sa.units = a.p.N * pc.nsplit;
+    const int nt = threads_for_row(static_cast<int64_t>(pc.span) * kVec<T>, kVec<T>, fixed, 2 * a.p.M);
+    const unsigned grid = static_cast<unsigned>(sa.units < kMaxBlocks ? sa.units : kMaxBlocks);
+    for (int phase = 1; phase <= 3; ++phase) {
+      sa.pc.phase = phase;
+      const int err = launch_kernel<T, PieceTeam>(sa, grid, nt, fixed + per_thread * nt, stream);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  }
   const int rows_per_block = thread_team_threads(a.p.C, a.p.s_c != 1 && a.p.s_n == 1, fixed + per_thread);
   if (rows_per_block > 0) {
     return launch_kernel<T, ThreadTeam>(a, thread_team_grid(a.p.N, rows_per_block), rows_per_block,
@@ -194,6 +220,8 @@ int mutual_kd_cuda(const MutualKDParams& p, void* stream) {
   a.k2 = static_cast<float>(p.inv_tau * 1.4426950408889634);
   a.g = static_cast<float>(p.scale * p.inv_tau);
   a.scale = static_cast<float>(p.scale);
+  a.pc = whole_rows();  // launch_mutual may split them
+  a.units = p.N;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(p.dtype, [&](auto t) { return launch_mutual<decltype(t)>(a, s); });
 }

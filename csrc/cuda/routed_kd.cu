@@ -47,33 +47,12 @@ struct RoutedArgs {
   float beta;        // JS mixing weight
   float log_beta;    // log(beta)
   float log1m_beta;  // log(1 - beta)
-  // split mode: each row's chunks cut into nsplit pieces of `span` chunks, one block per (row,
-  // piece); phase 1, 2, 3 is the launch. nsplit == 1, phase 0: whole rows in one launch.
-  int phase, nsplit, span;
-  int64_t units;  // N * nsplit
-  int rec;        // floats per workspace record (2K + 2)
-  float* ws;      // [N, nsplit, 2, rec]: a piece's softmax statistics (record 0) and pass-2 sums (1)
+  Pieces pc;      // split mode (common.cuh; records of 2K + 2 floats), or whole rows
+  int64_t units;  // N * pc.nsplit blocks' worth of work: (row, piece)
 };
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
-// A block per piece of a row (split mode): the block team's code with the phases compiled in (other
-// teams fold them away); one block of kMaxThreads per SM, as the phases' extra state spilled at the
-// 64 registers that two would leave.
-struct PieceTeam : BlockTeam {
-  static constexpr bool kPieces = true;
-  static constexpr int kLaunchMinBlocks = 1;
-};
-
-// The launch's phase and pieces per row as the team sees them (0 and 1 unless it is a PieceTeam).
-template <typename Team>
-__device__ __forceinline__ int phase_of(const RoutedArgs& a) {
-  return Team::kPieces ? a.phase : 0;
-}
-template <typename Team>
-__device__ __forceinline__ int64_t pieces_of(const RoutedArgs& a) {
-  return Team::kPieces ? a.nsplit : 1;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Divergence, elementwise and per row
@@ -218,7 +197,7 @@ template <typename T, typename Team>
 __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int64_t unit,
                                  RoutedRow<T>& r) {
   const RoutedKDParams& p = a.p;
-  const int64_t nsplit = pieces_of<Team>(a), row = unit / nsplit;
+  const int64_t nsplit = pieces_of<Team>(a.pc), row = unit / nsplit;
   r.row = row;
   r.piece = static_cast<int>(unit - row * nsplit);
   const int K = static_cast<int>(p.K);
@@ -267,7 +246,7 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team
   T* dx = p.dx != nullptr ? static_cast<T*>(p.dx) + b * p.C * p.S + s : nullptr;
   const bool masked = p.mask != nullptr && p.mask[row] == 0;
   if (bad || masked) {
-    if (phase_of<Team>(a) > 1) return false;  // written in phase 1
+    if (phase_of<Team>(a.pc) > 1) return false;  // written in phase 1
     const float v = bad ? quiet_nan() : 0.f;
     if (r.piece == 0) {
       if (Team::leader()) static_cast<float*>(p.loss)[row] = v;
@@ -275,13 +254,8 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team
         for (int k = Team::lane(); k < K; k += Team::size()) static_cast<float*>(p.dw)[row * K + k] = v;
       }
     }
-    // this piece's classes: [piece * span * V, (piece + 1) * span * V), the last piece's up to C
-    const int64_t piece_classes = static_cast<int64_t>(a.span) * kVec<T>;
-    int64_t c_lo = 0, c_hi = p.C;
-    if (nsplit > 1) {
-      c_lo = r.piece * piece_classes < p.C ? r.piece * piece_classes : p.C;
-      if (r.piece + 1 < nsplit) c_hi = c_lo + piece_classes < p.C ? c_lo + piece_classes : p.C;
-    }
+    int64_t c_lo, c_hi;  // this piece's classes (the whole row unless split)
+    piece_classes<Team>(a.pc, r.piece, kVec<T>, p.C, c_lo, c_hi);
     if (dx != nullptr) fill_row<T, Team>(dx + c_lo * p.S, p.S, c_hi - c_lo, v);
     if (dz != nullptr && (bad || idx == nullptr)) {  // sparse masked rows leave dz untouched
       for (int k = 0; k < K; ++k) {
@@ -302,70 +276,8 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team
           (dz == nullptr || sh.dzrow[k] == nullptr || reinterpret_cast<uintptr_t>(sh.dzrow[k]) % kChunkBytes<T> == residue);
   }
   r.rc = make_chunks<T>(static_cast<int>(p.C), vec, residue);
-  r.j0 = 0;
-  r.j1 = r.rc.nchunks;
-  if (nsplit > 1) {  // pieces of `span` chunks; the last takes the rest
-    r.j0 = r.piece * a.span < r.rc.nchunks ? r.piece * a.span : r.rc.nchunks;
-    if (r.piece + 1 < nsplit) r.j1 = r.j0 + a.span < r.rc.nchunks ? r.j0 + a.span : r.rc.nchunks;
-  }
+  piece_range<Team>(a.pc, r.piece, r.rc.nchunks, r.j0, r.j1);
   return true;
-}
-
-// Pass 1 of a row: the log2-sum-exp2 of `nsrc` sources into sh.lse, after `sweep()` has put this
-// member's partials of the team's chunks in sh.part (column pairs by source). Split phase 1 writes
-// the piece's statistics to the workspace and gives false (nothing more in that launch); phases 2
-// and 3 merge the pieces' statistics in piece order, without a sweep.
-template <typename T, typename Team, typename Sweep>
-__device__ __forceinline__ bool row_lse(const RoutedArgs& a, const RoutedShared<T, Team>& sh, const RoutedRow<T>& r,
-                                        int nsrc, Sweep&& sweep) {
-  const int phase = phase_of<Team>(a);
-  if (phase <= 1) {
-    sweep();
-    if (phase == 0) {
-      reduce_lse_columns<Team>(sh.part, nsrc, sh.lse);
-      return true;
-    }
-    float* rec = a.ws + (r.row * a.nsplit + r.piece) * 2 * a.rec;
-    reduce_lse_columns_to<Team>(sh.part, nsrc, [&](int src, const OnlineLse2& acc) {
-      rec[2 * src] = acc.m;
-      rec[2 * src + 1] = acc.s;
-    });
-    return false;
-  }
-  const float* first = a.ws + r.row * a.nsplit * 2 * a.rec;
-  for (int src = Team::lane(); src < nsrc; src += Team::size()) {
-    OnlineLse2 acc;
-    for (int piece = 0; piece < a.nsplit; ++piece) {
-      acc.merge(first[piece * 2 * a.rec + 2 * src], first[piece * 2 * a.rec + 2 * src + 1]);
-    }
-    sh.lse[src] = RowLse2{acc.m, log2f(acc.s)};
-  }
-  Team::sync();
-  return true;
-}
-
-// The pass-2 row sums (`ncols` columns of sh.part) into sh.red. Split phase 2 writes the piece's sums to
-// the workspace and gives false; phase 3 (which skips the pass-2 sweep) adds the pieces' sums in
-// piece order.
-template <typename T, typename Team>
-__device__ __forceinline__ bool pass2_sums(const RoutedArgs& a, const RoutedShared<T, Team>& sh, const RoutedRow<T>& r,
-                                           int ncols) {
-  const int phase = phase_of<Team>(a);
-  if (phase == 3) {
-    const float* first = a.ws + (r.row * a.nsplit * 2 + 1) * a.rec;
-    for (int col = Team::lane(); col < ncols; col += Team::size()) {
-      float total = 0.f;
-      for (int piece = 0; piece < a.nsplit; ++piece) total += first[piece * 2 * a.rec + col];
-      sh.red[col] = total;
-    }
-    Team::sync();
-    return true;
-  }
-  reduce_sum_columns<Team>(sh.part, ncols, sh.red);
-  if (phase == 0) return true;
-  float* rec = a.ws + ((r.row * a.nsplit + r.piece) * 2 + 1) * a.rec;
-  for (int col = Team::lane(); col < ncols; col += Team::size()) rec[col] = sh.red[col];
-  return false;
 }
 
 // log p and p = softmax(logits / tau) of a chunk of a row with log2-sum-exp2 `L`.
@@ -383,12 +295,12 @@ __device__ __forceinline__ void log_softmax_chunk(const T* row, int64_t stride, 
   }
 }
 
-// Pass 1 for the student and every slot's teacher: sh.lse[0] and sh.lse[1 + k] (see row_lse).
+// Pass 1 for the student and every slot's teacher: sh.lse[0] and sh.lse[1 + k] (see pieces_lse).
 template <typename T, typename Team>
 __device__ __forceinline__ bool student_teacher_lse(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                     const RoutedRow<T>& r) {
   const int K = static_cast<int>(a.p.K);
-  return row_lse<T, Team>(a, sh, r, K + 1, [&] {
+  return pieces_lse<Team>(a.pc, r.row, r.piece, sh.part, K + 1, sh.lse, [&] {
     lse_sweep<T, Team>(r.x, a.p.sx_c, r.rc, r.j0, r.j1, a.k2, sh.part, 0);
     for (int k = 0; k < K; ++k) lse_sweep<T, Team>(sh.zrow[k], a.p.sz_c, r.rc, r.j0, r.j1, a.k2, sh.part, 1 + k);
   });
@@ -406,7 +318,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
-  const int phase = phase_of<Team>(a);
+  const int phase = phase_of<Team>(a.pc);
   // KL: sum_c A = -W, so dx needs no row sum; reverse KL: sum_c B_k = -1, so dz_k needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
   const bool dz_pass2 = Div == kReverseKL && p.dz != nullptr, dz_pass3 = Div != kReverseKL && p.dz != nullptr;
@@ -454,7 +366,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
         store_chunk<T>(r.dx, p.S, c0, r.rc, d);
       }
     }
-    if (!pass2_sums<T, Team>(a, sh, r, NQ * K)) continue;
+    if (!pieces_sums<Team>(a.pc, row, r.piece, sh.part, NQ * K, sh.red)) continue;
 
     float L = 0.f, SA = 0.f;  // sum_k w_k D_k, sum_k w_k sum_c A_k
     for (int k = 0; k < K; ++k) {
@@ -556,7 +468,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
-  const int phase = phase_of<Team>(a);
+  const int phase = phase_of<Team>(a.pc);
   const bool slot_grads = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -1, so dx needs no row sum; reverse KL: sum B = -1, so dvbar = P - q needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
@@ -572,7 +484,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
     const bool results = !Team::kPieces || r.piece == 0;  // the row's loss and dw: one block of a split row
 
     // pass 1: student (column pair 0) and mixed logits (column pair 1)
-    const bool whole = row_lse<T, Team>(a, sh, r, 2, [&] {
+    const bool whole = pieces_lse<Team>(a.pc, r.row, r.piece, sh.part, 2, sh.lse, [&] {
       lse_sweep<T, Team>(r.x, p.sx_c, r.rc, r.j0, r.j1, a.k2, sh.part, 0);
       OnlineLse2 acc;
       for (int j = r.j0 + tid; j < r.j1; j += nt) {
@@ -628,7 +540,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    if (!pass2_sums<T, Team>(a, sh, r, ncols)) continue;
+    if (!pieces_sums<Team>(a.pc, row, r.piece, sh.part, ncols, sh.red)) continue;
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], 1.f, a.beta);
     if (results && tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
     if (results && dv_pass2 && p.dw != nullptr) {
@@ -723,7 +635,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
-  const int phase = phase_of<Team>(a);
+  const int phase = phase_of<Team>(a.pc);
   const bool need_Y = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -W, so dx needs no row sum
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
@@ -772,7 +684,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    if (!pass2_sums<T, Team>(a, sh, r, need_Y ? 2 + K : 2)) continue;
+    if (!pieces_sums<Team>(a.pc, row, r.piece, sh.part, need_Y ? 2 + K : 2, sh.red)) continue;
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], W, a.beta);
     if (results && tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
     if (results && p.dw != nullptr) {
@@ -837,37 +749,6 @@ int launch_kernel(RoutedKernel kernel, const RoutedArgs& a, unsigned grid, int n
   return cudaGetLastError();
 }
 
-// Split mode (the file comment): a block per SM in all, pieces of at least this many classes, at
-// most kMaxSplit pieces per row.
-constexpr int kSplitBlocksPerSM = PieceTeam::kLaunchMinBlocks;
-constexpr int64_t kSplitMinPieceClasses = 4096;
-constexpr int64_t kMaxSplit = 64;
-
-struct RoutedSplit {
-  int nsplit, span;  // pieces per row, chunks per piece; nsplit == 1: whole rows
-};
-
-// Rows of class logits (S == 1) of at least kRoutedSplitMinClasses classes, fewer than the SMs, are
-// split when the caller's workspace holds the pieces' records.
-RoutedSplit routed_split_plan(const RoutedArgs& a, int vec) {
-  const RoutedSplit whole{1, 0};
-  const RoutedKDParams& p = a.p;
-  if (p.S != 1 || p.C < kRoutedSplitMinClasses || p.workspace == nullptr) return whole;
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || a.N >= sms) {
-    return whole;
-  }
-  const int64_t chunks = (p.C + vec - 1) / vec + 1;  // a row's chunks at most (one more when misaligned)
-  int64_t n = (kSplitBlocksPerSM * static_cast<int64_t>(sms) + a.N - 1) / a.N;
-  n = n < kMaxSplit ? n : kMaxSplit;
-  n = n < p.C / kSplitMinPieceClasses ? n : p.C / kSplitMinPieceClasses;
-  if (n <= 1) return whole;
-  const int64_t span = (chunks + n - 1) / n;
-  n = (chunks + span - 1) / span;
-  if (n <= 1 || a.N * n * 2 * routed_columns(p.K) > p.workspace_floats) return whole;
-  return {static_cast<int>(n), static_cast<int>(span)};
-}
 
 // A thread per row (few classes, or dense logits whose neighbouring pixels are neighbours in
 // memory), a block per row, or (a few long rows) a block per piece of a row in three launches.
@@ -875,18 +756,17 @@ template <typename T, int Mix, int Div>
 int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
   const size_t fixed = routed_fixed_bytes(a.p.K);
   const size_t per_thread = static_cast<size_t>(routed_columns(a.p.K)) * sizeof(float);
-  const RoutedSplit split = routed_split_plan(a, kVec<T>);
-  if (split.nsplit > 1) {
+  const Pieces pc = a.p.S == 1 ? piece_plan(a.N, a.p.C, kVec<T>, static_cast<int>(routed_columns(a.p.K)),
+                                             a.p.workspace, a.p.workspace_floats)
+                                : whole_rows();
+  if (pc.nsplit > 1) {
     RoutedArgs sa = a;
-    sa.nsplit = split.nsplit;
-    sa.span = split.span;
-    sa.units = a.N * split.nsplit;
-    sa.rec = static_cast<int>(routed_columns(a.p.K));
-    sa.ws = static_cast<float*>(a.p.workspace);
-    const int nt = threads_for_row(static_cast<int64_t>(split.span) * kVec<T>, kVec<T>, fixed, routed_columns(a.p.K));
+    sa.pc = pc;
+    sa.units = a.N * pc.nsplit;
+    const int nt = threads_for_row(static_cast<int64_t>(pc.span) * kVec<T>, kVec<T>, fixed, routed_columns(a.p.K));
     const unsigned grid = static_cast<unsigned>(sa.units < kMaxBlocks ? sa.units : kMaxBlocks);
     for (int phase = 1; phase <= 3; ++phase) {
-      sa.phase = phase;
+      sa.pc.phase = phase;
       const int err = launch_kernel(routed_kernel<T, PieceTeam, Mix, Div>(), sa, grid, nt, fixed + per_thread * nt,
                                     stream);
       if (err != cudaSuccess) return err;
@@ -934,12 +814,8 @@ int routed_kd_cuda(const RoutedKDParams& p, void* stream) {
   a.p = p;
   a.N = p.B * p.S;
   if (a.N <= 0) return cudaSuccess;
-  a.phase = 0;  // whole rows (launch_routed may split them)
-  a.nsplit = 1;
-  a.span = 0;
+  a.pc = whole_rows();  // launch_routed may split them
   a.units = a.N;
-  a.rec = 0;
-  a.ws = nullptr;
   if (p.K < 0 || p.C < 0 || p.C > kMaxClasses || (p.idx == nullptr && p.K != p.E)) return cudaErrorInvalidValue;
   a.k2 = static_cast<float>(p.inv_tau * 1.4426950408889634);
   a.inv_tau = static_cast<float>(p.inv_tau);

@@ -14,6 +14,13 @@ enum Mix : int32_t { kMixLoss = 0, kMixLogits = 1, kMixProbs = 2 };
 // Divergence D(P || q), P the teacher-side distribution, q = softmax(x / tau).
 enum Divergence : int32_t { kKL = 0, kReverseKL = 1, kJS = 2, kTVD = 3 };
 
+// The workspace of the routed-KD and mutual-KD CUDA kernels (nullptr elsewhere): float32 scratch of
+// workspace_floats elements for the partial statistics of a few long rows of class logits (at least
+// kRowSplitMinClasses classes; routed KD: S == 1) split over several blocks. kRowSplitWorkspaceFloats
+// always suffices; with less, rows are not split.
+constexpr int64_t kRowSplitMinClasses = 8192;
+constexpr int64_t kRowSplitWorkspaceFloats = int64_t{1} << 17;
+
 // Routed teacher-mixture KD, per-row loss and per-row gradients.
 //
 // Logical shapes (element strides, any layout; B samples, C classes, S pixels per sample (1 for
@@ -34,11 +41,7 @@ enum Divergence : int32_t { kKL = 0, kReverseKL = 1, kJS = 2, kTVD = 3 };
 //                         selected teachers' rows (a teacher selected twice accumulates).
 //                         With dense routing the kernel writes every element.
 // Masked rows: loss, dx, dw (and dz for dense routing) are written as 0; x and z are not read.
-// workspace (CUDA only; nullptr elsewhere): float32 scratch of workspace_floats elements for the
-// partial statistics of a few long rows of class logits (S == 1, C >= kRoutedSplitMinClasses) split
-// over several blocks; kRoutedWorkspaceFloats always suffices (with less, rows are not split).
-constexpr int64_t kRoutedSplitMinClasses = 8192;
-constexpr int64_t kRoutedWorkspaceFloats = int64_t{1} << 17;
+// workspace (CUDA only; nullptr elsewhere): see kRowSplitWorkspaceFloats.
 struct RoutedKDParams {
   int64_t B, C, S, E, K;
   const void* x;
@@ -74,6 +77,8 @@ struct MutualKDParams {
   int32_t dtype;
   void* loss;
   void* grad;
+  void* workspace;  // see kRowSplitWorkspaceFloats
+  int64_t workspace_floats;
 };
 
 // Masked reconstruction loss (SPEC section 2; oracle: mmfast/reference/masked_reconstruction.py).
