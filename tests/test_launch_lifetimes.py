@@ -20,6 +20,10 @@ if _native.load() is None:
 
 @pytest.fixture
 def freed(monkeypatch) -> list[tuple[int, str]]:
+    return _watch_launches(monkeypatch)
+
+
+def _watch_launches(monkeypatch) -> list[tuple[int, str]]:
     """Every tensor whose address a launcher takes is watched; a launch finds none of those taken for it freed,
     or fails. (launch number, tensor) of each freed one."""
     dead: list[tuple[int, str]] = []
@@ -68,6 +72,30 @@ def test_routed_mutual_and_reconstruction_launchers(freed):
     element = torch.rand(4, 6, 3, generator=g) > 0.5
     _native.masked_reconstruction_rows("cpu", pred, target, rows, element, MSE, 1.0, False, 1e-6, False, True,
                                        False, False)
+
+
+def test_split_row_workspaces_of_the_cuda_launchers(monkeypatch):
+    """The CUDA routed- and mutual-KD launchers' workspace for a few long rows split over several blocks (on a GPU,
+    or on the CUDA emulation without one)."""
+    if torch.cuda.is_available():
+        device = "cuda"
+        if not getattr(_native.load(), "with_cuda", False):
+            pytest.skip("mmfast._C was built without the CUDA kernels")
+    else:
+        import cuda_emu
+
+        if cuda_emu.unavailable_reason() is not None:
+            pytest.skip(f"no GPU, and no CUDA emulation: {cuda_emu.unavailable_reason()}")
+        cuda_emu.emulate_cuda_backend(monkeypatch)
+        device = "cpu"
+    freed = _watch_launches(monkeypatch)  # over the emulated launches; a launch fails on a freed tensor
+    g = torch.Generator().manual_seed(2)
+    C = _native.load().row_split_min_classes  # the shortest rows that split
+    x, z = torch.randn(3, C, 1, generator=g).to(device), torch.randn(2, 3, C, 1, generator=g).to(device)
+    weights = torch.rand(3, 2, generator=g).to(device)
+    _native.routed_kd_rows("cuda", x, z, weights, None, None, 2.0, 0, 2, 0.5, 4.0, True, True, True)
+    _native.mutual_kd_rows("cuda", torch.randn(2, 3, C, generator=g).to(device), 2.0, 4.0, True)
+    assert freed, "the watch saw no tensor freed after its launch (the test watched nothing)"
 
 
 def test_the_watch_sees_a_freed_copy(freed):

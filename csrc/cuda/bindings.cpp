@@ -81,9 +81,11 @@ void bind_cuda(py::module_& m) {
       py::arg("params"), py::arg("stream"),
       "Enqueue the in-place gradient scaling that skips blocks of unit factors on `stream`.");
   m.def("cuda_row_team", &cuda_row_team,
-        "The row team of the routed/mutual KD kernels: 0 automatic, 1 a block per row, 2 a thread per row.");
+        "The row team of the routed/mutual KD and masked-reconstruction kernels: 0 automatic, 1 a block per row, "
+        "2 a thread per row.");
   m.def("set_cuda_row_team", &set_cuda_row_team, py::arg("team"),  // std::invalid_argument -> ValueError
-        "Forces the row team of the routed/mutual KD kernels (tests): 0 automatic, 1 block, 2 thread.");
+        "Forces the row team of the routed/mutual KD and masked-reconstruction kernels (tests): 0 automatic, "
+        "1 block, 2 thread.");
 }
 
 }  // namespace mmfast
