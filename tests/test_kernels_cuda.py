@@ -15,6 +15,7 @@ import math
 import cuda_emu
 import pytest
 import torch
+from _utils import cuda_row_team
 
 from mmfast import _native
 from mmfast.reference import mutual_kd as ref_mutual
@@ -46,10 +47,8 @@ ROW_TEAMS = {"block_rows": 1, "thread_rows": 2}  # mmfast/kernels.h: kCudaRowTea
 def row_team(request, _cuda_backend):
     """Every routed/mutual KD case runs with a block per row and with a thread per row (the kernels' automatic
     choice is one of the two: csrc/cuda/common.cuh)."""
-    previous = _cuda_backend.cuda_row_team()
-    _cuda_backend.set_cuda_row_team(ROW_TEAMS[request.param])
-    yield request.param
-    _cuda_backend.set_cuda_row_team(previous)
+    with cuda_row_team(ROW_TEAMS[request.param]):
+        yield request.param
 
 
 def test_row_team_setting_is_checked(_cuda_backend):
