@@ -43,10 +43,16 @@ def _cuda_backend(monkeypatch):
 ROW_TEAMS = {"block_rows": 1, "thread_rows": 2}  # mmfast/kernels.h: kCudaRowTeamBlock, kCudaRowTeamThread
 
 
-@pytest.fixture(autouse=True, params=list(ROW_TEAMS))
+def pytest_generate_tests(metafunc):
+    """Every case runs with a block per row and with a thread per row (the kernels' automatic choice is one of the
+    two: csrc/cuda/common.cuh), except ``long_rows`` cases: rows of more than 1024 classes always get blocks."""
+    if "row_team" in metafunc.fixturenames:
+        teams = ["block_rows"] if metafunc.definition.get_closest_marker("long_rows") else list(ROW_TEAMS)
+        metafunc.parametrize("row_team", teams, indirect=True)
+
+
+@pytest.fixture(autouse=True)
 def row_team(request, _cuda_backend):
-    """Every routed/mutual KD case runs with a block per row and with a thread per row (the kernels' automatic
-    choice is one of the two: csrc/cuda/common.cuh)."""
     with cuda_row_team(ROW_TEAMS[request.param]):
         yield request.param
 
@@ -214,23 +220,27 @@ class TestRoutedShapes:
     def test_one_teacher(self, mix, div):
         check_routed(2, 7, 1, 1, 1, mix, div)
 
+    @pytest.mark.long_rows
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_41x1271(self, mix, div, dtype):  # C odd: rows of different alignment
         check_routed(41, 1271, 1, 3, 2, mix, div, dtype=dtype, duplicate=True, mask="some")
         # N % 8 == 0: x, z, dx, dz rows share their alignment, vector accesses with a shift
         check_routed(8, 1271, 1, 2, None, mix, div, dtype=dtype)
 
+    @pytest.mark.long_rows
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_split_rows(self, mix, div, dtype):  # fewer rows than SMs of >= 8192 classes: rows cut into pieces
         check_routed(5, 20000, 1, 3, 2, mix, div, dtype=dtype, duplicate=True, mask="some", bad_index=True)
         check_routed(4, 16411, 1, 3, None, mix, div, dtype=dtype, layout="misaligned", extreme=True)
 
+    @pytest.mark.long_rows
     @pytest.mark.parametrize(
         "need", [(False, False, False), (True, False, False), (False, True, False), (False, False, True)]
     )
     def test_split_rows_requested_gradients(self, mix, div, need):
         check_routed(3, 12289, 1, 3, 2, mix, div, need=need, duplicate=True, mask="some")
 
+    @pytest.mark.long_rows
     def test_large_classes(self, mix, div):
         check_routed(3, 100003, 1, 2, 1, mix, div, tau=1.0)
         check_routed(2, 262144, 1, 2, None, mix, div, dtype=torch.bfloat16, tau=4.0)
@@ -280,6 +290,7 @@ def test_mutual(M, dtype, layout):
     check_mutual(M, 5, 37, dtype=dtype, layout=layout, tau=(0.5, 1.0, 4.0)[M - 1])
 
 
+@pytest.mark.long_rows
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_mutual_split_rows(dtype):  # fewer rows than SMs of >= 8192 classes: rows cut into pieces
     check_mutual(3, 5, 20000, dtype=dtype)

@@ -2,9 +2,11 @@
 // online log-sum-exp in base 2 and block-wide column reductions.
 //
 // Row model: a team owns one row of C classes at a time: the whole thread block (BlockTeam, every
-// kernel's default) or, in the routed and mutual KD kernels, one thread (ThreadTeam: rows of few
-// classes, and class-strided rows of dense logits, whose neighbouring rows are neighbours in memory
-// so that a warp's 32 rows load as one coalesced access). The row is cut into chunks of kVec
+// kernel's default) or, in the routed-KD, mutual-KD and masked-reconstruction kernels, one thread
+// (ThreadTeam: rows of few classes, and class-strided rows of dense logits, whose neighbouring rows
+// are neighbours in memory so that a warp's 32 rows load as one coalesced access); a few long rows
+// of routed or mutual KD are cut into pieces, a block each (PieceTeam, split mode below). The row
+// is cut into chunks of kVec
 // consecutive classes (kChunkBytes bytes); member t of a team of n handles chunks t, t + n, ... in
 // every pass, so a thread always touches the same classes of a row and read-modify-writes of one
 // row need no synchronisation. When every row pointer of a row has unit
@@ -214,7 +216,7 @@ constexpr int kThreadTeamThreads = 128;
 // kLaunchThreads / kLaunchMinBlocks: the kernels' __launch_bounds__ (a 64-register cap).
 struct BlockTeam {
   static constexpr bool kPerThread = false;
-  static constexpr bool kPieces = false;  // a team of a piece of a row (routed_kd.cu's split mode)
+  static constexpr bool kPieces = false;  // a team of a piece of a row (split mode, below)
   static constexpr int kLaunchThreads = kMaxThreads, kLaunchMinBlocks = kMinBlocksPerSM;
   __device__ static int lane() { return static_cast<int>(threadIdx.x); }
   __device__ static int size() { return static_cast<int>(blockDim.x); }

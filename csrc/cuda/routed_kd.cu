@@ -13,13 +13,10 @@
 //      teacher mass; reverse KL: sum B = -1);
 //   3. only when a gradient needs a row sum of pass 2: those gradients.
 // Per-slot statistics live in shared memory (sized by K at launch), never in per-thread arrays.
-// Split mode, for a batch of fewer class-logit rows than the GPU has SMs (a few very long rows): each
-// row's chunks are cut into pieces, one block per (row, piece), and the passes become three launches:
-// (1) each piece's softmax statistics into a workspace; (2) the row's statistics merged in piece
-// order, each piece's pass-2 row sums into the workspace and its closed-form gradients; (3) both
-// merged again in piece order (the same bits in every block), the loss and dw by piece 0, and each
-// piece's pass-3 gradients. The mix "logits" dw, a pass-3 row sum, is formed there from two pass-2
-// sums instead: dw_k = sum_c B v_k - (sum_c B) sum_c P v_k.
+// A batch of fewer class-logit rows than the GPU has SMs (a few very long rows) runs in split mode
+// (common.cuh): the passes above become three launches over pieces of the rows, the loss and dw
+// written by each row's first piece. There the mix "logits" dw, a row sum of pass-3 gradients, is
+// formed from two pass-2 sums instead: dw_k = sum_c B v_k - (sum_c B) sum_c P v_k.
 // With sparse routing a teacher's dz row is written by the first slot that selects it, with the
 // summed weight of all its slots (every factor but w_k is identical for those slots), added into
 // the caller's zero-filled dz. An index outside [0, E) is never dereferenced: the row's loss and
