@@ -8,7 +8,8 @@
 # Order (the numbers the issues' GPU targets need come first): the build runs in the background while the
 # bench times the default GPU backend, Triton, from the source tree (it needs no build: providers eager,
 # compile, mmfast-triton, exp-floor, copy); then the installed build's tests, then the CUDA backend's bench
-# (mmfast-cuda against compile and copy, again side by side).
+# (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams and split mode
+# each against the other choice (benchmarks/row_teams.py, into gpu_check.log).
 # Writes at most 8 files under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt,
 # cli.json, cli.md (the Triton bench tables), cli.png (step times split into forward and backward, peak
 # memory), cli_cuda.json, cli_cuda.md; the optional steps (GPU_CHECK_STEPS=...,ptxas,sweep,tiles,bench,report)
@@ -32,7 +33,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
 # default: no pytest-benchmark pass (bench,report: the same cases as the CLI, twice the time); ptxas: CI prints it;
 # sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, mutual KD over C = 10..32k, ~3 min);
 # tiles: benchmarks/triton_tiles.py (launch-tuning sweep of the Triton softmax kernels, tiles.md / tiles.json)
-STEPS=",${GPU_CHECK_STEPS:-env,build,cli,import,tests,clicuda,climd},"
+STEPS=",${GPU_CHECK_STEPS:-env,build,cli,import,tests,clicuda,climd,teams},"
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
 # only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
 TESTS_K=${GPU_CHECK_TESTS_K-cuda or triton or gpu}
@@ -193,6 +194,14 @@ if [[ -s $OUT/cli.json ]]; then
 fi
 if [[ -s $OUT/cli_cuda.json ]]; then
   run_step climd 60 "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/report.py $OUT/cli_cuda.json -o $OUT/cli_cuda.md"
+fi
+
+# (g2) the CUDA kernels' row teams (a block or a thread per row) and split mode (a few long rows over several
+# blocks), each against the other choice at the same problems: the thresholds were set from arithmetic
+if ((BUILD_OK)); then
+  run_step teams "${GPU_CHECK_TEAMS_CAP:-90}" "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/row_teams.py --reps 30"
+else
+  SUMMARY+=("$(printf '%-7s SKIPPED (no build)' teams)")
 fi
 
 # (h) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional

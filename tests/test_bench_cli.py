@@ -230,6 +230,26 @@ def test_row_mask_patterns_script(monkeypatch, capsys):
     assert rows[0].split("|")[4].strip() == "1.00" and rows[-1].split("|")[5].strip() == "0.50"
 
 
+def test_row_teams_script(monkeypatch):
+    """benchmarks/row_teams.py (a GPU lease's comparison of the CUDA kernels' row teams and split mode) runs each
+    problem under both choices; without a GPU, on the CUDA emulation at tiny shapes, and the forced team is
+    restored afterwards."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, gpu_check.sh runs the script at its real shapes")
+    import cuda_emu
+
+    if cuda_emu.unavailable_reason() is not None:
+        pytest.skip(f"no CUDA emulation: {cuda_emu.unavailable_reason()}")
+    emu = cuda_emu.emulate_cuda_backend(monkeypatch)
+    script = _load_script("row_teams")
+    table = script.main(["--device", "cpu", "--dtypes", "float32", "--reps", "1"])
+    rows = table.splitlines()[2:]
+    assert len(rows) == 4, table
+    assert [r.split("|")[3].strip() for r in rows] == ["block", "block", "whole rows", "block"]
+    assert [r.split("|")[-2].strip() for r in rows] == ["thread", "thread", "split", "thread"]
+    assert emu.cuda_row_team() == 0
+
+
 def test_triton_tiles_script(tmp_path, capsys):
     """benchmarks/triton_tiles.py (a GPU lease's tuning sweep) runs every candidate launch tuple of the routed-
     and mutual-KD Triton kernels; on a CPU in the interpreter, at tiny shapes. Each candidate's outputs match
@@ -426,9 +446,11 @@ def test_gpu_check_script_runs_its_steps_in_order_and_keeps_going(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = proc.stdout[proc.stdout.index("=== summary"):]
     steps = [line.split()[0] for line in summary.splitlines()[1:] if line and not line.startswith("tests:")]
-    assert steps == ["env", "build", "cli", "ptxas", "tests", "clicuda", "climd", "sweep", "tiles", "bench"], summary
+    assert steps == ["env", "build", "cli", "ptxas", "tests", "clicuda", "climd", "teams", "sweep", "tiles",
+                     "bench"], summary
     assert re.search(r"^cli +FAILED rc=1", summary, re.M), summary  # mutual_kd has no --quick case
     assert re.search(r"^climd +ok", summary, re.M) and re.search(r"^clicuda +SKIPPED \(no build\)", summary, re.M)
+    assert re.search(r"^teams +SKIPPED \(no build\)", summary, re.M), summary
     assert sorted(p.name for p in out.iterdir()) == ["cli.json", "cli.md", "cli.png", "env.txt", "gpu_check.log"]
     doc = json.loads((out / "cli.json").read_text())
     assert sorted(b["extra_info"]["provider"] for b in doc["benchmarks"]) == ["eager", "mmfast-torch"]

@@ -1,0 +1,171 @@
+"""The CUDA backend's row teams and split mode, each against the other choice, on the same problems.
+
+The routed-KD, mutual-KD and masked-reconstruction CUDA kernels give a row to a block or to a thread, and split a
+few long rows over several blocks (csrc/cuda/common.cuh); the thresholds that choose (rows of at most 32 classes
+and class-strided rows to threads, fewer rows than SMs of at least 8192 classes split) were set from arithmetic.
+This times the kernel launches alone (``mmfast._native.*_rows("cuda", ...)``: forward with every gradient written)
+for each choice, with CUDA events, and prints one markdown row per problem: microseconds per call and GB/s of the
+minimal bytes (inputs read once, gradients written once) for each choice, and which one the automatic choice
+takes. Needs a GPU and ``mmfast._C`` built with ``MMFAST_WITH_CUDA=ON``:
+
+    python benchmarks/row_teams.py [--reps 50]
+
+``--device cpu`` runs the same code on tiny shapes over whatever ``_native`` launches (the tests point it at the
+CUDA emulation): a smoke test of this script, with timings that mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mmfast import _native
+
+BLOCK, THREAD = 1, 2  # mmfast/kernels.h: kCudaRowTeamBlock, kCudaRowTeamThread
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    choices: tuple[str, str]  # what is compared: ("block", "thread") or ("whole rows", "split")
+    auto: str  # the automatic choice
+    run: Callable[[str], None]  # launches the kernel with one of the choices
+    nbytes: int
+
+
+@contextlib.contextmanager
+def _row_team(team: int) -> Iterator[None]:
+    native = _native.load()
+    previous = native.cuda_row_team()
+    native.set_cuda_row_team(team)
+    try:
+        yield
+    finally:
+        native.set_cuda_row_team(previous)
+
+
+@contextlib.contextmanager
+def _no_split() -> Iterator[None]:
+    """No workspace, so the kernels keep rows whole."""
+    original = _native._row_split_workspace
+    _native._row_split_workspace = lambda *args: None
+    try:
+        yield
+    finally:
+        _native._row_split_workspace = original
+
+
+def _choice_context(choice: str):
+    return {"block": lambda: _row_team(BLOCK), "thread": lambda: _row_team(THREAD),
+            "whole rows": _no_split, "split": contextlib.nullcontext}[choice]()
+
+
+def routed(B: int, C: int, E: int, pixels: tuple[int, int] | None, device, dtype, split: bool = False) -> Problem:
+    g = torch.Generator().manual_seed(0)
+    S = pixels[0] * pixels[1] if pixels else 1
+    x = (2 * torch.randn(B, C, S, generator=g)).to(device, dtype)
+    z = (2 * torch.randn(E, B, C, S, generator=g)).to(device, dtype)
+    w = torch.softmax(torch.randn(B, E, generator=g), dim=1).to(device)
+    size = x.element_size()
+
+    def run(choice: str) -> None:
+        with _choice_context(choice):
+            _native.routed_kd_rows("cuda", x, z, w, None, None, 4.0, 0, 0, 0.5, 16.0, True, False, False)
+
+    where = f" {pixels[0]}x{pixels[1]} pixels (class_dim=1)" if pixels else ""
+    if split:
+        choices, auto = ("whole rows", "split"), "split"
+    else:  # the automatic choice, as thread_team_threads makes it (csrc/cuda/common.cuh)
+        choices, auto = ("block", "thread"), "thread" if (S > 1 or C <= 32) and C <= 1024 else "block"
+    return Problem(f"routed KD B={B} C={C}{where} E={E}", choices, auto, run, B * S * C * (E + 2) * size)
+
+
+def mutual(M: int, N: int, C: int, device, dtype, split: bool = False) -> Problem:
+    logits = (2 * torch.randn(M, N, C, generator=torch.Generator().manual_seed(0))).to(device, dtype)
+
+    def run(choice: str) -> None:
+        with _choice_context(choice):
+            _native.mutual_kd_rows("cuda", logits, 4.0, 16.0, True)
+
+    choices = ("whole rows", "split") if split else ("block", "thread")
+    auto = "split" if split else ("thread" if C <= 32 else "block")
+    return Problem(f"mutual KD M={M} N={N} C={C}", choices, auto, run, 2 * M * N * C * logits.element_size())
+
+
+def problems(device: torch.device, dtype: torch.dtype) -> list[Problem]:
+    if device.type == "cpu":  # smoke test: tiny shapes (split needs >= 8192 classes)
+        return [routed(64, 10, 3, None, device, dtype), routed(2, 5, 3, (4, 8), device, dtype),
+                routed(3, 8192, 2, None, device, dtype, split=True), mutual(2, 40, 10, device, dtype)]
+    return [
+        routed(65536, 10, 4, None, device, dtype),
+        routed(65536, 32, 4, None, device, dtype),
+        routed(32768, 64, 4, None, device, dtype),
+        routed(8, 19, 4, (128, 256), device, dtype),
+        routed(8, 150, 2, (64, 128), device, dtype),
+        routed(16, 131072, 2, None, device, dtype, split=True),
+        routed(64, 32768, 2, None, device, dtype, split=True),
+        mutual(3, 65536, 10, device, dtype),
+        mutual(3, 8, 131072, device, dtype, split=True),
+    ]
+
+
+def time_us(run: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Median microseconds per call (CUDA events on a GPU)."""
+    for _ in range(3):
+        run()
+    samples = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            run()
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def table(device: torch.device, dtypes: list[torch.dtype], reps: int) -> str:
+    """The markdown table, printed a row at a time as it is measured (a cut run keeps its rows)."""
+    lines = ["| problem | dtype | first choice | us | GB/s | second choice | us | GB/s | auto |",
+             "|---|---|---|---:|---:|---|---:|---:|---|"]
+    print("\n".join(lines), flush=True)
+    for dtype in dtypes:
+        for p in problems(device, dtype):
+            cells = []
+            for choice in p.choices:
+                us = time_us(functools.partial(p.run, choice), device, reps)
+                cells += [choice, f"{us:.1f}", f"{p.nbytes / us / 1e3:.0f}"]
+            lines.append(f"| {p.name} | {str(dtype)[6:]} | " + " | ".join(cells) + f" | {p.auto} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    native = _native.load()
+    if native is None or not getattr(native, "with_cuda", False):
+        raise SystemExit("row_teams.py needs mmfast._C built with MMFAST_WITH_CUDA=ON")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("row_teams.py: no CUDA device")
+    return table(device, [getattr(torch, name) for name in args.dtypes.split(",")], args.reps)
+
+
+if __name__ == "__main__":
+    main()
