@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mmfast import _native
+from mmfast.reference.masked_reconstruction import MSE
 
 BLOCK, THREAD = 1, 2  # mmfast/kernels.h: kCudaRowTeamBlock, kCudaRowTeamThread
 
@@ -99,10 +100,26 @@ def mutual(M: int, N: int, C: int, device, dtype, split: bool = False) -> Proble
     return Problem(f"mutual KD M={M} N={N} C={C}", choices, auto, run, 2 * M * N * C * logits.element_size())
 
 
+def reconstruction(A: int, D: int, S: int, device, dtype) -> Problem:
+    """Masked reconstruction (MSE, no mask) of feature maps [A, D, S] with channel_dim=1: channel-strided rows."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = (torch.randn(A, D, S, generator=g).to(device, dtype) for _ in range(2))
+
+    def run(choice: str) -> None:
+        with _choice_context(choice):
+            _native.masked_reconstruction_rows("cuda", pred, target, None, None, MSE, 1.0, False, 1e-6, False, True,
+                                               False, False)
+
+    auto = "thread" if S > 1 and D <= 1024 else "block"
+    return Problem(f"masked reconstruction [{A}, {D}, {S}] (channel_dim=1)", ("block", "thread"), auto, run,
+                   3 * A * D * S * pred.element_size())
+
+
 def problems(device: torch.device, dtype: torch.dtype) -> list[Problem]:
     if device.type == "cpu":  # smoke test: tiny shapes (split needs >= 8192 classes)
         return [routed(64, 10, 3, None, device, dtype), routed(2, 5, 3, (4, 8), device, dtype),
-                routed(3, 8192, 2, None, device, dtype, split=True), mutual(2, 40, 10, device, dtype)]
+                routed(3, 8192, 2, None, device, dtype, split=True), mutual(2, 40, 10, device, dtype),
+                reconstruction(2, 6, 9, device, dtype)]
     return [
         routed(65536, 10, 4, None, device, dtype),
         routed(65536, 32, 4, None, device, dtype),
@@ -113,6 +130,7 @@ def problems(device: torch.device, dtype: torch.dtype) -> list[Problem]:
         routed(64, 32768, 2, None, device, dtype, split=True),
         mutual(3, 65536, 10, device, dtype),
         mutual(3, 8, 131072, device, dtype, split=True),
+        reconstruction(8, 256, 64 * 64, device, dtype),
     ]
 
 

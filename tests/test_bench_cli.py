@@ -244,9 +244,9 @@ def test_row_teams_script(monkeypatch):
     script = _load_script("row_teams")
     table = script.main(["--device", "cpu", "--dtypes", "float32", "--reps", "1"])
     rows = table.splitlines()[2:]
-    assert len(rows) == 4, table
-    assert [r.split("|")[3].strip() for r in rows] == ["block", "block", "whole rows", "block"]
-    assert [r.split("|")[-2].strip() for r in rows] == ["thread", "thread", "split", "thread"]
+    assert len(rows) == 5, table
+    assert [r.split("|")[3].strip() for r in rows] == ["block", "block", "whole rows", "block", "block"]
+    assert [r.split("|")[-2].strip() for r in rows] == ["thread", "thread", "split", "thread", "thread"]
     assert emu.cuda_row_team() == 0
 
 
