@@ -135,11 +135,20 @@ def routed_kd_params(
     return p
 
 
-def _row_split_workspace(kernel: str, classes: int, device: torch.device) -> Tensor | None:
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _row_split_workspace(kernel: str, rows: int, classes: int, device: torch.device) -> Tensor | None:
     """Scratch of the CUDA routed-KD and mutual-KD kernels for a few long rows of class logits split over
-    several blocks (csrc/cuda/common.cuh, split mode); None where they never split (the CPU, short rows)."""
+    several blocks (csrc/cuda/common.cuh, split mode: fewer rows than the GPU has SMs); None where they never
+    split (the CPU, short rows, as many rows as SMs)."""
     C_ = load()
     if kernel != "cuda" or classes < C_.row_split_min_classes:
+        return None
+    if device.type == "cuda" and rows >= _sm_count(device.index if device.index is not None else
+                                                   torch.cuda.current_device()):
         return None
     return torch.empty(C_.row_split_workspace_floats, dtype=torch.float32, device=device)
 
@@ -223,7 +232,7 @@ def routed_kd_rows(
     w, idx, m, loss, dx, dw, dz = routed_kd_outputs(x, z, weights, indices, mask, need_dx, need_dw, need_dz)
     if loss.numel() > 0:
         # held until the launch; dense logits (S > 1) are never split
-        workspace = _row_split_workspace(kernel, x.shape[1] if x.shape[2] == 1 else 0, x.device)
+        workspace = _row_split_workspace(kernel, x.shape[0], x.shape[1] if x.shape[2] == 1 else 0, x.device)
         params = routed_kd_params(
             x, z, w, idx, m, temperature, mix, divergence, beta, scale, loss, dx, dw, dz, workspace
         )
@@ -239,7 +248,7 @@ def mutual_kd_rows(
     loss = torch.empty(N, dtype=compute_dtype(logits.dtype), device=logits.device)
     grad = torch.empty(M, N, C, dtype=logits.dtype, device=logits.device) if need_grad else logits.new_empty(0)
     if loss.numel() > 0:
-        workspace = _row_split_workspace(kernel, C, logits.device)  # held until the launch
+        workspace = _row_split_workspace(kernel, N, C, logits.device)  # held until the launch
         _run(kernel, "mutual_kd", mutual_kd_params(logits, temperature, scale, loss, grad, workspace), logits.device)
     return loss, grad
 
