@@ -445,6 +445,20 @@ __host__ inline int thread_team_threads(int64_t C, bool strided_rows, size_t byt
   return static_cast<int>(fit < static_cast<size_t>(kThreadTeamThreads) ? fit : kThreadTeamThreads);
 }
 
+// kernel(args) with `smem` bytes of dynamic shared memory, opting in past the default 48 KiB (which fails
+// cleanly past the device's limit); returns the cudaError_t code.
+template <typename Args>
+__host__ inline int launch_with_smem(void (*kernel)(Args), const Args& args, unsigned grid, int threads, size_t smem,
+                                     cudaStream_t stream) {
+  if (smem > kDefaultSmemBytes) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, smem, stream>>>(args);
+  return cudaGetLastError();
+}
+
 // Grid of a thread-team launch: a block per `threads` rows (grid-stride beyond kMaxBlocks).
 __host__ inline unsigned thread_team_grid(int64_t rows, int threads) {
   const int64_t blocks = (rows + threads - 1) / threads;
@@ -573,7 +587,8 @@ __device__ __forceinline__ bool pieces_sums(const Pieces& pc, int64_t row, int p
 constexpr int64_t kSplitMinPieceClasses = 4096;
 constexpr int64_t kMaxSplit = 64;
 
-__host__ inline Pieces piece_plan(int64_t rows, int64_t C, int vec, int rec, void* workspace, int64_t workspace_floats) {
+__host__ inline Pieces piece_plan(int64_t rows, int64_t C, int vec, int rec, void* workspace,
+                                  int64_t workspace_floats) {
   const Pieces whole = whole_rows();
   if (C < kRowSplitMinClasses || workspace == nullptr) return whole;
   int device = 0, sms = 0;

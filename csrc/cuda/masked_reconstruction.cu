@@ -97,7 +97,8 @@ __device__ __forceinline__ void chunk_grads(const ReconArgs& a, const RowStats& 
 }
 
 template <typename T, typename Team, int kLoss, int kElem>
-__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) masked_recon_kernel(const ReconArgs a) {
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
+    masked_recon_kernel(const ReconArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const MaskedReconParams& p = a.p;

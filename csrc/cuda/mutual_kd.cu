@@ -67,7 +67,8 @@ __device__ __forceinline__ void log2_softmax_chunk(const MutualArgs& a, const Mu
 }
 
 template <typename T, typename Team>
-__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) mutual_kd_kernel(const MutualArgs a) {
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
+    mutual_kd_kernel(const MutualArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const MutualKDParams& p = a.p;
@@ -166,17 +167,6 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) 
   }
 }
 
-template <typename T, typename Team>
-int launch_kernel(const MutualArgs& a, unsigned grid, int nt, size_t smem, cudaStream_t stream) {
-  if (smem > kDefaultSmemBytes) {  // very many models: opt in (fails cleanly past the device limit)
-    const cudaError_t err = cudaFuncSetAttribute(mutual_kd_kernel<T, Team>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  mutual_kd_kernel<T, Team><<<grid, nt, smem, stream>>>(a);
-  return cudaGetLastError();
-}
-
 // A thread per row (few classes, or class-strided rows whose neighbours are neighbours in memory),
 // a block per row, or (a few long rows) a block per piece of a row in three launches.
 template <typename T>
@@ -193,19 +183,21 @@ int launch_mutual(const MutualArgs& a, cudaStream_t stream) {
     const unsigned grid = static_cast<unsigned>(sa.units < kMaxBlocks ? sa.units : kMaxBlocks);
     for (int phase = 1; phase <= 3; ++phase) {
       sa.pc.phase = phase;
-      const int err = launch_kernel<T, PieceTeam>(sa, grid, nt, fixed + per_thread * nt, stream);
+      const int err =
+          launch_with_smem(mutual_kd_kernel<T, PieceTeam>, sa, grid, nt, fixed + per_thread * nt, stream);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
   }
   const int rows_per_block = thread_team_threads(a.p.C, a.p.s_c != 1 && a.p.s_n == 1, fixed + per_thread);
   if (rows_per_block > 0) {
-    return launch_kernel<T, ThreadTeam>(a, thread_team_grid(a.p.N, rows_per_block), rows_per_block,
-                                        rows_per_block * (fixed + per_thread), stream);
+    return launch_with_smem(mutual_kd_kernel<T, ThreadTeam>, a, thread_team_grid(a.p.N, rows_per_block),
+                            rows_per_block, rows_per_block * (fixed + per_thread), stream);
   }
   const int nt = threads_for_row(a.p.C, kVec<T>, fixed, 2 * a.p.M);
   const int64_t grid = a.p.N < kMaxBlocks ? a.p.N : kMaxBlocks;
-  return launch_kernel<T, BlockTeam>(a, static_cast<unsigned>(grid), nt, fixed + per_thread * nt, stream);
+  return launch_with_smem(mutual_kd_kernel<T, BlockTeam>, a, static_cast<unsigned>(grid), nt,
+                          fixed + per_thread * nt, stream);
 }
 
 }  // namespace

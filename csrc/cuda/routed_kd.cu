@@ -308,7 +308,8 @@ __device__ __forceinline__ bool student_teacher_lse(const RoutedArgs& a, const R
 //   dx = g (sum_k w_k A_k - q sum_k w_k sum_c A_k),  dz_k = g w_k (B_k - p_k sum_c B_k),  dw_k = D_k
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename Team, int Div>
-__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) routed_loss_kernel(const RoutedArgs a) {
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
+    routed_loss_kernel(const RoutedArgs a) {
   constexpr int V = kVec<T>;
   constexpr int NQ = (Div == kJS || Div == kTVD) ? 2 : 1;  // row sums per slot
   extern __shared__ __align__(16) unsigned char smem[];
@@ -459,7 +460,8 @@ __device__ __forceinline__ void mixed_logits_slot_grads(const RoutedArgs& a, con
 }
 
 template <typename T, typename Team, int Div>
-__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) routed_logits_kernel(const RoutedArgs a) {
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
+    routed_logits_kernel(const RoutedArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const RoutedKDParams& p = a.p;
@@ -626,7 +628,8 @@ __device__ __forceinline__ void mixed_probs_chunk(const RoutedArgs& a, const Rou
 }
 
 template <typename T, typename Team, int Div>
-__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks) routed_probs_kernel(const RoutedArgs a) {
+__global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
+    routed_probs_kernel(const RoutedArgs a) {
   constexpr int V = kVec<T>;
   extern __shared__ __align__(16) unsigned char smem[];
   const RoutedKDParams& p = a.p;
@@ -735,18 +738,6 @@ RoutedKernel routed_kernel() {
   return routed_probs_kernel<T, Team, Div>;
 }
 
-int launch_kernel(RoutedKernel kernel, const RoutedArgs& a, unsigned grid, int nt, size_t smem,
-                  cudaStream_t stream) {
-  if (smem > kDefaultSmemBytes) {  // very many slots: opt in (fails cleanly past the device limit)
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, nt, smem, stream>>>(a);
-  return cudaGetLastError();
-}
-
-
 // A thread per row (few classes, or dense logits whose neighbouring pixels are neighbours in
 // memory), a block per row, or (a few long rows) a block per piece of a row in three launches.
 template <typename T, int Mix, int Div>
@@ -764,21 +755,21 @@ int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
     const unsigned grid = static_cast<unsigned>(sa.units < kMaxBlocks ? sa.units : kMaxBlocks);
     for (int phase = 1; phase <= 3; ++phase) {
       sa.pc.phase = phase;
-      const int err = launch_kernel(routed_kernel<T, PieceTeam, Mix, Div>(), sa, grid, nt, fixed + per_thread * nt,
-                                    stream);
+      const int err = launch_with_smem(routed_kernel<T, PieceTeam, Mix, Div>(), sa, grid, nt,
+                                       fixed + per_thread * nt, stream);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
   }
   const int rows_per_block = thread_team_threads(a.p.C, a.p.S > 1, fixed + per_thread);
   if (rows_per_block > 0) {
-    return launch_kernel(routed_kernel<T, ThreadTeam, Mix, Div>(), a, thread_team_grid(a.N, rows_per_block),
-                         rows_per_block, rows_per_block * (fixed + per_thread), stream);
+    return launch_with_smem(routed_kernel<T, ThreadTeam, Mix, Div>(), a, thread_team_grid(a.N, rows_per_block),
+                            rows_per_block, rows_per_block * (fixed + per_thread), stream);
   }
   const int nt = threads_for_row(a.p.C, kVec<T>, fixed, routed_columns(a.p.K));
   const int64_t grid = a.N < kMaxBlocks ? a.N : kMaxBlocks;
-  return launch_kernel(routed_kernel<T, BlockTeam, Mix, Div>(), a, static_cast<unsigned>(grid), nt,
-                       fixed + per_thread * nt, stream);
+  return launch_with_smem(routed_kernel<T, BlockTeam, Mix, Div>(), a, static_cast<unsigned>(grid), nt,
+                          fixed + per_thread * nt, stream);
 }
 
 template <typename T, int Mix>
