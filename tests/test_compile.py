@@ -139,8 +139,12 @@ def run_step(step, modules, inputs):
 # Inductor (the default) compiles the float64 graph, shared by the torch and cpu backends (the ops are
 # opaque: the backend is chosen when they run); the float32 graph of the interpreted Triton backend goes
 # through AOTAutograd only (aot_eager: the same tracing, without Inductor's C++ build of a second graph).
+# Before torch 2.13, Inductor's CPU float64 backward of scaled_dot_product_attention (ChannelMask's attention)
+# hands float32 buffers to the flash-attention kernel and fails (pytorch/pytorch#185539, fixed upstream), so
+# there the float64 graph takes aot_eager too.
+_FLOAT64_COMPILER = "inductor" if torch.__version__ >= "2.13" else "aot_eager"
 compiled_training_step = {
-    torch.float64: torch.compile(training_step, fullgraph=True),
+    torch.float64: torch.compile(training_step, fullgraph=True, backend=_FLOAT64_COMPILER),
     torch.float32: torch.compile(training_step, fullgraph=True, backend="aot_eager"),
 }
 
