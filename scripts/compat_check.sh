@@ -9,6 +9,7 @@
 #
 #   bash scripts/compat_check.sh [extra pytest args]
 #   COMPAT_TORCH=2.11.0 COMPAT_VENV=/tmp/mmfast-compat bash scripts/compat_check.sh -x
+#   PYTHON=python3.12 COMPAT_VENV=/tmp/mmfast-compat-312 bash scripts/compat_check.sh   # the machine's Python too
 #
 # Triton 3.6's interpreter fails under NumPy >= 2.4 (it converts one-element arrays to Python ints, which NumPy
 # 2.4 refuses); NumPy is held below 2.4 here.
