@@ -17,6 +17,7 @@ from mmfast.reference.masked_reconstruction import COSINE_EPS
 from mmfast.reference.routed_kd import compute_dtype
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+CUDA_ROW_TEAM_CLUSTER = 3  # mmfast/kernels.h: kCudaRowTeamCluster
 
 
 @functools.cache
@@ -135,20 +136,15 @@ def routed_kd_params(
     return p
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _row_split_workspace(kernel: str, rows: int, classes: int, device: torch.device) -> Tensor | None:
-    """Scratch of the CUDA routed-KD and mutual-KD kernels for a few long rows of class logits split over
-    several blocks (csrc/cuda/common.cuh, split mode: fewer rows than the GPU has SMs); None where they never
-    split (the CPU, short rows, as many rows as SMs)."""
+    """Scratch of the CUDA routed-KD and mutual-KD kernels for long rows of class logits cut into pieces
+    (csrc/cuda/common.cuh: split mode for fewer rows than the GPU has SMs, cluster mode for more on sm_90+), or
+    for any row with the row team forced to clusters (``set_cuda_row_team(3)``, tests); None where they never
+    cut rows (the CPU, short rows)."""
     C_ = load()
-    if kernel != "cuda" or classes < C_.row_split_min_classes:
+    if kernel != "cuda" or rows < 1:
         return None
-    if device.type == "cuda" and rows >= _sm_count(device.index if device.index is not None else
-                                                   torch.cuda.current_device()):
+    if classes < C_.row_split_min_classes and not (classes > 1 and C_.cuda_row_team() == CUDA_ROW_TEAM_CLUSTER):
         return None
     return torch.empty(C_.row_split_workspace_floats, dtype=torch.float32, device=device)
 

@@ -91,6 +91,26 @@ def test_alternating_thread_order_exposes_a_race(emu):
     assert sorted(nan_reads) == [1, 31]  # ascending: only thread 0 (reading 31) misses; descending: all but 0
 
 
+@pytest.mark.parametrize("blocks, threads", [(2, 32), (4, 64), (8, 40)])
+def test_cluster_barrier_spans_the_blocks_of_a_cluster(emu, blocks, threads):
+    """Each block writes its slot before the cluster barrier and every thread sums all slots after it: without the
+    barrier, the blocks the scheduler runs first would read the others' unwritten (-1) slots."""
+    code, out = emu.run_selftest("cluster_sum", threads, blocks)
+    assert code == SUCCESS
+    assert out[: blocks * threads] == [blocks * (blocks + 1) / 2] * (blocks * threads)
+
+
+def test_cluster_launch_limits(emu):
+    assert emu.run_selftest("cluster_not_dividing", 32, 4)[0] == INVALID_CONFIGURATION  # grid not a multiple
+    assert emu.run_selftest("cluster_sum", 32, 9)[0] == INVALID_CONFIGURATION  # more than 8 blocks
+    emu.set_compute_capability_major(8)
+    try:
+        assert emu.run_selftest("cluster_sum", 32, 2)[0] == INVALID_CONFIGURATION  # no clusters before sm_90
+    finally:
+        emu.set_compute_capability_major(9)
+    assert emu.run_selftest("cluster_sum", 32, 2)[0] == SUCCESS
+
+
 def test_launch_limits(emu):
     assert emu.run_selftest("block_sum", 1025)[0] == INVALID_CONFIGURATION  # more than 1024 threads
     assert emu.run_selftest("too_much_smem", 32)[0] == INVALID_CONFIGURATION  # 64 KiB without the opt-in

@@ -42,15 +42,34 @@ def _cuda_backend(monkeypatch):
     return _native.load()
 
 
-ROW_TEAMS = {"block_rows": 1, "thread_rows": 2}  # mmfast/kernels.h: kCudaRowTeamBlock, kCudaRowTeamThread
+# mmfast/kernels.h: kCudaRowTeamBlock, kCudaRowTeamThread, kCudaRowTeamCluster
+ROW_TEAMS = {"auto": 0, "block_rows": 1, "thread_rows": 2, "cluster_rows": 3}
 
 
 def pytest_generate_tests(metafunc):
-    """Every case runs with a block per row and with a thread per row (the kernels' automatic choice is one of the
-    two: csrc/cuda/common.cuh), except ``long_rows`` cases: rows of more than 1024 classes always get blocks."""
-    if "row_team" in metafunc.fixturenames:
-        teams = ["block_rows"] if metafunc.definition.get_closest_marker("long_rows") else list(ROW_TEAMS)
+    """Every case runs with a block per row, with a thread per row and with a thread-block cluster per row (the
+    kernels' automatic choice is one of them: csrc/cuda/common.cuh; forced clusters cut every routed/mutual-KD row
+    of class logits of two chunks or more, the rest run as blocks), except ``long_rows`` cases: rows of more than
+    1024 classes never get a thread, and ``pixel_rows`` cases (dense logits only), which cluster mode leaves to
+    blocks."""
+    if "row_team" in metafunc.fixturenames and "row_team" not in _parametrized(metafunc):
+        teams = ["block_rows", "thread_rows", "cluster_rows"]
+        if metafunc.definition.get_closest_marker("long_rows"):
+            teams.remove("thread_rows")
+        if metafunc.definition.get_closest_marker("pixel_rows"):  # never clusters: the same as block_rows
+            teams.remove("cluster_rows")
         metafunc.parametrize("row_team", teams, indirect=True)
+
+
+def _parametrized(metafunc) -> set[str]:
+    """The argument names a test's own parametrize marks give."""
+    names = set()
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        argnames = mark.args[0]
+        if isinstance(argnames, str):
+            argnames = argnames.split(",")
+        names.update(name.strip() for name in argnames)
+    return names
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +80,7 @@ def row_team(request, _cuda_backend):
 
 def test_row_team_setting_is_checked(_cuda_backend):
     with pytest.raises(ValueError, match="team must be 0"):
-        _cuda_backend.set_cuda_row_team(3)
+        _cuda_backend.set_cuda_row_team(4)
 
 
 # (rtol relative to the largest |truth| of the output, atol) on top of the reference's error
@@ -247,6 +266,7 @@ class TestRoutedShapes:
         check_routed(3, 100003, 1, 2, 1, mix, div, tau=1.0)
         check_routed(2, 262144, 1, 2, None, mix, div, dtype=torch.bfloat16, tau=4.0)
 
+    @pytest.mark.pixel_rows
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_pixels(self, mix, div, dtype):  # class_dim=1: [B, C, H, W] viewed as [B, C, H * W]
         check_routed(2, 13, (3, 5), 3, 2, mix, div, dtype=dtype, duplicate=True, mask="some", tau=0.5)
@@ -388,3 +408,42 @@ def test_fuzz_routed(data):
 )
 def test_fuzz_mutual(M, N, C, dtype, tau, layout, need, seed):
     check_mutual(M, N, C, dtype=dtype, tau=tau, layout=layout, need=need, seed=seed)
+
+
+@pytest.mark.skipif(not EMULATED, reason="reads the emulation's record of the last launch")
+class TestClusterMode:
+    """Cluster mode (csrc/cuda/common.cuh): the pieces of a row are the blocks of a thread-block cluster, on devices
+    of compute capability 9.0+. The emulation records each launch's cluster size, so these check that the mode the
+    other tests name is the one that ran, as well as the outputs."""
+
+    @pytest.mark.parametrize("row_team", ["cluster_rows"], indirect=True)
+    def test_forced_clusters_launch_clusters(self, _cuda_backend, row_team):
+        check_routed(5, 37, 1, 4, 3, 0, 0, duplicate=True, mask="some")
+        blocks, threads, cluster = _cuda_backend.last_launch()
+        assert cluster == 4 and blocks % cluster == 0, (blocks, threads, cluster)  # 10 chunks: 4 pieces
+        check_mutual(3, 5, 37)
+        assert _cuda_backend.last_launch()[2] == 4
+
+    @pytest.mark.parametrize("row_team", ["cluster_rows"], indirect=True)
+    def test_no_clusters_before_sm90(self, _cuda_backend, row_team):
+        _cuda_backend.set_compute_capability_major(8)
+        try:
+            check_routed(5, 37, 1, 4, 3, 1, 2, mask="some")
+            assert _cuda_backend.last_launch()[2] == 1
+        finally:
+            _cuda_backend.set_compute_capability_major(9)
+
+    @pytest.mark.long_rows
+    @pytest.mark.parametrize("row_team", ["auto"], indirect=True)
+    @pytest.mark.parametrize("mix,div", [(0, 0), (1, 2), (2, 1)])
+    def test_automatic_clusters_of_eight(self, _cuda_backend, row_team, mix, div):
+        """As many rows as SMs (here 3) of 8 * 2048 classes or more: clusters of 8, one cluster per row while the
+        workspace holds their slots; a row mask and a bad index on the way."""
+        _cuda_backend.set_sm_count(3)
+        try:
+            check_routed(4, 16411, 1, 3, 2, mix, div, duplicate=True, mask="some", bad_index=True)
+            assert _cuda_backend.last_launch()[2] == 8
+            check_mutual(2, 3, 16400, layout="misaligned")
+            assert _cuda_backend.last_launch()[2] == 8
+        finally:
+            _cuda_backend.set_sm_count(132)

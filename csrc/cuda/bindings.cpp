@@ -82,10 +82,10 @@ void bind_cuda(py::module_& m) {
       "Enqueue the in-place gradient scaling that skips blocks of unit factors on `stream`.");
   m.def("cuda_row_team", &cuda_row_team,
         "The row team of the routed/mutual KD and masked-reconstruction kernels: 0 automatic, 1 a block per row, "
-        "2 a thread per row.");
+        "2 a thread per row, 3 a thread-block cluster per row (sm_90+).");
   m.def("set_cuda_row_team", &set_cuda_row_team, py::arg("team"),  // std::invalid_argument -> ValueError
         "Forces the row team of the routed/mutual KD and masked-reconstruction kernels (tests): 0 automatic, "
-        "1 block, 2 thread.");
+        "1 block, 2 thread, 3 cluster.");
 }
 
 }  // namespace mmfast

@@ -217,6 +217,7 @@ constexpr int kThreadTeamThreads = 128;
 struct BlockTeam {
   static constexpr bool kPerThread = false;
   static constexpr bool kPieces = false;  // a team of a piece of a row (split mode, below)
+  static constexpr bool kCluster = false;  // the pieces of a row are a thread-block cluster (cluster mode, below)
   static constexpr int kLaunchThreads = kMaxThreads, kLaunchMinBlocks = kMinBlocksPerSM;
   __device__ static int lane() { return static_cast<int>(threadIdx.x); }
   __device__ static int size() { return static_cast<int>(blockDim.x); }
@@ -233,6 +234,7 @@ struct BlockTeam {
 struct ThreadTeam {
   static constexpr bool kPerThread = true;
   static constexpr bool kPieces = false;
+  static constexpr bool kCluster = false;
   static constexpr int kLaunchThreads = kThreadTeamThreads, kLaunchMinBlocks = 6;
   __device__ static int lane() { return 0; }
   __device__ static int size() { return 1; }
@@ -387,19 +389,40 @@ __device__ __forceinline__ void reduce_lse_columns(const Part& part, int nsource
                               [&](int src, const OnlineLse2& acc) { out[src] = RowLse2{acc.m, log2f(acc.s)}; });
 }
 
+// Chunks a member of a pass-1 sweep loads before it uses the first: kSweepLoads independent loads in
+// flight per thread, so that a block of a few hundred threads keeps enough bytes in flight to cover the
+// memory latency (one 16-byte load per thread at a time is ~16 KiB per SM, about what an H100 needs
+// to reach its bandwidth), and one rescale of the running sum per kSweepLoads chunks.
+constexpr int kSweepLoads = 4;
+
 // Pass-1 sweep of chunks [j0, j1) of one row: this member's (max, sum) of exp2(k2 * logit) over its
-// chunks, stored as column pair `src` of `part`.
+// chunks, stored as column pair `src` of `part`. The member's chunks are taken kSweepLoads at a time
+// (then one at a time for the rest); every logit is scaled by k2 as in RowLse2::log2_prob.
 template <typename T, typename Team = BlockTeam, typename Part>
 __device__ __forceinline__ void lse_sweep(const T* __restrict__ row, int64_t stride, const RowChunks& rc,
                                           int j0, int j1, float k2, const Part& part, int src) {
-  constexpr int V = kVec<T>;
+  constexpr int V = kVec<T>, U = kSweepLoads;
   const int n = Team::size(), t = Team::lane();
   OnlineLse2 acc;
-  for (int j = j0 + t; j < j1; j += n) {
+  int j = j0 + t;
+  for (; j + (U - 1) * n < j1; j += U * n) {
+    float a[U * V];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float c[V];
+      load_chunk<T>(row, stride, (j + u * n) * V - rc.shift, rc, -INFINITY, c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) a[u * V + i] = c[i];
+    }
+#pragma unroll
+    for (int i = 0; i < U * V; ++i) a[i] = __fmul_rn(a[i], k2);  // not fused into a later subtraction
+    acc.add(a);
+  }
+  for (; j < j1; j += n) {
     float a[V];
     load_chunk<T>(row, stride, j * V - rc.shift, rc, -INFINITY, a);
 #pragma unroll
-    for (int i = 0; i < V; ++i) a[i] = __fmul_rn(a[i], k2);  // not fused into a later subtraction
+    for (int i = 0; i < V; ++i) a[i] = __fmul_rn(a[i], k2);
     acc.add(a);
   }
   part[2 * src * n + t] = acc.m;
@@ -437,7 +460,7 @@ constexpr int64_t kThreadTeamMaxClasses = 1024;
 // shared memory.
 __host__ inline int thread_team_threads(int64_t C, bool strided_rows, size_t bytes_per_member) {
   const int team = cuda_row_team();
-  if (team == kCudaRowTeamBlock || C > kThreadTeamMaxClasses ||
+  if (team == kCudaRowTeamBlock || team == kCudaRowTeamCluster || C > kThreadTeamMaxClasses ||
       (team == kCudaRowTeamAuto && !strided_rows && C > kThreadRowMaxClasses)) {
     return 0;
   }
@@ -474,8 +497,8 @@ __host__ inline unsigned thread_team_grid(int64_t rows, int threads) {
 // [rows, nsplit, 2, rec] (record 0: a piece's softmax statistics, record 1: its pass-2 sums) and
 // every block of a row merges them in piece order (the same bits in every block; no atomics).
 struct Pieces {
-  int phase;   // 0: whole rows in one launch; 1, 2, 3: the launch of a split
-  int nsplit;  // pieces per row (1: whole rows)
+  int phase;   // 0: whole rows in one launch; 1, 2, 3: the launch of a split (cluster mode: 0, all in one)
+  int nsplit;  // pieces per row (1: whole rows; cluster mode: the blocks of a cluster)
   int span;    // chunks per piece
   int rec;     // floats per record
   float* ws;
@@ -525,14 +548,15 @@ __device__ __forceinline__ void piece_classes(const Pieces& pc, int piece, int v
   }
 }
 
-// Pass 1 of row `row`: the log2-sum-exp2 of `nsrc` sources into lse[src], after `sweep()` has put this
+// Pass 1 of a row: the log2-sum-exp2 of `nsrc` sources into lse[src], after `sweep()` has put this
 // member's partials of the team's chunks in `part` (column pairs by source). Split phase 1 writes the
-// piece's statistics to the workspace and gives false (nothing more in that launch); phases 2 and 3
-// merge the pieces' statistics in piece order, without a sweep.
+// piece's statistics to the workspace records of `slot` (split mode: the row; cluster mode: the cluster's)
+// and gives false (nothing more in that phase); phases 2 and 3 merge the pieces' statistics in piece order,
+// without a sweep.
 template <typename Team, typename Part, typename Lse, typename Sweep>
-__device__ __forceinline__ bool pieces_lse(const Pieces& pc, int64_t row, int piece, const Part& part, int nsrc,
-                                           const Lse& lse, Sweep&& sweep) {
-  const int phase = phase_of<Team>(pc);
+__device__ __forceinline__ bool pieces_lse(const Pieces& pc, int phase, int64_t slot, int piece, const Part& part,
+                                           int nsrc, const Lse& lse, Sweep&& sweep) {
+  const int64_t row = slot;
   if (phase <= 1) {
     sweep();
     if (phase == 0) {
@@ -557,12 +581,12 @@ __device__ __forceinline__ bool pieces_lse(const Pieces& pc, int64_t row, int pi
 }
 
 // The pass-2 row sums (`ncols` columns of `part`) into red[col]. Split phase 2 writes the piece's sums
-// to the workspace and gives false; phase 3 (which skips the pass-2 sweep) adds the pieces' sums in
-// piece order.
+// to the workspace records of `slot` and gives false; phase 3 (which skips the pass-2 sweep) adds the
+// pieces' sums in piece order.
 template <typename Team, typename Part, typename Red>
-__device__ __forceinline__ bool pieces_sums(const Pieces& pc, int64_t row, int piece, const Part& part, int ncols,
-                                            const Red& red) {
-  const int phase = phase_of<Team>(pc);
+__device__ __forceinline__ bool pieces_sums(const Pieces& pc, int phase, int64_t slot, int piece, const Part& part,
+                                            int ncols, const Red& red) {
+  const int64_t row = slot;
   if (phase == 3) {
     const float* first = pc.ws + (row * pc.nsplit * 2 + 1) * pc.rec;
     for (int col = Team::lane(); col < ncols; col += Team::size()) {
@@ -605,6 +629,135 @@ __host__ inline Pieces piece_plan(int64_t rows, int64_t C, int vec, int rec, voi
   n = (chunks + span - 1) / span;
   if (n <= 1 || rows * n * 2 * rec > workspace_floats) return whole;
   return Pieces{0, static_cast<int>(n), static_cast<int>(span), rec, static_cast<float*>(workspace)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster mode (compute capability 9.0+): many long rows, the pieces of a row a thread-block cluster
+// ---------------------------------------------------------------------------------------------
+// A block per row re-reads its row in passes 2 and 3; with as many rows in flight as the GPU holds blocks,
+// rows of a few hundred KiB are evicted from the L2 before the re-read, which then costs DRAM bandwidth
+// again (one read of a row is all the minimal-byte model allows). In cluster mode each row is cut into
+// `nsplit` pieces (as in split mode), the pieces of a row are the blocks of one cluster, and the three
+// phases run in one launch, the cluster's blocks meeting at a cluster barrier between them: a piece is
+// re-read right after its first read, while it is in the L2, and there are nsplit times fewer rows in
+// flight. Records go through the workspace as in split mode, at the cluster's slot (two per cluster,
+// alternating between its rows, so that a row's phase 1 never overwrites what a slower block of the
+// cluster is still reading in the previous row's phase 3).
+// Blocks of at most 256 threads, two per SM (a 128-register cap, as a split block's): a block waiting at its
+// cluster's barrier leaves the SM to the other cluster's block.
+struct ClusterTeam : PieceTeam {
+  static constexpr bool kCluster = true;
+  static constexpr int kLaunchThreads = kMaxThreads / 2, kLaunchMinBlocks = 2;
+  // threads for a piece of `span` chunks (threads_for_row's choice, at most kLaunchThreads)
+  __host__ static int threads(int nt) { return nt < kLaunchThreads ? nt : kLaunchThreads; }
+};
+
+constexpr int kMaxClusterBlocks = 8;  // the portable cluster size
+// Pieces of at least this many classes in automatic mode (C >= kRowSplitMinClasses); forced
+// (kCudaRowTeamCluster, tests) any row of two chunks or more is cut, into at most kForcedClusterBlocks pieces
+// (fewer blocks to emulate; rows of at least 8 * kClusterMinPieceClasses classes take clusters of 8 in
+// automatic mode).
+constexpr int64_t kClusterMinPieceClasses = 2048;
+constexpr int kForcedClusterBlocks = 4;
+
+// Waits until every thread of the thread-block cluster has arrived; the writes before it (shared and global
+// memory) are visible to the cluster's threads after it (release / acquire at cluster scope).
+__device__ __forceinline__ void cluster_sync() {
+#if defined(MMFAST_CUDA_EMU)
+  mmfast_emu::sync_cluster();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();  // never launched below sm_90 (cluster_plan)
+#endif
+}
+
+// Runs fn(unit, phase, slot) for each work unit of this block: whole rows or split pieces (phase of the
+// launch, slot = the row), or in cluster mode each piece of the cluster's rows through phases 1-3 with a
+// cluster barrier between them (slot: the cluster's record slot of that row).
+template <typename Team, typename Fn>
+__device__ __forceinline__ void for_each_unit(const Pieces& pc, int64_t units, Fn&& fn) {
+  if constexpr (Team::kCluster) {
+    const int64_t cluster = blockIdx.x / pc.nsplit;
+    int parity = 0;
+    for (int64_t unit = Team::first_row(); unit < units; unit += Team::row_stride()) {
+      const int64_t slot = 2 * cluster + parity;
+      fn(unit, 1, slot);
+      cluster_sync();
+      fn(unit, 2, slot);
+      cluster_sync();
+      fn(unit, 3, slot);
+      parity ^= 1;
+    }
+  } else {
+    const int phase = phase_of<Team>(pc);
+    for (int64_t unit = Team::first_row(); unit < units; unit += Team::row_stride()) {
+      fn(unit, phase, unit / pieces_of<Team>(pc));
+    }
+  }
+}
+
+__host__ inline bool cluster_launch_supported() {
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
+// Cluster plan for `rows` rows of C classes with records of `rec` floats: nsplit pieces (<= 8) of at least
+// kClusterMinPieceClasses classes for rows of at least kRowSplitMinClasses classes (forced: of at least two
+// chunks, as many pieces as chunks up to kForcedClusterBlocks), `clusters` clusters in the grid (grid-stride over the rows, as
+// many as the workspace holds slots for); nsplit == 1: not in cluster mode (a block team setting, no
+// workspace, a device before sm_90).
+__host__ inline Pieces cluster_plan(int64_t rows, int64_t C, int vec, int rec, void* workspace,
+                                    int64_t workspace_floats, int64_t& clusters) {
+  const Pieces whole = whole_rows();
+  clusters = 0;
+  const int team = cuda_row_team();
+  const bool forced = team == kCudaRowTeamCluster;
+  if ((team != kCudaRowTeamAuto && !forced) || workspace == nullptr || (!forced && C < kRowSplitMinClasses) ||
+      !cluster_launch_supported()) {
+    return whole;
+  }
+  const int64_t chunks = (C + vec - 1) / vec + 1;  // a row's chunks at most (one more when misaligned)
+  int64_t n = forced ? chunks - 1 : C / kClusterMinPieceClasses;
+  const int64_t most = forced ? kForcedClusterBlocks : kMaxClusterBlocks;
+  n = n < most ? n : most;
+  if (n <= 1) return whole;
+  const int64_t span = (chunks + n - 1) / n;
+  n = (chunks + span - 1) / span;
+  if (n <= 1) return whole;
+  const int64_t per_cluster = 2 * n * 2 * rec;  // two slots of n pieces' two records
+  clusters = workspace_floats / per_cluster;
+  clusters = clusters < rows ? clusters : rows;
+  clusters = clusters < kMaxBlocks / n ? clusters : kMaxBlocks / n;
+  if (clusters < 1) return whole;
+  return Pieces{0, static_cast<int>(n), static_cast<int>(span), rec, static_cast<float*>(workspace)};
+}
+
+// kernel(args) as a grid of `grid` blocks in clusters of `cluster` blocks (grid a multiple of it), with `smem`
+// bytes of dynamic shared memory as launch_with_smem; returns the cudaError_t code.
+template <typename Args>
+__host__ inline int launch_cluster_with_smem(void (*kernel)(Args), const Args& args, unsigned grid, int threads,
+                                             size_t smem, int cluster, cudaStream_t stream) {
+  if (smem > kDefaultSmemBytes) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, args);
+  return err != cudaSuccess ? static_cast<int>(err) : static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace cuda

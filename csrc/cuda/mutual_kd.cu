@@ -75,9 +75,8 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const int M = static_cast<int>(p.M), nt = Team::size(), tid = Team::lane();
   const float Mf = static_cast<float>(p.M);
   const MutualShared<T, Team> sh = carve_mutual<T, Team>(smem, M);
-  const int phase = phase_of<Team>(a.pc);
 
-  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
+  for_each_unit<Team>(a.pc, a.units, [&](int64_t unit, int phase, int64_t slot) {
     const int64_t n = unit / pieces_of<Team>(a.pc);
     const int piece = static_cast<int>(unit - n * pieces_of<Team>(a.pc));
     Team::sync();  // the previous row is done with the tables
@@ -98,10 +97,10 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
     piece_range<Team>(a.pc, piece, rc.nchunks, j0, j1);
 
     // pass 1
-    const bool whole = pieces_lse<Team>(a.pc, n, piece, sh.part, M, sh.lse, [&] {
+    const bool whole = pieces_lse<Team>(a.pc, phase, slot, piece, sh.part, M, sh.lse, [&] {
       for (int i = 0; i < M; ++i) lse_sweep<T, Team>(sh.row[i], p.s_c, rc, j0, j1, a.k2, sh.part, i);
     });
-    if (!whole) continue;
+    if (!whole) return;
 
     // pass 2: R_i partials in column i (split phase 3: summed over the pieces)
     for (int i = 0; i < M; ++i) sh.part[i * nt + tid] = 0.f;
@@ -128,13 +127,13 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         sh.part[i * nt + tid] += acc * kLn2;
       }
     }
-    if (!pieces_sums<Team>(a.pc, n, piece, sh.part, M, sh.R)) continue;
+    if (!pieces_sums<Team>(a.pc, phase, slot, piece, sh.part, M, sh.R)) return;
     if (tid == 0 && (!Team::kPieces || piece == 0)) {
       float loss = 0.f;
       for (int i = 0; i < M; ++i) loss += sh.R[i];
       static_cast<float*>(p.loss)[n] = a.scale * loss;
     }
-    if (p.grad == nullptr) continue;
+    if (p.grad == nullptr) return;
 
     // pass 3
     for (int j = j0 + tid; j < j1; j += nt) {
@@ -164,17 +163,31 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         store_chunk<T>(sh.grow[i], 1, c0, rc, l2);
       }
     }
-  }
+  });
 }
 
 // A thread per row (few classes, or class-strided rows whose neighbours are neighbours in memory),
-// a block per row, or (a few long rows) a block per piece of a row in three launches.
+// a block per row, (a few long rows) a block per piece of a row in three launches, or (many long rows,
+// sm_90+) a thread-block cluster per row (common.cuh: cluster mode).
 template <typename T>
 int launch_mutual(const MutualArgs& a, cudaStream_t stream) {
   const size_t fixed = mutual_fixed_bytes(a.p.M);
   const size_t per_thread = static_cast<size_t>(2 * a.p.M) * sizeof(float);
-  const Pieces pc = piece_plan(a.p.N, a.p.C, kVec<T>, static_cast<int>(2 * a.p.M), a.p.workspace,
-                               a.p.workspace_floats);
+  const int rec = static_cast<int>(2 * a.p.M);
+  int64_t clusters = 0;
+  const Pieces cl = cluster_plan(a.p.N, a.p.C, kVec<T>, rec, a.p.workspace, a.p.workspace_floats, clusters);
+  const Pieces pc = cl.nsplit > 1 && cuda_row_team() == kCudaRowTeamCluster
+                        ? whole_rows()
+                        : piece_plan(a.p.N, a.p.C, kVec<T>, rec, a.p.workspace, a.p.workspace_floats);
+  if (pc.nsplit <= 1 && cl.nsplit > 1) {
+    MutualArgs ca = a;
+    ca.pc = cl;
+    ca.units = a.p.N * cl.nsplit;
+    const int nt = ClusterTeam::threads(
+        threads_for_row(static_cast<int64_t>(cl.span) * kVec<T>, kVec<T>, fixed, 2 * a.p.M));
+    return launch_cluster_with_smem(mutual_kd_kernel<T, ClusterTeam>, ca, static_cast<unsigned>(clusters * cl.nsplit),
+                                    nt, fixed + per_thread * nt, cl.nsplit, stream);
+  }
   if (pc.nsplit > 1) {
     MutualArgs sa = a;
     sa.pc = pc;

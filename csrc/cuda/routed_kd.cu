@@ -162,7 +162,9 @@ __device__ __forceinline__ RoutedShared<T, Team> carve_routed(unsigned char* sme
 template <typename T>
 struct RoutedRow {
   int64_t row;  // b * S + s
-  int piece;    // split mode: the piece of the row this block owns (0 otherwise)
+  int piece;    // split and cluster mode: the piece of the row this block owns (0 otherwise)
+  int phase;    // split and cluster mode: the phase (1-3) this pass over the unit is; 0 otherwise
+  int64_t slot; // split and cluster mode: the workspace records of the row (common.cuh: pieces_lse)
   const T* x;   // student row, class stride p.sx_c
   T* dx;        // dx row (class stride S) or nullptr
   RowChunks rc;
@@ -187,16 +189,19 @@ __device__ __forceinline__ void write_dz(const RoutedArgs& a, const RoutedShared
   }
 }
 
-// Fills the slot tables of work unit `unit` (row, piece). Rows with an index outside [0, E) (NaN)
-// and masked rows (zeros) are written here (split mode: the piece's classes, in phase 1) and give
-// false. Uniform over the team; starts with a barrier that ends the previous row's use of the tables.
+// Fills the slot tables of work unit `unit` (row, piece) in `phase` (common.cuh: for_each_unit). Rows with an
+// index outside [0, E) (NaN) and masked rows (zeros) are written here (split and cluster mode: the piece's
+// classes, in phase 1) and give false. Uniform over the team; starts with a barrier that ends the previous
+// row's use of the tables.
 template <typename T, typename Team>
-__device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int64_t unit,
-                                 RoutedRow<T>& r) {
+__device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int64_t unit, int phase,
+                                 int64_t slot, RoutedRow<T>& r) {
   const RoutedKDParams& p = a.p;
   const int64_t nsplit = pieces_of<Team>(a.pc), row = unit / nsplit;
   r.row = row;
   r.piece = static_cast<int>(unit - row * nsplit);
+  r.phase = phase;
+  r.slot = slot;
   const int K = static_cast<int>(p.K);
   const int64_t b = row / p.S, s = row - b * p.S;
   const float* w = static_cast<const float*>(p.w) + b * K;
@@ -243,7 +248,7 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team
   T* dx = p.dx != nullptr ? static_cast<T*>(p.dx) + b * p.C * p.S + s : nullptr;
   const bool masked = p.mask != nullptr && p.mask[row] == 0;
   if (bad || masked) {
-    if (phase_of<Team>(a.pc) > 1) return false;  // written in phase 1
+    if (phase > 1) return false;  // written in phase 1
     const float v = bad ? quiet_nan() : 0.f;
     if (r.piece == 0) {
       if (Team::leader()) static_cast<float*>(p.loss)[row] = v;
@@ -297,7 +302,7 @@ template <typename T, typename Team>
 __device__ __forceinline__ bool student_teacher_lse(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                     const RoutedRow<T>& r) {
   const int K = static_cast<int>(a.p.K);
-  return pieces_lse<Team>(a.pc, r.row, r.piece, sh.part, K + 1, sh.lse, [&] {
+  return pieces_lse<Team>(a.pc, r.phase, r.slot, r.piece, sh.part, K + 1, sh.lse, [&] {
     lse_sweep<T, Team>(r.x, a.p.sx_c, r.rc, r.j0, r.j1, a.k2, sh.part, 0);
     for (int k = 0; k < K; ++k) lse_sweep<T, Team>(sh.zrow[k], a.p.sz_c, r.rc, r.j0, r.j1, a.k2, sh.part, 1 + k);
   });
@@ -316,17 +321,16 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
-  const int phase = phase_of<Team>(a.pc);
   // KL: sum_c A = -W, so dx needs no row sum; reverse KL: sum_c B_k = -1, so dz_k needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
   const bool dz_pass2 = Div == kReverseKL && p.dz != nullptr, dz_pass3 = Div != kReverseKL && p.dz != nullptr;
 
-  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
+  for_each_unit<Team>(a.pc, a.units, [&](int64_t unit, int phase, int64_t slot) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T, Team>(a, sh, unit, r)) continue;
+    if (!setup_routed_row<T, Team>(a, sh, unit, phase, slot, r)) return;
     const int64_t row = r.row;
     const bool results = !Team::kPieces || r.piece == 0;  // the row's loss and dw: one block of a split row
-    if (!student_teacher_lse<T, Team>(a, sh, r)) continue;
+    if (!student_teacher_lse<T, Team>(a, sh, r)) return;
     const RowLse2 Lq = sh.lse[0];
     const float W = sh.W[0];
 
@@ -364,7 +368,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         store_chunk<T>(r.dx, p.S, c0, r.rc, d);
       }
     }
-    if (!pieces_sums<Team>(a.pc, row, r.piece, sh.part, NQ * K, sh.red)) continue;
+    if (!pieces_sums<Team>(a.pc, phase, slot, r.piece, sh.part, NQ * K, sh.red)) return;
 
     float L = 0.f, SA = 0.f;  // sum_k w_k D_k, sum_k w_k sum_c A_k
     for (int k = 0; k < K; ++k) {
@@ -379,7 +383,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         static_cast<float*>(p.dw)[row * K + k] = a.scale * rs.D;
       }
     }
-    if (!dx_pass3 && !dz_pass3) continue;
+    if (!dx_pass3 && !dz_pass3) return;
 
     // pass 3: the gradients that need the row sums
     for (int j = r.j0 + tid; j < r.j1; j += nt) {
@@ -408,7 +412,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         store_chunk<T>(r.dx, p.S, c0, r.rc, d);
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -467,7 +471,6 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
-  const int phase = phase_of<Team>(a.pc);
   const bool slot_grads = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -1, so dx needs no row sum; reverse KL: sum B = -1, so dvbar = P - q needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
@@ -476,14 +479,14 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const bool dw_bv = Team::kPieces && dv_pass3 && p.dw != nullptr;
   const bool dw_pass3 = !dw_bv && dv_pass3 && p.dw != nullptr;
 
-  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
+  for_each_unit<Team>(a.pc, a.units, [&](int64_t unit, int phase, int64_t slot) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T, Team>(a, sh, unit, r)) continue;
+    if (!setup_routed_row<T, Team>(a, sh, unit, phase, slot, r)) return;
     const int64_t row = r.row;
     const bool results = !Team::kPieces || r.piece == 0;  // the row's loss and dw: one block of a split row
 
     // pass 1: student (column pair 0) and mixed logits (column pair 1)
-    const bool whole = pieces_lse<Team>(a.pc, r.row, r.piece, sh.part, 2, sh.lse, [&] {
+    const bool whole = pieces_lse<Team>(a.pc, phase, slot, r.piece, sh.part, 2, sh.lse, [&] {
       lse_sweep<T, Team>(r.x, p.sx_c, r.rc, r.j0, r.j1, a.k2, sh.part, 0);
       OnlineLse2 acc;
       for (int j = r.j0 + tid; j < r.j1; j += nt) {
@@ -494,7 +497,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
       sh.part[2 * nt + tid] = acc.m;
       sh.part[3 * nt + tid] = acc.s;
     });
-    if (!whole) continue;
+    if (!whole) return;
     const RowLse2 Lq = sh.lse[0], LP = sh.lse[1];
 
     // pass 2: S1, S2 (columns 0, 1; registers until the end), reverse-KL dw_k in columns 2 + k, or
@@ -539,7 +542,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    if (!pieces_sums<Team>(a.pc, row, r.piece, sh.part, ncols, sh.red)) continue;
+    if (!pieces_sums<Team>(a.pc, phase, slot, r.piece, sh.part, ncols, sh.red)) return;
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], 1.f, a.beta);
     if (results && tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
     if (results && dv_pass2 && p.dw != nullptr) {
@@ -550,7 +553,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         static_cast<float*>(p.dw)[row * K + k] = a.scale * fmaf(-rs.SB, sh.red[2 + K + k], sh.red[2 + k]);
       }
     }
-    if (!dx_pass3 && !dv_pass3) continue;
+    if (!dx_pass3 && !dv_pass3) return;
 
     // pass 3: dx and dvbar with the row sums; dw_k in columns k (whole rows)
     if (dw_pass3) {
@@ -576,7 +579,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
       reduce_sum_columns<Team>(sh.part, K, sh.red);
       for (int k = tid; k < K; k += nt) static_cast<float*>(p.dw)[row * K + k] = a.scale * sh.red[k];
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,17 +638,16 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
-  const int phase = phase_of<Team>(a.pc);
   const bool need_Y = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -W, so dx needs no row sum
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
 
-  for (int64_t unit = Team::first_row(); unit < a.units; unit += Team::row_stride()) {
+  for_each_unit<Team>(a.pc, a.units, [&](int64_t unit, int phase, int64_t slot) {
     RoutedRow<T> r;
-    if (!setup_routed_row<T, Team>(a, sh, unit, r)) continue;
+    if (!setup_routed_row<T, Team>(a, sh, unit, phase, slot, r)) return;
     const int64_t row = r.row;
     const bool results = !Team::kPieces || r.piece == 0;  // the row's loss and dw: one block of a split row
-    if (!student_teacher_lse<T, Team>(a, sh, r)) continue;
+    if (!student_teacher_lse<T, Team>(a, sh, r)) return;
     const RowLse2 Lq = sh.lse[0];
     const float W = sh.W[0];
 
@@ -684,13 +686,13 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
     }
     sh.part[tid] = S1;
     sh.part[nt + tid] = S2;
-    if (!pieces_sums<Team>(a.pc, row, r.piece, sh.part, need_Y ? 2 + K : 2, sh.red)) continue;
+    if (!pieces_sums<Team>(a.pc, phase, slot, r.piece, sh.part, need_Y ? 2 + K : 2, sh.red)) return;
     const RowSums rs = row_sums<Div>(sh.red[0], sh.red[1], W, a.beta);
     if (results && tid == 0) static_cast<float*>(p.loss)[row] = a.scale * rs.D;
     if (results && p.dw != nullptr) {
       for (int k = tid; k < K; k += nt) static_cast<float*>(p.dw)[row * K + k] = a.scale * sh.red[2 + k];
     }
-    if (!dx_pass3 && p.dz == nullptr) continue;
+    if (!dx_pass3 && p.dz == nullptr) return;
 
     // pass 3: dx with sum A, dz_k with Y_k
     for (int j = r.j0 + tid; j < r.j1; j += nt) {
@@ -722,7 +724,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         }
       }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -739,14 +741,30 @@ RoutedKernel routed_kernel() {
 }
 
 // A thread per row (few classes, or dense logits whose neighbouring pixels are neighbours in
-// memory), a block per row, or (a few long rows) a block per piece of a row in three launches.
+// memory), a block per row, (a few long rows) a block per piece of a row in three launches, or (many long
+// rows, sm_90+) a thread-block cluster per row (common.cuh: cluster mode).
 template <typename T, int Mix, int Div>
 int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
   const size_t fixed = routed_fixed_bytes(a.p.K);
   const size_t per_thread = static_cast<size_t>(routed_columns(a.p.K)) * sizeof(float);
-  const Pieces pc = a.p.S == 1 ? piece_plan(a.N, a.p.C, kVec<T>, static_cast<int>(routed_columns(a.p.K)),
-                                             a.p.workspace, a.p.workspace_floats)
-                                : whole_rows();
+  const int rec = static_cast<int>(routed_columns(a.p.K));
+  int64_t clusters = 0;
+  const Pieces cl = a.p.S == 1 ? cluster_plan(a.N, a.p.C, kVec<T>, rec, a.p.workspace, a.p.workspace_floats, clusters)
+                               : whole_rows();
+  const bool cluster_first = cl.nsplit > 1 && cuda_row_team() == kCudaRowTeamCluster;
+  const Pieces pc = a.p.S == 1 && !cluster_first
+                        ? piece_plan(a.N, a.p.C, kVec<T>, rec, a.p.workspace, a.p.workspace_floats)
+                        : whole_rows();
+  if (pc.nsplit <= 1 && cl.nsplit > 1) {
+    RoutedArgs ca = a;
+    ca.pc = cl;
+    ca.units = a.N * cl.nsplit;
+    const int nt = ClusterTeam::threads(
+        threads_for_row(static_cast<int64_t>(cl.span) * kVec<T>, kVec<T>, fixed, routed_columns(a.p.K)));
+    return launch_cluster_with_smem(routed_kernel<T, ClusterTeam, Mix, Div>(), ca,
+                                    static_cast<unsigned>(clusters * cl.nsplit), nt, fixed + per_thread * nt,
+                                    cl.nsplit, stream);
+  }
   if (pc.nsplit > 1) {
     RoutedArgs sa = a;
     sa.pc = pc;

@@ -12,8 +12,9 @@ std::atomic<int> g_row_team{kCudaRowTeamAuto};
 int cuda_row_team() { return g_row_team.load(std::memory_order_relaxed); }
 
 void set_cuda_row_team(int team) {
-  if (team != kCudaRowTeamAuto && team != kCudaRowTeamBlock && team != kCudaRowTeamThread) {
-    throw std::invalid_argument("set_cuda_row_team: team must be 0 (auto), 1 (block) or 2 (thread)");
+  if (team != kCudaRowTeamAuto && team != kCudaRowTeamBlock && team != kCudaRowTeamThread &&
+      team != kCudaRowTeamCluster) {
+    throw std::invalid_argument("set_cuda_row_team: team must be 0 (auto), 1 (block), 2 (thread) or 3 (cluster)");
   }
   g_row_team.store(team, std::memory_order_relaxed);
 }

@@ -15,10 +15,19 @@
 // by cudaGetLastError. The SM count that launchers query is 132 (an H100) unless
 // mmfast_emu::set_sm_count changes it.
 //
-// What it does not model: concurrency between blocks (no data race or atomics ordering is exercised), the
+// Thread-block clusters (cudaLaunchKernelEx with a cluster dimension along x, at most 8 blocks, compute
+// capability 9 or more: mmfast_emu::set_compute_capability_major, default 9) run their blocks together: the
+// scheduler's sweeps give every block of the cluster its turn (blocks too in alternating order), and
+// mmfast_emu::sync_cluster (what csrc/cuda's cluster_sync calls) waits for every live thread of the cluster.
+//
+// What it does not model: concurrency between blocks outside a cluster (no data race or atomics ordering is
+// exercised), the
 // device's fast-math approximations (exp2f, __expf are the C library's), memory spaces (any host pointer
 // works), and timing.
 #pragma once
+
+// csrc/cuda code that must differ under the emulation (inline PTX) tests this
+#define MMFAST_CUDA_EMU 1
 
 #include <math.h>
 
@@ -77,7 +86,7 @@ enum cudaError {
 typedef cudaError cudaError_t;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
 
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t error);
@@ -164,8 +173,12 @@ namespace mmfast_emu {
 int sync_block(int predicate);
 uint64_t shfl_xor(uint64_t bits, int lane_mask, int width);
 unsigned char* dynamic_smem();
-void launch(const void* func, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* arg);
+void sync_cluster();
+void launch(const void* func, dim3 grid, dim3 block, size_t smem, unsigned cluster, void (*body)(void*),
+            void* arg);
 void set_sm_count(int sms);
+void set_compute_capability_major(int major);
+std::tuple<unsigned, unsigned, unsigned> last_launch();  // (blocks, threads per block, blocks per cluster)
 }  // namespace mmfast_emu
 
 inline void __syncthreads() { mmfast_emu::sync_block(0); }
@@ -189,13 +202,15 @@ namespace mmfast_emu {
 struct Launch {
   dim3 grid, block;
   size_t smem;
-  Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+  unsigned cluster;  // blocks per cluster along x (1: no clusters)
+  Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr, unsigned c = 1)
+      : grid(g), block(b), smem(s), cluster(c) {}
 
   template <typename... P, typename... A>
   void run(void (*kernel)(P...), A&&... args) const {
     using Call = std::pair<void (*)(P...), std::tuple<std::decay_t<P>...>>;
     Call call{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
-    launch(reinterpret_cast<const void*>(kernel), grid, block, smem,
+    launch(reinterpret_cast<const void*>(kernel), grid, block, smem, cluster,
            [](void* c) {
              auto* self = static_cast<Call*>(c);
              std::apply(self->first, self->second);
@@ -205,3 +220,37 @@ struct Launch {
 };
 
 }  // namespace mmfast_emu
+
+// ---- extensible launch (cluster dimensions only) ----
+enum cudaLaunchAttributeID { cudaLaunchAttributeClusterDimension = 4 };
+union cudaLaunchAttributeValue {
+  struct {
+    unsigned int x, y, z;
+  } clusterDim;
+};
+struct cudaLaunchAttribute {
+  cudaLaunchAttributeID id;
+  cudaLaunchAttributeValue val;
+};
+struct cudaLaunchConfig_t {
+  dim3 gridDim, blockDim;
+  size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+
+template <typename... P, typename... A>
+cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(P...), A&&... args) {
+  unsigned cluster = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttribute& at = config->attrs[i];
+    if (at.id != cudaLaunchAttributeClusterDimension || at.val.clusterDim.y != 1 || at.val.clusterDim.z != 1) {
+      return cudaErrorInvalidValue;  // not emulated
+    }
+    cluster = at.val.clusterDim.x;
+  }
+  ::mmfast_emu::Launch(config->gridDim, config->blockDim, config->dynamicSmemBytes, config->stream, cluster)
+      .run(kernel, std::forward<A>(args)...);
+  return cudaGetLastError();
+}

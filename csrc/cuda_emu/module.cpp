@@ -25,6 +25,11 @@ PYBIND11_MODULE(_cuda_emu, m) {
   mmfast::bind_cuda(m);
   m.def("set_sm_count", &mmfast_emu::set_sm_count, py::arg("sms"),
         "the SM count that the launchers' cudaDeviceGetAttribute reads (default 132)");
+  m.def("set_compute_capability_major", &mmfast_emu::set_compute_capability_major, py::arg("major"),
+        "the compute capability major that cudaDeviceGetAttribute reads (default 9); below 9, cluster launches "
+        "fail as on such a device");
+  m.def("last_launch", &mmfast_emu::last_launch,
+        "(blocks, threads per block, blocks per cluster) of the last kernel launch that passed the launch checks");
   m.def("run_selftest", &mmfast_emu::run_selftest, py::arg("name"), py::arg("threads"), py::arg("arg") = 0,
         "runs one of the emulation's self-test kernels (csrc/cuda_emu/selftest.cu): (cudaError code, outputs)");
 }

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <map>
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #include "cuda_emu.h"
@@ -24,6 +25,8 @@ constexpr int kMaxThreads = 1024;
 constexpr unsigned kMaxGridYZ = 65535;
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr int kMaxCluster = 8;  // the portable cluster size limit
+constexpr int kMaxFibers = kMaxThreads * kMaxCluster;
 
 enum State { kRunnable, kWaiting, kDone };
 
@@ -48,30 +51,44 @@ struct Block {
   int current = -1;
   int done = 0;
   bool first_descending = false;
+  uint3 index{0, 0, 0};                // blockIdx
+  std::vector<unsigned char> shared;   // dynamic shared memory (+ alignment slack)
+  unsigned char* smem = nullptr;       // 16-byte aligned start of `shared`
+  int first_stack = 0;                 // fiber stacks first_stack .. first_stack + nt - 1
+};
+
+// The blocks that run together: one block, or the blocks of one thread-block cluster, whose barrier
+// (cluster_sync) every live thread of every block meets.
+struct Cluster {
+  std::vector<Block> blocks;
+  Barrier barrier;
 };
 
 cudaError_t g_last_error = cudaSuccess;
 unsigned g_launches = 0;
 int g_sm_count = 132;
+std::tuple<unsigned, unsigned, unsigned> g_last_launch{0, 0, 0};
+int g_cc_major = 9;
 std::map<const void*, size_t> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 ucontext_t g_scheduler;
-Block* g_block = nullptr;
-unsigned char* g_smem = nullptr;
+Cluster* g_cluster = nullptr;
+Block* g_block = nullptr;  // the block of the running fiber
 void (*g_body)(void*) = nullptr;
 void* g_arg = nullptr;
 
-// fiber stacks for kMaxThreads threads, mapped on first use and reused by every launch, each below a guard page
+// fiber stacks for the kMaxThreads threads of each of kMaxCluster blocks, mapped on first use (pages are
+// committed as they are touched) and reused by every launch, each below a guard page
 char* g_stacks = nullptr;
 size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 size_t stack_stride() { return kStackBytes + page_size(); }
 
 char* stack_of(int t) {
   if (g_stacks == nullptr) {
-    void* mem = mmap(nullptr, stack_stride() * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                     -1, 0);
+    void* mem = mmap(nullptr, stack_stride() * kMaxFibers, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED) throw std::runtime_error("cuda_emu: cannot map the fiber stacks");
     g_stacks = static_cast<char*>(mem);
-    for (int i = 0; i < kMaxThreads; ++i) mprotect(g_stacks + i * stack_stride(), page_size(), PROT_NONE);
+    for (int i = 0; i < kMaxFibers; ++i) mprotect(g_stacks + i * stack_stride(), page_size(), PROT_NONE);
   }
   return g_stacks + t * stack_stride() + page_size();
 }
@@ -88,10 +105,12 @@ void release_if_complete(Barrier& b) {
   b.result = b.acc;
   b.acc = 0;
   b.arrived = 0;
-  for (Fiber& f : g_block->fibers) {
-    if (f.state == kWaiting && f.waiting_on == &b) {
-      f.state = kRunnable;
-      f.waiting_on = nullptr;
+  for (Block& blk : g_cluster->blocks) {
+    for (Fiber& f : blk.fibers) {
+      if (f.state == kWaiting && f.waiting_on == &b) {
+        f.state = kRunnable;
+        f.waiting_on = nullptr;
+      }
     }
   }
 }
@@ -117,20 +136,21 @@ void fiber_main() {
   ++blk.done;
   --blk.block.live;
   --blk.warps[t / kWarp].live;
+  --g_cluster->barrier.live;
   release_if_complete(blk.block);
   release_if_complete(blk.warps[t / kWarp]);
+  release_if_complete(g_cluster->barrier);
   // returning ends the fiber: uc_link resumes the scheduler
 }
 
-// Runs one block to its end; false when no live thread can move (a barrier some thread never reaches).
-bool run_block(Block& blk) {
-  g_block = &blk;
+// Makes the fibers of `blk` (stacks from blk.first_stack) runnable at the kernel's entry.
+void start_block(Block& blk) {
   for (int t = 0; t < blk.nt; ++t) {
     Fiber& f = blk.fibers[t];
     f.state = kRunnable;
     f.waiting_on = nullptr;
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stack_of(t);
+    f.ctx.uc_stack.ss_sp = stack_of(blk.first_stack + t);
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = &g_scheduler;
     makecontext(&f.ctx, fiber_main, 0);
@@ -141,22 +161,43 @@ bool run_block(Block& blk) {
     const int lanes = blk.nt - w * kWarp;
     blk.warps[w] = Barrier{lanes < kWarp ? lanes : kWarp};
   }
+}
+
+// Runs the blocks of one cluster to their end; false when no live thread can move (a barrier some thread
+// never reaches). Each sweep gives every runnable thread of every block a turn, block after block.
+bool run_cluster(Cluster& cl) {
+  g_cluster = &cl;
+  int threads = 0;
+  for (Block& blk : cl.blocks) {
+    start_block(blk);
+    threads += blk.nt;
+  }
+  cl.barrier = Barrier{threads};
   // sweeps alternate between ascending and descending thread order, and blocks (and launches) alternate the
   // order of their first sweep: a thread that reads what another writes in the same phase (a race: no
   // barrier between them) sees a different value in one of the two orders
-  bool descending = blk.first_descending;
-  while (blk.done < blk.nt) {
+  int finished = 0;
+  const int nblocks = static_cast<int>(cl.blocks.size());
+  for (int sweep = 0; finished < nblocks; ++sweep) {
     bool moved = false;
-    for (int i = 0; i < blk.nt; ++i) {
-      const int t = descending ? blk.nt - 1 - i : i;
-      if (blk.fibers[t].state != kRunnable) continue;
-      blk.current = t;
-      set_thread_index(t);
-      swapcontext(&g_scheduler, &blk.fibers[t].ctx);
-      moved = true;
+    finished = 0;
+    for (int b = 0; b < nblocks; ++b) {
+      // blocks too in both orders, so that a race between the blocks of a cluster shows as well
+      Block& blk = cl.blocks[sweep % 2 == 0 ? b : nblocks - 1 - b];
+      const bool descending = blk.first_descending != (sweep % 2 == 1);
+      g_block = &blk;
+      blockIdx = blk.index;
+      for (int i = 0; i < blk.nt; ++i) {
+        const int t = descending ? blk.nt - 1 - i : i;
+        if (blk.fibers[t].state != kRunnable) continue;
+        blk.current = t;
+        set_thread_index(t);
+        swapcontext(&g_scheduler, &blk.fibers[t].ctx);
+        moved = true;
+      }
+      finished += blk.done == blk.nt;
     }
-    if (!moved) return false;
-    descending = !descending;
+    if (finished < nblocks && !moved) return false;
   }
   return true;
 }
@@ -170,6 +211,8 @@ cudaError_t set_func_max_dynamic_smem(const void* func, int bytes) {
 }
 
 int sync_block(int predicate) { return arrive_and_wait(g_block->block, predicate); }
+
+void sync_cluster() { arrive_and_wait(g_cluster->barrier, 0); }
 
 uint64_t shfl_xor(uint64_t bits, int lane_mask, int width) {
   if (width != kWarp) {
@@ -186,11 +229,16 @@ uint64_t shfl_xor(uint64_t bits, int lane_mask, int width) {
   return value;
 }
 
-unsigned char* dynamic_smem() { return g_smem; }
+unsigned char* dynamic_smem() { return g_block->smem; }
 
 void set_sm_count(int sms) { g_sm_count = sms; }
 
-void launch(const void* func, dim3 grid, dim3 block, size_t smem, void (*body)(void*), void* arg) {
+void set_compute_capability_major(int major) { g_cc_major = major; }
+
+std::tuple<unsigned, unsigned, unsigned> last_launch() { return g_last_launch; }
+
+void launch(const void* func, dim3 grid, dim3 block, size_t smem, unsigned cluster, void (*body)(void*),
+            void* arg) {
   const long long nt = static_cast<long long>(block.x) * block.y * block.z;
   const auto opted = g_max_smem.find(func);
   const size_t smem_limit = opted == g_max_smem.end() ? kDefaultSmem : opted->second;
@@ -199,17 +247,29 @@ void launch(const void* func, dim3 grid, dim3 block, size_t smem, void (*body)(v
     g_last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  // clusters along x only (what csrc/cuda launches): at most kMaxCluster blocks, dividing the grid, on a
+  // device of compute capability 9 or more
+  if (cluster == 0 || cluster > kMaxCluster || grid.x % cluster != 0 || (cluster > 1 && g_cc_major < 9)) {
+    g_last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
   if (g_block != nullptr) {
     std::fprintf(stderr, "cuda_emu: a kernel launched from inside a kernel\n");
     std::abort();
   }
-  Block blk;
-  blk.nt = static_cast<int>(nt);
-  blk.fibers.resize(blk.nt);
-  blk.warps.resize((blk.nt + kWarp - 1) / kWarp);
-  blk.lanes.resize(blk.nt);
-  std::vector<unsigned char> shared(smem + 16);
-  g_smem = shared.data() + (16 - reinterpret_cast<uintptr_t>(shared.data()) % 16) % 16;
+  g_last_launch = {grid.x * grid.y * grid.z, static_cast<unsigned>(nt), cluster};
+  Cluster cl;
+  cl.blocks.resize(cluster);
+  for (unsigned r = 0; r < cluster; ++r) {
+    Block& blk = cl.blocks[r];
+    blk.nt = static_cast<int>(nt);
+    blk.fibers.resize(blk.nt);
+    blk.warps.resize((blk.nt + kWarp - 1) / kWarp);
+    blk.lanes.resize(blk.nt);
+    blk.shared.resize(smem + 16);
+    blk.smem = blk.shared.data() + (16 - reinterpret_cast<uintptr_t>(blk.shared.data()) % 16) % 16;
+    blk.first_stack = static_cast<int>(r) * kMaxThreads;
+  }
   g_body = body;
   g_arg = arg;
   blockDim = block;
@@ -217,21 +277,27 @@ void launch(const void* func, dim3 grid, dim3 block, size_t smem, void (*body)(v
   const unsigned launch_parity = g_launches++ % 2;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = {x, y, z};
-        blk.first_descending = ((x + y + z + launch_parity) % 2) == 1;
-        std::memset(g_smem, 0xff, smem);
-        if (!run_block(blk)) {
-          std::fprintf(stderr, "cuda_emu: block (%u, %u, %u) cannot finish: a barrier that some thread never "
-                               "reaches\n", x, y, z);
+      for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
+        for (unsigned r = 0; r < cluster; ++r) {
+          Block& blk = cl.blocks[r];
+          const unsigned x = x0 + r;
+          blk.index = {x, y, z};
+          blk.first_descending = ((x + y + z + launch_parity) % 2) == 1;
+          std::memset(blk.smem, 0xff, smem);
+        }
+        if (!run_cluster(cl)) {
+          std::fprintf(stderr, "cuda_emu: block (%u, %u, %u)%s cannot finish: a barrier that some thread never "
+                               "reaches\n", x0, y, z, cluster > 1 ? " and its cluster" : "");
           g_last_error = cudaErrorLaunchFailure;
           g_block = nullptr;
+          g_cluster = nullptr;
           return;
         }
       }
     }
   }
   g_block = nullptr;
+  g_cluster = nullptr;
 }
 
 }  // namespace mmfast_emu
@@ -259,7 +325,9 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = mmfast_emu::g_sm_count;
-  return cudaSuccess;
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = mmfast_emu::g_sm_count; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = mmfast_emu::g_cc_major; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }

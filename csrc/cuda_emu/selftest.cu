@@ -64,15 +64,26 @@ __global__ void racy_kernel(float* out) {
   o[nt + t] = slot[(t + nt - 1) % nt];
 }
 
+// a cluster of gridDim.x blocks: each block's thread 0 writes its block index to slot[blockIdx.x], every thread
+// meets at the cluster barrier, then out[block][t] = the sum of the slots, read after the barrier
+__global__ void cluster_sum_kernel(float* out, float* slot) {
+  if (threadIdx.x == 0) slot[blockIdx.x] = static_cast<float>(blockIdx.x + 1);
+  mmfast_emu::sync_cluster();
+  float s = 0.f;
+  for (unsigned b = 0; b < gridDim.x; ++b) s += slot[b];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s;
+}
+
 }  // namespace mmfast_emu_selftest
 
 namespace mmfast_emu {
 
-// Runs selftest kernel `name` with `threads` threads (one block; two for block_sum and racy); returns the
-// launch's cudaGetLastError code and the output array.
+// Runs selftest kernel `name` with `threads` threads (one block; two for block_sum and racy; a cluster of `arg`
+// for cluster_sum); returns the launch's cudaGetLastError code and the output array.
 std::pair<int, std::vector<float>> run_selftest(const std::string& name, int threads, int arg) {
   using namespace mmfast_emu_selftest;
-  std::vector<float> out(static_cast<size_t>(threads > 0 ? 4 * threads : 1), -1.f);
+  const int blocks = arg > 4 ? arg : 4;  // a cluster of arg blocks writes arg * threads outputs
+  std::vector<float> out(static_cast<size_t>(threads > 0 ? blocks * threads : 1), -1.f);
   float* o = out.data();
   const size_t smem = static_cast<size_t>(threads > 0 ? threads : 0) * sizeof(float);
   cudaGetLastError();  // clear
@@ -88,6 +99,20 @@ std::pair<int, std::vector<float>> run_selftest(const std::string& name, int thr
     unwritten_smem_kernel<<<1, threads, smem, nullptr>>>(o);
   } else if (name == "racy") {
     racy_kernel<<<2, threads, smem, nullptr>>>(o);
+  } else if (name == "cluster_sum" || name == "cluster_not_dividing") {  // arg: blocks in the cluster
+    std::vector<float> slot(static_cast<size_t>(arg > 0 ? arg : 1), -1.f);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(arg);
+    attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+    cudaLaunchConfig_t config = {};
+    // cluster_not_dividing: a grid of one block more than the cluster, which the device refuses
+    config.gridDim = dim3(static_cast<unsigned>(arg + (name == "cluster_not_dividing" ? 1 : 0)));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.attrs = attr;
+    config.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&config, cluster_sum_kernel, o, slot.data());
+    return {static_cast<int>(err), out};
   } else if (name == "too_much_smem") {
     block_sum_kernel<<<1, threads, 64 * 1024, nullptr>>>(o);
   } else {

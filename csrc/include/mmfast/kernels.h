@@ -34,10 +34,13 @@ void set_cpu_row_tile_max_classes(int64_t classes);
 
 // Which team of threads the CUDA routed-KD, mutual-KD and masked-reconstruction kernels give one row
 // (csrc/cuda/common.cuh): kCudaRowTeamAuto (the default) a thread per row for class-strided rows and
-// (not masked reconstruction) rows of few classes, else a block; kCudaRowTeamBlock / kCudaRowTeamThread force one (tests: both run the same
-// problems; rows of more than 1024 classes, and rows whose thread-team tables would not fit the default
-// shared memory, always run as blocks).
-constexpr int kCudaRowTeamAuto = 0, kCudaRowTeamBlock = 1, kCudaRowTeamThread = 2;
+// (not masked reconstruction) rows of few classes, a thread-block cluster per row for many long rows of class
+// logits (routed and mutual KD, compute capability 9.0+), else a block; kCudaRowTeamBlock /
+// kCudaRowTeamThread / kCudaRowTeamCluster force one (tests: all run the same problems; rows of more than 1024
+// classes, and rows whose thread-team tables would not fit the default shared memory, always run as blocks;
+// forced clusters cut every routed/mutual-KD row of class logits of two chunks or more, other rows run as
+// blocks). A few long rows (fewer than the SMs) are split over blocks in three launches in automatic mode.
+constexpr int kCudaRowTeamAuto = 0, kCudaRowTeamBlock = 1, kCudaRowTeamThread = 2, kCudaRowTeamCluster = 3;
 int cuda_row_team();
 void set_cuda_row_team(int team);  // std::invalid_argument outside the three values
 
