@@ -8,7 +8,7 @@
 # Order (the numbers the issues' GPU targets need come first): the build runs in the background while the
 # bench times the default GPU backend, Triton, from the source tree (it needs no build: providers eager,
 # compile, mmfast-triton, exp-floor, copy); then the installed build's tests, then the CUDA backend's bench
-# (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams and split mode
+# (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams, split mode and cluster mode
 # each against the other choice (benchmarks/row_teams.py, into gpu_check.log).
 # Writes at most 8 files under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt,
 # cli.json, cli.md (the Triton bench tables), cli.png (step times split into forward and backward, peak
@@ -201,8 +201,9 @@ if [[ -s $OUT/cli_cuda.json ]]; then
   run_step climd 60 "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/report.py $OUT/cli_cuda.json -o $OUT/cli_cuda.md"
 fi
 
-# (g2) the CUDA kernels' row teams (a block or a thread per row) and split mode (a few long rows over several
-# blocks), each against the other choice at the same problems: the thresholds were set from arithmetic
+# (g2) the CUDA kernels' row teams (a block or a thread per row), split mode (a few long rows over several
+# blocks) and cluster mode (many long rows, a thread-block cluster each, sm_90), each against the other choice at
+# the same problems: the thresholds were set from arithmetic
 if ((BUILD_OK)); then
   run_step teams "${GPU_CHECK_TEAMS_CAP:-90}" "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/row_teams.py --reps 30"
 else

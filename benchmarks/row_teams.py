@@ -1,8 +1,9 @@
-"""The CUDA backend's row teams and split mode, each against the other choice, on the same problems.
+"""The CUDA backend's row teams, split mode and cluster mode, each against the other choice, on the same problems.
 
-The routed-KD, mutual-KD and masked-reconstruction CUDA kernels give a row to a block or to a thread, and split a
-few long rows over several blocks (csrc/cuda/common.cuh); the thresholds that choose (rows of at most 32 classes
-and class-strided rows to threads, fewer rows than SMs of at least 8192 classes split) were set from arithmetic.
+The routed-KD, mutual-KD and masked-reconstruction CUDA kernels give a row to a block or to a thread, split a
+few long rows over several blocks, and give each of many long rows a thread-block cluster on sm_90+
+(csrc/cuda/common.cuh); the thresholds that choose (rows of at most 32 classes and class-strided rows to threads,
+fewer rows than SMs of at least 8192 classes split, more of them clusters) were set from arithmetic.
 This times the kernel launches alone (``mmfast._native.*_rows("cuda", ...)``: forward with every gradient written)
 for each choice, with CUDA events, and prints one markdown row per problem: microseconds per call and GB/s of the
 minimal bytes (inputs read once, gradients written once) for each choice, and which one the automatic choice
@@ -29,13 +30,15 @@ import torch
 from mmfast import _native
 from mmfast.reference.masked_reconstruction import MSE
 
-BLOCK, THREAD = 1, 2  # mmfast/kernels.h: kCudaRowTeamBlock, kCudaRowTeamThread
+AUTO, BLOCK, THREAD = 0, 1, 2  # mmfast/kernels.h: kCudaRowTeamAuto, kCudaRowTeamBlock, kCudaRowTeamThread
 
 
 @dataclass(frozen=True)
 class Problem:
     name: str
-    choices: tuple[str, str]  # what is compared: ("block", "thread") or ("whole rows", "split")
+    # what is compared: ("block", "thread"), ("whole rows", "split") or ("block", "cluster"); "cluster" is the
+    # automatic choice, which on sm_90+ gives these rows clusters
+    choices: tuple[str, str]
     auto: str  # the automatic choice
     run: Callable[[str], None]  # launches the kernel with one of the choices
     nbytes: int
@@ -64,16 +67,17 @@ def _no_split() -> Iterator[None]:
 
 
 def _choice_context(choice: str):
-    return {"block": lambda: _row_team(BLOCK), "thread": lambda: _row_team(THREAD),
+    return {"block": lambda: _row_team(BLOCK), "thread": lambda: _row_team(THREAD), "cluster": lambda: _row_team(AUTO),
             "whole rows": _no_split, "split": contextlib.nullcontext}[choice]()
 
 
-def routed(B: int, C: int, E: int, pixels: tuple[int, int] | None, device, dtype, split: bool = False) -> Problem:
-    g = torch.Generator().manual_seed(0)
+def routed(B: int, C: int, E: int, pixels: tuple[int, int] | None, device, dtype, split: bool = False,
+           cluster: bool = False) -> Problem:
+    g = torch.Generator(device=device).manual_seed(0)
     S = pixels[0] * pixels[1] if pixels else 1
-    x = (2 * torch.randn(B, C, S, generator=g)).to(device, dtype)
-    z = (2 * torch.randn(E, B, C, S, generator=g)).to(device, dtype)
-    w = torch.softmax(torch.randn(B, E, generator=g), dim=1).to(device)
+    x = (2 * torch.randn(B, C, S, generator=g, device=device)).to(dtype)  # drawn on the device: GBs at the
+    z = (2 * torch.randn(E, B, C, S, generator=g, device=device)).to(dtype)  # largest shapes
+    w = torch.softmax(torch.randn(B, E, generator=g, device=device), dim=1)
     size = x.element_size()
 
     def run(choice: str) -> None:
@@ -83,20 +87,26 @@ def routed(B: int, C: int, E: int, pixels: tuple[int, int] | None, device, dtype
     where = f" {pixels[0]}x{pixels[1]} pixels (class_dim=1)" if pixels else ""
     if split:
         choices, auto = ("whole rows", "split"), "split"
+    elif cluster:
+        choices, auto = ("block", "cluster"), "cluster"
     else:  # the automatic choice, as thread_team_threads makes it (csrc/cuda/common.cuh)
         choices, auto = ("block", "thread"), "thread" if (S > 1 or C <= 32) and C <= 1024 else "block"
     return Problem(f"routed KD B={B} C={C}{where} E={E}", choices, auto, run, B * S * C * (E + 2) * size)
 
 
-def mutual(M: int, N: int, C: int, device, dtype, split: bool = False) -> Problem:
-    logits = (2 * torch.randn(M, N, C, generator=torch.Generator().manual_seed(0))).to(device, dtype)
+def mutual(M: int, N: int, C: int, device, dtype, split: bool = False, cluster: bool = False) -> Problem:
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (2 * torch.randn(M, N, C, generator=g, device=device)).to(dtype)
 
     def run(choice: str) -> None:
         with _choice_context(choice):
             _native.mutual_kd_rows("cuda", logits, 4.0, 16.0, True)
 
-    choices = ("whole rows", "split") if split else ("block", "thread")
-    auto = "split" if split else ("thread" if C <= 32 else "block")
+    if split or cluster:
+        choices = ("whole rows", "split") if split else ("block", "cluster")
+        auto = choices[1]
+    else:
+        choices, auto = ("block", "thread"), "thread" if C <= 32 else "block"
     return Problem(f"mutual KD M={M} N={N} C={C}", choices, auto, run, 2 * M * N * C * logits.element_size())
 
 
@@ -118,8 +128,9 @@ def reconstruction(A: int, D: int, S: int, device, dtype) -> Problem:
 def problems(device: torch.device, dtype: torch.dtype) -> list[Problem]:
     if device.type == "cpu":  # smoke test: tiny shapes (split needs >= 8192 classes)
         return [routed(64, 10, 3, None, device, dtype), routed(2, 5, 3, (4, 8), device, dtype),
-                routed(3, 8192, 2, None, device, dtype, split=True), mutual(2, 40, 10, device, dtype),
-                reconstruction(2, 6, 9, device, dtype)]
+                routed(3, 8192, 2, None, device, dtype, split=True),
+                routed(4, 40, 2, None, device, dtype, cluster=True),  # automatic here: blocks (40 classes)
+                mutual(2, 40, 10, device, dtype), reconstruction(2, 6, 9, device, dtype)]
     return [
         routed(65536, 10, 4, None, device, dtype),
         routed(65536, 32, 4, None, device, dtype),
@@ -128,8 +139,13 @@ def problems(device: torch.device, dtype: torch.dtype) -> list[Problem]:
         routed(8, 150, 2, (64, 128), device, dtype),
         routed(16, 131072, 2, None, device, dtype, split=True),
         routed(64, 32768, 2, None, device, dtype, split=True),
+        # many long rows: a block per row re-reads rows the L2 no longer holds; clusters (sm_90) cut them
+        routed(4096, 32768, 2, None, device, dtype, cluster=True),
+        routed(2048, 16384, 4, None, device, dtype, cluster=True),
+        routed(512, 131072, 2, None, device, dtype, cluster=True),
         mutual(3, 65536, 10, device, dtype),
         mutual(3, 8, 131072, device, dtype, split=True),
+        mutual(3, 4096, 32768, device, dtype, cluster=True),
         reconstruction(8, 256, 64 * 64, device, dtype),
     ]
 

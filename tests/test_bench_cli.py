@@ -231,8 +231,8 @@ def test_row_mask_patterns_script(monkeypatch, capsys):
 
 
 def test_row_teams_script(monkeypatch):
-    """benchmarks/row_teams.py (a GPU lease's comparison of the CUDA kernels' row teams and split mode) runs each
-    problem under both choices; without a GPU, on the CUDA emulation at tiny shapes, and the forced team is
+    """benchmarks/row_teams.py (a GPU lease's comparison of the CUDA kernels' row teams, split and cluster mode) runs
+    each problem under both choices; without a GPU, on the CUDA emulation at tiny shapes, and the forced team is
     restored afterwards."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU, gpu_check.sh runs the script at its real shapes")
@@ -244,9 +244,10 @@ def test_row_teams_script(monkeypatch):
     script = _load_script("row_teams")
     table = script.main(["--device", "cpu", "--dtypes", "float32", "--reps", "1"])
     rows = table.splitlines()[2:]
-    assert len(rows) == 5, table
-    assert [r.split("|")[3].strip() for r in rows] == ["block", "block", "whole rows", "block", "block"]
-    assert [r.split("|")[-2].strip() for r in rows] == ["thread", "thread", "split", "thread", "thread"]
+    assert len(rows) == 6, table
+    assert [r.split("|")[3].strip() for r in rows] == ["block", "block", "whole rows", "block", "block", "block"]
+    assert [r.split("|")[6].strip() for r in rows] == ["thread", "thread", "split", "cluster", "thread", "thread"]
+    assert [r.split("|")[-2].strip() for r in rows] == ["thread", "thread", "split", "cluster", "thread", "thread"]
     assert emu.cuda_row_team() == 0
 
 
