@@ -433,6 +433,18 @@ class TestClusterMode:
         finally:
             _cuda_backend.set_compute_capability_major(9)
 
+    @pytest.mark.parametrize("row_team", ["cluster_rows"], indirect=True)
+    def test_clusters_take_several_rows(self, _cuda_backend, row_team, monkeypatch):
+        """With a workspace of two clusters' slots, two clusters take 7 rows in turn (grid-stride): each row's
+        phase 1 writes the slot the cluster's previous row did not use, while a slower block may still read that
+        row's records."""
+        monkeypatch.setattr(_native, "_row_split_workspace", lambda *args: torch.empty(256, device=DEVICE))
+        for mix, div in [(0, 0), (1, 3), (2, 2)]:
+            check_routed(7, 37, 1, 4, 3, mix, div, duplicate=True, mask="some", bad_index=True)
+            assert _cuda_backend.last_launch()[::2] == (8, 4)  # 2 clusters of 4 (slots of 2 * 4 * 2 * 8 floats)
+        check_mutual(3, 7, 37)
+        assert _cuda_backend.last_launch()[::2] == (8, 4)  # 2 clusters (slots of 2 * 4 * 2 * 6 floats)
+
     @pytest.mark.long_rows
     @pytest.mark.parametrize("row_team", ["auto"], indirect=True)
     @pytest.mark.parametrize("mix,div", [(0, 0), (1, 2), (2, 1)])

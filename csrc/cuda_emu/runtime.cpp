@@ -163,9 +163,31 @@ void start_block(Block& blk) {
   }
 }
 
+// One sweep over the threads of `blk` in the given order: each runnable thread runs until it waits or returns;
+// true when some thread ran.
+bool sweep_block(Block& blk, bool descending) {
+  g_block = &blk;
+  blockIdx = blk.index;
+  bool moved = false;
+  for (int i = 0; i < blk.nt; ++i) {
+    const int t = descending ? blk.nt - 1 - i : i;
+    if (blk.fibers[t].state != kRunnable) continue;
+    blk.current = t;
+    set_thread_index(t);
+    swapcontext(&g_scheduler, &blk.fibers[t].ctx);
+    moved = true;
+  }
+  return moved;
+}
+
 // Runs the blocks of one cluster to their end; false when no live thread can move (a barrier some thread
-// never reaches). Each sweep gives every runnable thread of every block a turn, block after block.
-bool run_cluster(Cluster& cl) {
+// never reaches). Sweeps alternate between ascending and descending thread order, and blocks (and launches)
+// alternate the order of their first sweep: a thread that reads what another writes in the same phase (a
+// race: no barrier between them) sees a different value in one of the two orders. The blocks of a cluster
+// take turns in alternating order too, either a sweep each (lockstep) or, with `greedy`, each block as far as
+// it can go before the next one runs: a block that reads what another block writes without a cluster barrier
+// between them then reads it unwritten.
+bool run_cluster(Cluster& cl, bool greedy) {
   g_cluster = &cl;
   int threads = 0;
   for (Block& blk : cl.blocks) {
@@ -173,28 +195,22 @@ bool run_cluster(Cluster& cl) {
     threads += blk.nt;
   }
   cl.barrier = Barrier{threads};
-  // sweeps alternate between ascending and descending thread order, and blocks (and launches) alternate the
-  // order of their first sweep: a thread that reads what another writes in the same phase (a race: no
-  // barrier between them) sees a different value in one of the two orders
-  int finished = 0;
   const int nblocks = static_cast<int>(cl.blocks.size());
-  for (int sweep = 0; finished < nblocks; ++sweep) {
+  std::vector<bool> descending(nblocks);
+  for (int b = 0; b < nblocks; ++b) descending[b] = cl.blocks[b].first_descending;
+  int finished = 0;
+  for (int round = 0; finished < nblocks; ++round) {
     bool moved = false;
     finished = 0;
-    for (int b = 0; b < nblocks; ++b) {
-      // blocks too in both orders, so that a race between the blocks of a cluster shows as well
-      Block& blk = cl.blocks[sweep % 2 == 0 ? b : nblocks - 1 - b];
-      const bool descending = blk.first_descending != (sweep % 2 == 1);
-      g_block = &blk;
-      blockIdx = blk.index;
-      for (int i = 0; i < blk.nt; ++i) {
-        const int t = descending ? blk.nt - 1 - i : i;
-        if (blk.fibers[t].state != kRunnable) continue;
-        blk.current = t;
-        set_thread_index(t);
-        swapcontext(&g_scheduler, &blk.fibers[t].ctx);
-        moved = true;
-      }
+    for (int i = 0; i < nblocks; ++i) {
+      const int b = round % 2 == 0 ? i : nblocks - 1 - i;
+      Block& blk = cl.blocks[b];
+      do {
+        const bool ran = sweep_block(blk, descending[b]);
+        descending[b] = !descending[b];
+        moved = moved || ran;
+        if (!ran) break;
+      } while (greedy);
       finished += blk.done == blk.nt;
     }
     if (finished < nblocks && !moved) return false;
@@ -285,7 +301,7 @@ void launch(const void* func, dim3 grid, dim3 block, size_t smem, unsigned clust
           blk.first_descending = ((x + y + z + launch_parity) % 2) == 1;
           std::memset(blk.smem, 0xff, smem);
         }
-        if (!run_cluster(cl)) {
+        if (!run_cluster(cl, cluster > 1 && ((x0 / cluster + launch_parity) % 2) == 1)) {
           std::fprintf(stderr, "cuda_emu: block (%u, %u, %u)%s cannot finish: a barrier that some thread never "
                                "reaches\n", x0, y, z, cluster > 1 ? " and its cluster" : "");
           g_last_error = cudaErrorLaunchFailure;
