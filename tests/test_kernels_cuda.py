@@ -449,13 +449,19 @@ class TestClusterMode:
     @pytest.mark.parametrize("row_team", ["auto"], indirect=True)
     @pytest.mark.parametrize("mix,div", [(0, 0), (1, 2), (2, 1)])
     def test_automatic_clusters_of_eight(self, _cuda_backend, row_team, mix, div):
-        """As many rows as SMs (here 3) of 8 * 2048 classes or more: clusters of 8, one cluster per row while the
-        workspace holds their slots; a row mask and a bad index on the way."""
+        """As many rows as SMs (here 3) of 8 * 2048 classes or more, more of them than the L2 (here 256 KiB) holds
+        with a block per row: clusters of 8, one cluster per row while the workspace holds their slots; a row mask
+        and a bad index on the way. With the L2 of an H100 the same rows stay whole (a block each)."""
         _cuda_backend.set_sm_count(3)
+        _cuda_backend.set_l2_cache_bytes(256 * 1024)
         try:
             check_routed(4, 16411, 1, 3, 2, mix, div, duplicate=True, mask="some", bad_index=True)
             assert _cuda_backend.last_launch()[2] == 8
             check_mutual(2, 3, 16400, layout="misaligned")
             assert _cuda_backend.last_launch()[2] == 8
+            _cuda_backend.set_l2_cache_bytes(50 * 1024 * 1024)
+            check_routed(4, 16411, 1, 3, 2, mix, div)
+            assert _cuda_backend.last_launch()[1:] == (512, 1)  # 4 rows of ~200 KiB fit: a block per row
         finally:
             _cuda_backend.set_sm_count(132)
+            _cuda_backend.set_l2_cache_bytes(50 * 1024 * 1024)

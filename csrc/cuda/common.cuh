@@ -640,7 +640,8 @@ __host__ inline Pieces piece_plan(int64_t rows, int64_t C, int vec, int rec, voi
 // `nsplit` pieces (as in split mode), the pieces of a row are the blocks of one cluster, and the three
 // phases run in one launch, the cluster's blocks meeting at a cluster barrier between them: a piece is
 // re-read right after its first read, while it is in the L2, and there are nsplit times fewer rows in
-// flight. Records go through the workspace as in split mode, at the cluster's slot (two per cluster,
+// flight. Automatic mode takes it only where a block per row would keep more in flight than the L2 holds
+// (rows_in_flight_exceed_l2); elsewhere the re-reads hit the L2 anyway and the barriers would only cost. Records go through the workspace as in split mode, at the cluster's slot (two per cluster,
 // alternating between its rows, so that a row's phase 1 never overwrites what a slower block of the
 // cluster is still reading in the previous row's phase 3).
 // Blocks of at most 256 threads, two per SM (a 128-register cap, as a split block's): a block waiting at its
@@ -703,19 +704,34 @@ __host__ inline bool cluster_launch_supported() {
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
 }
 
-// Cluster plan for `rows` rows of C classes with records of `rec` floats: nsplit pieces (<= 8) of at least
-// kClusterMinPieceClasses classes for rows of at least kRowSplitMinClasses classes (forced: of at least two
-// chunks, as many pieces as chunks up to kForcedClusterBlocks), `clusters` clusters in the grid (grid-stride over the rows, as
-// many as the workspace holds slots for); nsplit == 1: not in cluster mode (a block team setting, no
-// workspace, a device before sm_90).
-__host__ inline Pieces cluster_plan(int64_t rows, int64_t C, int vec, int rec, void* workspace,
-                                    int64_t workspace_floats, int64_t& clusters) {
+// Whether a launch of a block per row would keep more of `rows` rows in flight (two blocks per SM) than the L2
+// holds, reading `sources` rows of C elements of `elem_bytes` each per row: then the re-reads of pass 2 and 3
+// come from DRAM.
+__host__ inline bool rows_in_flight_exceed_l2(int64_t rows, int64_t C, int sources, int elem_bytes) {
+  int device = 0, sms = 0, l2 = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device) != cudaSuccess) {
+    return false;
+  }
+  const int64_t in_flight = rows < kMinBlocksPerSM * static_cast<int64_t>(sms) ? rows : kMinBlocksPerSM * sms;
+  return in_flight * sources * C * elem_bytes > static_cast<int64_t>(l2);
+}
+
+// Cluster plan for `rows` rows of C classes (`sources` rows of `elem_bytes` elements read per row) with records
+// of `rec` floats: in automatic mode, for rows of at least kRowSplitMinClasses classes whose block-per-row launch
+// would keep more in flight than the L2 holds, nsplit pieces (<= 8) of at least kClusterMinPieceClasses classes;
+// forced, for rows of at least two chunks, as many pieces as chunks up to kForcedClusterBlocks. `clusters`:
+// clusters in the grid (grid-stride over the rows, as many as the workspace holds slots for); nsplit == 1: not
+// in cluster mode (a block or thread team setting, no workspace, a device before sm_90, rows that fit).
+__host__ inline Pieces cluster_plan(int64_t rows, int64_t C, int vec, int rec, int sources, int elem_bytes,
+                                    void* workspace, int64_t workspace_floats, int64_t& clusters) {
   const Pieces whole = whole_rows();
   clusters = 0;
   const int team = cuda_row_team();
   const bool forced = team == kCudaRowTeamCluster;
-  if ((team != kCudaRowTeamAuto && !forced) || workspace == nullptr || (!forced && C < kRowSplitMinClasses) ||
-      !cluster_launch_supported()) {
+  if ((team != kCudaRowTeamAuto && !forced) || workspace == nullptr || !cluster_launch_supported()) return whole;
+  if (!forced && (C < kRowSplitMinClasses || !rows_in_flight_exceed_l2(rows, C, sources, elem_bytes))) {
     return whole;
   }
   const int64_t chunks = (C + vec - 1) / vec + 1;  // a row's chunks at most (one more when misaligned)

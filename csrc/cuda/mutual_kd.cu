@@ -175,7 +175,8 @@ int launch_mutual(const MutualArgs& a, cudaStream_t stream) {
   const size_t per_thread = static_cast<size_t>(2 * a.p.M) * sizeof(float);
   const int rec = static_cast<int>(2 * a.p.M);
   int64_t clusters = 0;
-  const Pieces cl = cluster_plan(a.p.N, a.p.C, kVec<T>, rec, a.p.workspace, a.p.workspace_floats, clusters);
+  const Pieces cl = cluster_plan(a.p.N, a.p.C, kVec<T>, rec, static_cast<int>(a.p.M), static_cast<int>(sizeof(T)),
+                                 a.p.workspace, a.p.workspace_floats, clusters);
   const Pieces pc = cl.nsplit > 1 && cuda_row_team() == kCudaRowTeamCluster
                         ? whole_rows()
                         : piece_plan(a.p.N, a.p.C, kVec<T>, rec, a.p.workspace, a.p.workspace_floats);

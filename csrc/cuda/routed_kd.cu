@@ -749,7 +749,9 @@ int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
   const size_t per_thread = static_cast<size_t>(routed_columns(a.p.K)) * sizeof(float);
   const int rec = static_cast<int>(routed_columns(a.p.K));
   int64_t clusters = 0;
-  const Pieces cl = a.p.S == 1 ? cluster_plan(a.N, a.p.C, kVec<T>, rec, a.p.workspace, a.p.workspace_floats, clusters)
+  const Pieces cl = a.p.S == 1 ? cluster_plan(a.N, a.p.C, kVec<T>, rec, static_cast<int>(a.p.K) + 1,
+                                              static_cast<int>(sizeof(T)), a.p.workspace, a.p.workspace_floats,
+                                              clusters)
                                : whole_rows();
   const bool cluster_first = cl.nsplit > 1 && cuda_row_team() == kCudaRowTeamCluster;
   const Pieces pc = a.p.S == 1 && !cluster_first

@@ -12,8 +12,8 @@
 // instead of hanging. Dynamic shared memory starts every block filled with 0xff bytes (NaN floats), so
 // reading what no thread wrote shows. Launch configurations are checked as the device does (at most 1024
 // threads, grid y and z at most 65535, dynamic shared memory within 48 KiB unless opted in) and reported
-// by cudaGetLastError. The SM count that launchers query is 132 (an H100) unless
-// mmfast_emu::set_sm_count changes it.
+// by cudaGetLastError. The SM count that launchers query is 132 and the L2 50 MiB (an H100) unless
+// mmfast_emu::set_sm_count / set_l2_cache_bytes change them.
 //
 // Thread-block clusters (cudaLaunchKernelEx with a cluster dimension along x, at most 8 blocks, compute
 // capability 9 or more: mmfast_emu::set_compute_capability_major, default 9) run their blocks together: the
@@ -86,7 +86,11 @@ enum cudaError {
 typedef cudaError cudaError_t;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
+enum cudaDeviceAttr {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrL2CacheSize = 38,
+};
 
 cudaError_t cudaGetLastError();
 const char* cudaGetErrorString(cudaError_t error);
@@ -178,6 +182,7 @@ void launch(const void* func, dim3 grid, dim3 block, size_t smem, unsigned clust
             void* arg);
 void set_sm_count(int sms);
 void set_compute_capability_major(int major);
+void set_l2_cache_bytes(int bytes);
 std::tuple<unsigned, unsigned, unsigned> last_launch();  // (blocks, threads per block, blocks per cluster)
 }  // namespace mmfast_emu
 

@@ -28,6 +28,8 @@ PYBIND11_MODULE(_cuda_emu, m) {
   m.def("set_compute_capability_major", &mmfast_emu::set_compute_capability_major, py::arg("major"),
         "the compute capability major that cudaDeviceGetAttribute reads (default 9); below 9, cluster launches "
         "fail as on such a device");
+  m.def("set_l2_cache_bytes", &mmfast_emu::set_l2_cache_bytes, py::arg("bytes"),
+        "the L2 size that cudaDeviceGetAttribute reads (default 50 MiB)");
   m.def("last_launch", &mmfast_emu::last_launch,
         "(blocks, threads per block, blocks per cluster) of the last kernel launch that passed the launch checks");
   m.def("run_selftest", &mmfast_emu::run_selftest, py::arg("name"), py::arg("threads"), py::arg("arg") = 0,

@@ -69,6 +69,7 @@ unsigned g_launches = 0;
 int g_sm_count = 132;
 std::tuple<unsigned, unsigned, unsigned> g_last_launch{0, 0, 0};
 int g_cc_major = 9;
+int g_l2_bytes = 50 * 1024 * 1024;
 std::map<const void*, size_t> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 ucontext_t g_scheduler;
 Cluster* g_cluster = nullptr;
@@ -251,6 +252,8 @@ void set_sm_count(int sms) { g_sm_count = sms; }
 
 void set_compute_capability_major(int major) { g_cc_major = major; }
 
+void set_l2_cache_bytes(int bytes) { g_l2_bytes = bytes; }
+
 std::tuple<unsigned, unsigned, unsigned> last_launch() { return g_last_launch; }
 
 void launch(const void* func, dim3 grid, dim3 block, size_t smem, unsigned cluster, void (*body)(void*),
@@ -344,6 +347,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = mmfast_emu::g_sm_count; return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = mmfast_emu::g_cc_major; return cudaSuccess;
+    case cudaDevAttrL2CacheSize: *value = mmfast_emu::g_l2_bytes; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
