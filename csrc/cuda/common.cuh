@@ -556,21 +556,20 @@ __device__ __forceinline__ void piece_classes(const Pieces& pc, int piece, int v
 template <typename Team, typename Part, typename Lse, typename Sweep>
 __device__ __forceinline__ bool pieces_lse(const Pieces& pc, int phase, int64_t slot, int piece, const Part& part,
                                            int nsrc, const Lse& lse, Sweep&& sweep) {
-  const int64_t row = slot;
   if (phase <= 1) {
     sweep();
     if (phase == 0) {
       reduce_lse_columns<Team>(part, nsrc, lse);
       return true;
     }
-    float* rec = pc.ws + (row * pc.nsplit + piece) * 2 * pc.rec;
+    float* rec = pc.ws + (slot * pc.nsplit + piece) * 2 * pc.rec;
     reduce_lse_columns_to<Team>(part, nsrc, [&](int src, const OnlineLse2& acc) {
       rec[2 * src] = acc.m;
       rec[2 * src + 1] = acc.s;
     });
     return false;
   }
-  const float* first = pc.ws + row * pc.nsplit * 2 * pc.rec;
+  const float* first = pc.ws + slot * pc.nsplit * 2 * pc.rec;
   for (int src = Team::lane(); src < nsrc; src += Team::size()) {
     OnlineLse2 acc;
     for (int k = 0; k < pc.nsplit; ++k) acc.merge(first[k * 2 * pc.rec + 2 * src], first[k * 2 * pc.rec + 2 * src + 1]);
@@ -586,9 +585,8 @@ __device__ __forceinline__ bool pieces_lse(const Pieces& pc, int phase, int64_t 
 template <typename Team, typename Part, typename Red>
 __device__ __forceinline__ bool pieces_sums(const Pieces& pc, int phase, int64_t slot, int piece, const Part& part,
                                             int ncols, const Red& red) {
-  const int64_t row = slot;
   if (phase == 3) {
-    const float* first = pc.ws + (row * pc.nsplit * 2 + 1) * pc.rec;
+    const float* first = pc.ws + (slot * pc.nsplit * 2 + 1) * pc.rec;
     for (int col = Team::lane(); col < ncols; col += Team::size()) {
       float total = 0.f;
       for (int k = 0; k < pc.nsplit; ++k) total += first[k * 2 * pc.rec + col];
@@ -599,7 +597,7 @@ __device__ __forceinline__ bool pieces_sums(const Pieces& pc, int phase, int64_t
   }
   reduce_sum_columns<Team>(part, ncols, red);
   if (phase == 0) return true;
-  float* rec = pc.ws + ((row * pc.nsplit + piece) * 2 + 1) * pc.rec;
+  float* rec = pc.ws + ((slot * pc.nsplit + piece) * 2 + 1) * pc.rec;
   for (int col = Team::lane(); col < ncols; col += Team::size()) rec[col] = red[col];
   return false;
 }
