@@ -50,14 +50,14 @@ def pytest_generate_tests(metafunc):
     """Every case runs with a block per row, with a thread per row and with a thread-block cluster per row (the
     kernels' automatic choice is one of them: csrc/cuda/common.cuh; forced clusters cut every routed/mutual-KD row
     of class logits of two chunks or more, the rest run as blocks), except ``long_rows`` cases: rows of more than
-    1024 classes never get a thread, and ``pixel_rows`` cases (dense logits only), which cluster mode leaves to
-    blocks."""
+    1024 classes never get a thread, and cases marked ``row_teams(...)``, which run with the teams it names."""
     if "row_team" in metafunc.fixturenames and "row_team" not in _parametrized(metafunc):
         teams = ["block_rows", "thread_rows", "cluster_rows"]
         if metafunc.definition.get_closest_marker("long_rows"):
             teams.remove("thread_rows")
-        if metafunc.definition.get_closest_marker("pixel_rows"):  # never clusters: the same as block_rows
-            teams.remove("cluster_rows")
+        only = metafunc.definition.get_closest_marker("row_teams")
+        if only is not None:
+            teams = [team for team in teams if team in only.args]
         metafunc.parametrize("row_team", teams, indirect=True)
 
 
@@ -266,7 +266,7 @@ class TestRoutedShapes:
         check_routed(3, 100003, 1, 2, 1, mix, div, tau=1.0)
         check_routed(2, 262144, 1, 2, None, mix, div, dtype=torch.bfloat16, tau=4.0)
 
-    @pytest.mark.pixel_rows
+    @pytest.mark.row_teams("block_rows", "thread_rows")  # dense logits: cluster mode leaves them to blocks
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     def test_pixels(self, mix, div, dtype):  # class_dim=1: [B, C, H, W] viewed as [B, C, H * W]
         check_routed(2, 13, (3, 5), 3, 2, mix, div, dtype=dtype, duplicate=True, mask="some", tau=0.5)
@@ -295,7 +295,9 @@ class TestRoutedShapes:
     def test_requested_gradients(self, mix, div, need):
         check_routed(3, 19, 1, 3, 2, mix, div, need=need, duplicate=True)
 
-    def test_many_rows(self, mix, div):  # thread teams of several blocks of 128 rows, rows ending mid-block
+    # thread teams of several blocks of 128 rows, rows ending mid-block (grids of many clusters: TestClusterMode)
+    @pytest.mark.row_teams("block_rows", "thread_rows")
+    def test_many_rows(self, mix, div):
         check_routed(300, 10, 1, 4, None, mix, div, mask="some")
         check_routed(2, 5, (16, 20), 3, 2, mix, div, duplicate=True, mask="some", dtype=torch.bfloat16)
 
