@@ -639,9 +639,10 @@ __host__ inline Pieces piece_plan(int64_t rows, int64_t C, int vec, int rec, voi
 // phases run in one launch, the cluster's blocks meeting at a cluster barrier between them: a piece is
 // re-read right after its first read, while it is in the L2, and there are nsplit times fewer rows in
 // flight. Automatic mode takes it only where a block per row would keep more in flight than the L2 holds
-// (rows_in_flight_exceed_l2); elsewhere the re-reads hit the L2 anyway and the barriers would only cost. Records go through the workspace as in split mode, at the cluster's slot (two per cluster,
-// alternating between its rows, so that a row's phase 1 never overwrites what a slower block of the
-// cluster is still reading in the previous row's phase 3).
+// (rows_in_flight_exceed_l2); elsewhere the re-reads hit the L2 anyway and the barriers would only cost.
+// Records go through the workspace as in split mode, at the cluster's slot (two per cluster, alternating
+// between its rows, so that a row's phase 1 never overwrites what a slower block of the cluster is still
+// reading in the previous row's phase 3).
 // Blocks of at most 256 threads, two per SM (a 128-register cap, as a split block's): a block waiting at its
 // cluster's barrier leaves the SM to the other cluster's block.
 struct ClusterTeam : PieceTeam {
