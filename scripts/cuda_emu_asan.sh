@@ -17,10 +17,9 @@ fi
 export LD_PRELOAD="$asan $($cxx -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0
 export MMFAST_CUDA_EMU_SANITIZE=1
-# the forced cluster row team (its fibers are the slowest to run under ASan) on the cases that reach accesses of
-# its own (pieces of long and misaligned rows, masked and bad rows, requested gradients; TestClusterMode: the
-# workspace slots of clusters taking several rows); the other cases access what the block team's do
-asan_cluster="(split_rows or bad_index or all_rows_masked or extreme_values or requested_gradients)"
+# the forced cluster row team (its fibers are the slowest to run under ASan) on TestClusterMode and the split-row
+# cases (pieces of long and misaligned rows, masked and bad rows): the other cases access what the block team's do
+asan_cluster="(TestClusterMode or split_rows)"
 python -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py tests/test_fdiv_kernels_cuda.py \
   tests/test_masked_recon_backends.py tests/test_grad_scaling_kernels.py tests/test_launch_lifetimes.py \
   -k "((cuda and not bfloat16 and not float16) or lifetimes) and (not cluster_rows or $asan_cluster)" "$@"

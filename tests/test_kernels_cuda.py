@@ -301,7 +301,9 @@ class TestRoutedShapes:
         check_routed(300, 10, 1, 4, None, mix, div, mask="some")
         check_routed(2, 5, (16, 20), 3, 2, mix, div, duplicate=True, mask="some", dtype=torch.bfloat16)
 
-    def test_many_teachers(self, mix, div):  # per-slot statistics in shared memory cap the block size
+    # per-slot statistics in shared memory cap the block size (clusters: TestClusterMode.test_many_teachers)
+    @pytest.mark.row_teams("block_rows", "thread_rows")
+    def test_many_teachers(self, mix, div):
         check_routed(3, 300, 1, 64, None, mix, div)
         check_routed(3, 300, 1, 64, 64, mix, div, duplicate=True)
         check_routed(2, 50, 1, 200, None, mix, div)  # past 48 KiB of shared memory: opt-in launch
@@ -424,6 +426,15 @@ class TestClusterMode:
         blocks, threads, cluster = _cuda_backend.last_launch()
         assert cluster == 4 and blocks % cluster == 0, (blocks, threads, cluster)  # 10 chunks: 4 pieces
         check_mutual(3, 5, 37)
+        assert _cuda_backend.last_launch()[2] == 4
+
+    @pytest.mark.parametrize("row_team", ["cluster_rows"], indirect=True)
+    @pytest.mark.parametrize("mix,div", [(0, 1), (1, 0), (2, 3)])
+    def test_many_teachers(self, _cuda_backend, row_team, mix, div):
+        """Per-slot tables of 200 teachers pass the default 48 KiB of shared memory: the cluster launch opts in."""
+        check_routed(2, 50, 1, 200, None, mix, div)
+        assert _cuda_backend.last_launch()[2] == 4
+        check_routed(3, 300, 1, 64, 64, mix, div, duplicate=True)
         assert _cuda_backend.last_launch()[2] == 4
 
     @pytest.mark.parametrize("row_team", ["cluster_rows"], indirect=True)
