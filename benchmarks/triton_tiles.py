@@ -2,11 +2,14 @@
 
 Each kernel picks its program shape from a module tuple (``mmfast.triton.routed_kd.ROW_TILES``,
 ``mmfast.triton.mutual_kd.ROW_TILES``): (tile, per_thread, stream_tile, stream_per_thread), the elements a
-program holds when a row fits it whole (and per thread, which sets num_warps), else the streamed block. This
-script times the bare kernel (``*_rows``, forward with the gradients written) for candidate tuples at shapes
-from C = 10 to 131072, fp32 and bf16, and reports time, GB/s on the minimal bytes and % of the copy bandwidth of
-the same bytes, marking the current default and the best tuple of each shape. Every candidate's outputs are
-compared with the default's (a tuning must not change values beyond rounding).
+program holds when a row fits it whole (and per thread, which sets num_warps), else the streamed block; and
+streamed rows are swept back and forth or every pass forward (the modules' ``STREAM_ZIGZAG``), with or without
+L2 evict-first hints on their last read and gradient stores (``STREAM_L2_HINTS``). This script times the bare
+kernel (``*_rows``, forward with the gradients written) for candidate tuples at shapes from C = 10 to 131072,
+fp32 and bf16, the default tuple also without the hints and with neither (the L2 reuse of streamed rows), and
+reports time, GB/s on the minimal bytes and % of the copy bandwidth of the same bytes, marking the current
+default and the best candidate of each shape. Every candidate's outputs are compared with the default's (a
+tuning must not change values beyond rounding).
 
     python benchmarks/triton_tiles.py [--quick] [--json PATH]        # on a GPU: triton.testing.do_bench
 
@@ -59,18 +62,28 @@ GPU_SHAPES = (
     Shape("mutual", 8192, 1000, 3), Shape("mutual", 256, 131072, 3),
 )
 QUICK_GPU_SHAPES = (Shape("routed", 8192, 1000, 4), Shape("routed", 1024, 32768, 4))
-CPU_SHAPES = (Shape("routed", 6, 10, 2), Shape("mutual", 5, 33, 3))  # the interpreter: tiny, fp32
+# the interpreter (fp32): tiny, and two rows streamed at the default tiles (4096-class whole rows)
+CPU_SHAPES = (Shape("routed", 6, 10, 2), Shape("mutual", 5, 33, 3), Shape("routed", 2, 5000, 2))
 
 
-def candidates(default: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
-    """The default, then each whole-row pair with the default streaming, then each streaming pair with the
-    default whole-row pair."""
+Candidate = tuple[tuple[int, int, int, int], bool, bool]  # (ROW_TILES, STREAM_ZIGZAG, STREAM_L2_HINTS)
+SETTINGS = ("ROW_TILES", "STREAM_ZIGZAG", "STREAM_L2_HINTS")
+
+
+def candidates(default: tuple[int, int, int, int], zigzag: bool = True, hints: bool = True) -> list[Candidate]:
+    """The default; its tiles without the L2 hints, then with every pass forward and no hints; then each
+    whole-row pair with the default streaming, then each streaming pair with the default whole-row pair (these
+    with the default zigzag and hints)."""
     default = tuple(default)
     tile, per_thread, stream_tile, stream_per_thread = default
-    out = [default]
-    out += [(t, p, stream_tile, stream_per_thread) for t, p in WHOLE_ROW_TILES]
-    out += [(tile, per_thread, t, p) for t, p in STREAM_TILES]
+    out = [(default, zigzag, hints), (default, zigzag, not hints), (default, not zigzag, not hints)]
+    out += [((t, p, stream_tile, stream_per_thread), zigzag, hints) for t, p in WHOLE_ROW_TILES]
+    out += [((tile, per_thread, t, p), zigzag, hints) for t, p in STREAM_TILES]
     return list(dict.fromkeys(out))
+
+
+def sweep_label(zigzag: bool, hints: bool) -> str:
+    return ("zigzag" if zigzag else "forward") + (" + hints" if hints else "")
 
 
 def make_call(shape: Shape, dtype: torch.dtype, device: torch.device) -> Callable[[], tuple]:
@@ -111,14 +124,16 @@ def sweep(shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...], device: to
     rows = []
     for shape in shapes:
         module = module_of(shape.kernel)
-        default = module.ROW_TILES
+        default = tuple(getattr(module, name) for name in SETTINGS)
         for dtype in dtypes:
             call = make_call(shape, dtype, device)
             nbytes = shape.minimal_bytes(dtype)
             t_copy = copy_seconds(nbytes, device)
             expected = call()
-            for tiles in candidates(default):
-                module.ROW_TILES = tiles
+            tried = candidates(*default)
+            for candidate in tried:
+                for name, value in zip(SETTINGS, candidate, strict=True):
+                    setattr(module, name, value)
                 try:
                     got = call()
                     for a, b in zip(got, expected, strict=True):
@@ -129,16 +144,19 @@ def sweep(shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...], device: to
                 except Exception as e:  # a tuple the kernel cannot run (e.g. registers): record it
                     seconds, error = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 finally:
-                    module.ROW_TILES = default
+                    for name, value in zip(SETTINGS, default, strict=True):
+                        setattr(module, name, value)
+                tiles, zigzag, hints = candidate
                 rows.append(dict(shape=shape.label(), dtype=str(dtype).removeprefix("torch."), tiles=list(tiles),
-                                 default=tiles == default, seconds=seconds, gbps=nbytes / seconds / 1e9,
-                                 copy_pct=100 * t_copy / seconds, error=error, **{"kernel": shape.kernel}))
-            print(f"{shape.label()} {dtype}: {len(candidates(default))} tuples", file=sys.stderr, flush=True)
+                                 zigzag=zigzag, hints=hints, default=candidate == default, seconds=seconds,
+                                 gbps=nbytes / seconds / 1e9, copy_pct=100 * t_copy / seconds, error=error,
+                                 kernel=shape.kernel))
+            print(f"{shape.label()} {dtype}: {len(tried)} candidates", file=sys.stderr, flush=True)
     return rows
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| shape | dtype | tiles | time | GB/s | % copy | |", "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | dtype | tiles | sweep | time | GB/s | % copy | |", "|---|---|---|---|---|---|---|---|"]
     best: dict[tuple[str, str], float] = {}
     for r in rows:
         if r["error"] is None:
@@ -147,10 +165,11 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         key = (r["shape"], r["dtype"])
         marks = [m for m, on in (("default", r["default"]), ("best", r["seconds"] == best.get(key))) if on]
+        head = f"| {r['shape']} | {r['dtype']} | {tuple(r['tiles'])} | {sweep_label(r['zigzag'], r['hints'])} |"
         if r["error"] is not None:
-            lines.append(f"| {r['shape']} | {r['dtype']} | {tuple(r['tiles'])} | failed: {r['error']} | | | |")
+            lines.append(f"{head} failed: {r['error']} | | | |")
             continue
-        lines.append(f"| {r['shape']} | {r['dtype']} | {tuple(r['tiles'])} | {r['seconds'] * 1e6:.1f} us | "
+        lines.append(f"{head} {r['seconds'] * 1e6:.1f} us | "
                      f"{r['gbps']:.0f} | {r['copy_pct']:.0f}% | {', '.join(marks)} |")
     return "\n".join(lines) + "\n"
 

@@ -10,10 +10,11 @@ Triton's own toolchain for each target. It prints one row per specialisation and
 stores and loads (ptxas -v on the PTX, as Triton's build runs it), shared memory, and the warps resident per SM
 that those allow (of 64: what a memory-bound kernel has to hide its latency with).
 
-Exit status: 0 when everything compiles without spills, 1 on a compile error, 2 when a kernel spills more than
---max-spill bytes per thread (default 32: ptxas trades a few bytes of spill for one more program per SM on its
-own, settling at 128 or 80 registers under a cap of 255). float64 specialisations are only reported: they exist
-for verification, at a fraction of the GPU's float32 rate.
+Specialisations launched with L2 eviction hints (EVICT=evict_first) must show them in their PTX.
+Exit status: 0 when everything compiles without spills, 1 on a compile error (or hints lost), 2 when a kernel
+spills more than --max-spill bytes per thread (default 32: ptxas trades a few bytes of spill for one more
+program per SM on its own, settling at 128 or 80 registers under a cap of 255). float64 specialisations are
+only reported: they exist for verification, at a fraction of the GPU's float32 rate.
 Usage: python scripts/triton_compile_check.py [--archs 80,90] [--jobs N] [--only NAME] [--max-spill B] [--list]
 """
 
@@ -256,8 +257,9 @@ def compile_spec(spec: Spec, arch: int) -> dict:
     if log.returncode != 0 or found is None:
         return dict(error=f"ptxas: {(log.stdout + log.stderr).strip()[-2000:]}")
     stack, spill_st, spill_ld, regs = (int(g) for g in found.groups())
+    hinted = sum("evict_first" in line for line in compiled.asm["ptx"].splitlines() if ".global" in line)
     return dict(regs=regs, spill_stores=spill_st, spill_loads=spill_ld, stack=stack,
-                smem=compiled.metadata.shared, seconds=time.perf_counter() - start)
+                smem=compiled.metadata.shared, evict_first_accesses=hinted, seconds=time.perf_counter() - start)
 
 
 # per-SM limits of sm_80 and sm_90 (A100, H100/H200): registers, resident warps, resident blocks, shared memory
@@ -312,6 +314,12 @@ def main() -> int:
             print(f"| {spec.label()} | sm_{arch} | compile error | | | | |")
             print(f"compile error in {spec.module}.{spec.kernel} (sm_{arch}):\n{res['error']}", file=sys.stderr)
             continue
+        if dict(spec.constexprs).get("EVICT") == "evict_first" and res["evict_first_accesses"] == 0:
+            # the launcher asked for L2 evict-first hints (mmfast.triton.routed_kd.STREAM_L2_HINTS): a lowering
+            # that drops them must not pass unnoticed
+            errors += 1
+            print(f"{spec.module}.{spec.kernel} (sm_{arch}): EVICT=evict_first, but no global load or store in "
+                  "the PTX carries the hint", file=sys.stderr)
         spilled = res["spill_stores"] > 0 or res["spill_loads"] > 0
         allowed = res["spill_stores"] <= args.max_spill or any(kind == "*fp64" for _, kind in spec.signature)
         spills += spilled and not allowed

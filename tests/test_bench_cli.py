@@ -253,23 +253,28 @@ def test_row_teams_script(monkeypatch):
 
 def test_triton_tiles_script(tmp_path, capsys):
     """benchmarks/triton_tiles.py (a GPU lease's tuning sweep) runs every candidate launch tuple of the routed-
-    and mutual-KD Triton kernels; on a CPU in the interpreter, at tiny shapes. Each candidate's outputs match
-    the default's (a failed comparison would be a row with its error), and the table marks the default and the
-    best of each shape; the module tuples are restored."""
+    and mutual-KD Triton kernels, the default also without L2 hints and swept forward; on a CPU in the
+    interpreter, at tiny shapes and two rows streamed at the default tiles. Each candidate's outputs match the
+    default's (a failed comparison would be a row with its error), and the table marks the default and the best
+    of each shape; the module settings are restored."""
     pytest.importorskip("triton")
     from mmfast.triton import mutual_kd, routed_kd
 
-    defaults = routed_kd.ROW_TILES, mutual_kd.ROW_TILES
     script = _load_script("triton_tiles")
+    settings = lambda: [[getattr(m, name) for name in script.SETTINGS] for m in (routed_kd, mutual_kd)]  # noqa: E731
+    defaults = settings()
     path = tmp_path / "tiles.json"
     assert script.main(["--json", str(path)]) == 0
-    assert (routed_kd.ROW_TILES, mutual_kd.ROW_TILES) == defaults
+    assert settings() == defaults
     rows = json.loads(path.read_text())["rows"]
     shapes = {r["shape"] for r in rows}
-    assert len(shapes) == 2 and all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
+    assert len(shapes) == 3 and all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
     for shape in shapes:
         mine = [r for r in rows if r["shape"] == shape]
-        assert len(mine) == len(script.candidates(tuple(mine[0]["tiles"]))) and sum(r["default"] for r in mine) == 1
+        default = next(r for r in mine if r["default"])
+        assert len(mine) == len(script.candidates(tuple(default["tiles"]))) and sum(r["default"] for r in mine) == 1
+        sweeps = {(r["zigzag"], r["hints"]) for r in mine if r["tiles"] == default["tiles"]}
+        assert sweeps == {(True, True), (True, False), (False, False)}
     table = capsys.readouterr().out
     assert table.count("| default") + table.count(", best") + table.count("| best") >= 2 * len(shapes) - 1
 

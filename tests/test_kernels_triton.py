@@ -95,6 +95,27 @@ def test_routed_multi_block_rows(monkeypatch, mix, div, tile):
     check_routed(*inputs, tau=2.0, mix=mix, div=div)
 
 
+@pytest.mark.parametrize("zigzag,hints", [(True, True), (True, False), (False, False)],
+                         ids=["zigzag-hints", "zigzag", "forward"])
+def test_streamed_rows_every_sweep(monkeypatch, zigzag, hints):
+    """Streamed rows (C = 300 over 16-class blocks, a partial last block) with pass 2 swept backward and L2
+    evict-first hints (the default), without the hints, or every pass forward (the other arms of
+    benchmarks/triton_tiles.py's timing): each matches the reference, for routed KD with and without a third
+    pass and for mutual KD with and without its gradient."""
+    for module in (trk, tmk):
+        small_tiles(monkeypatch, module, 64)
+        monkeypatch.setattr(module, "STREAM_ZIGZAG", zigzag)
+        monkeypatch.setattr(module, "STREAM_L2_HINTS", hints)
+    inputs = make_inputs(2, 300, 1, 3, 2, sparse=True, masked=True, seed=11)
+    for mix, div in ((MIXES["loss"], DIVERGENCES["kl"]), (MIXES["probs"], DIVERGENCES["js"])):
+        check_routed(*inputs, tau=2.0, mix=mix, div=div)
+    x = torch.randn(3, 2, 300, generator=torch.Generator().manual_seed(12)).to(DEV) * 3
+    for need_grad in (True, False):
+        got, want = tmk.mutual_kd_rows(x, 2.0, 4.0, need_grad), ref_mutual(x, 2.0, 4.0, need_grad)
+        for g_, r in zip(got, want, strict=True):
+            torch.testing.assert_close(g_, r, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize(
     "grads", [(True, False, False), (False, True, False), (False, False, True), (True, False, True)]
 )

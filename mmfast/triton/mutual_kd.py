@@ -5,10 +5,12 @@ With p_i = softmax(x_i / tau), T = sum_i log p_i, S = sum_i p_i, per row:
   R_i = sum_c p_i (M log p_i - T),   loss = scale * sum_i R_i,
   d loss / d x_i = scale / tau * (M p_i - S + p_i (M log p_i - T - R_i)).
 Each program owns ROWS rows and holds the M models as a [ROWS, MP, BLOCK_C] tile: pass 1 computes the
-M online log-sum-exps, pass 2 the R_i, pass 3 (gradient only) writes the gradient. A row that fits in
-one block is loaded once. Streamed rows too few to fill the device (``mmfast.triton.routed_kd.split_plan``) are
-cut into chunks across programs, one launch per pass: each chunk's online log-sum-exps, then (merged in chunk
-order) each chunk's part of R_i, then (R_i summed in chunk order) the loss and each chunk's gradient.
+M online log-sum-exps, pass 2 the R_i, pass 3 (gradient only) writes the gradient; a streamed row's pass 2
+runs from its last block to its first (``STREAM_ZIGZAG``), and its last read and the gradient stores are marked
+evict-first in L2 (``STREAM_L2_HINTS``). A row that fits in one block is loaded once.
+Streamed rows too few to fill the device (``mmfast.triton.routed_kd.split_plan``) are cut into chunks across
+programs, one launch per pass: each chunk's online log-sum-exps, then (merged in chunk order) each chunk's part
+of R_i, then (R_i summed in chunk order) the loss and each chunk's gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .routed_kd import (
     scalar_arg,
     split_plan,
     split_program,
+    sweep_block,
     tile_plan,
 )
 
@@ -40,15 +43,22 @@ from .routed_kd import (
 # 16384-element, 32-per-thread block of the first H200 tuning spilled 304 bytes per thread in the gradient pass
 # at sm_90 (scripts/triton_compile_check.py); the smaller block is spill-free and not yet timed on a GPU.
 ROW_TILES = (4096, 16, 8192, 16)
+# Streamed rows: pass 2 sweeps the row backward, pass 3 forward, and the row's last read and the gradient
+# stores carry L2's evict-first hint (as ``mmfast.triton.routed_kd.STREAM_ZIGZAG`` and ``STREAM_L2_HINTS``).
+STREAM_ZIGZAG = True
+STREAM_L2_HINTS = True
 
 
 @triton.jit
-def _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, ACC: tl.constexpr):
-    """Logits of a [ROWS, MP, BLOCK_C] block in the accumulation type: -inf past C, 0 for padded models."""
+def _load_models(
+    x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, EVICT: tl.constexpr, ACC: tl.constexpr
+):
+    """Logits of a [ROWS, MP, BLOCK_C] block in the accumulation type: -inf past C, 0 for padded models; loaded
+    with L2 eviction policy EVICT ("" or "evict_first")."""
     cm = cols < C
     off = row_off[:, None, None] + model_off[None, :, None] + cols.to(tl.int64)[None, None, :] * s_c
     ld = row_in[:, None, None] & model_ok[None, :, None] & cm[None, None, :]
-    xv = tl.load(x_ptr + off, mask=ld, other=0.0).to(ACC)
+    xv = tl.load(x_ptr + off, mask=ld, other=0.0, eviction_policy=EVICT).to(ACC)
     return tl.where(cm[None, None, :], xv, float("-inf"))
 
 
@@ -73,14 +83,17 @@ def _setup(n, M, s_m, s_n, inv_tau_hi, inv_tau_lo, scale_hi, scale_lo, MP: tl.co
 
 
 @triton.jit
-def _store_grad(grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C, bound):
-    """d loss / d x_i of one [ROWS, MP, BLOCK_C] block into grad [M, N, C] (columns below ``bound``)."""
+def _store_grad(
+    grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C, bound, EVICT: tl.constexpr
+):
+    """d loss / d x_i of one [ROWS, MP, BLOCK_C] block into grad [M, N, C] (columns below ``bound``; L2 eviction
+    policy EVICT)."""
     p, lp, T = _log_probs(xa, m_run, ls, c2, model_ok)
     S = tl.sum(tl.where(model_ok[None, :, None], p, 0.0), axis=1)
     g = Mf * p - S[:, None, :] + tl.where(p == 0, 0.0, p * (Mf * lp - T[:, None, :] - R[:, :, None]))
     off = mm.to(tl.int64)[None, :, None] * N * C + n[:, None, None] * C + cols.to(tl.int64)[None, None, :]
     st = row_in[:, None, None] & model_ok[None, :, None] & (cols < bound)[None, None, :]
-    tl.store(grad_ptr + off, (g * gscale).to(grad_ptr.dtype.element_ty), mask=st)
+    tl.store(grad_ptr + off, (g * gscale).to(grad_ptr.dtype.element_ty), mask=st, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -103,8 +116,12 @@ def _mutual_kd_kernel(
     MP: tl.constexpr,
     BLOCK_C: tl.constexpr,
     SINGLE: tl.constexpr,
+    ZIGZAG: tl.constexpr,
+    EVICT: tl.constexpr,
     ACC: tl.constexpr,
 ):
+    """ROWS whole rows per program, the three passes of the module docstring (pass 2 backward with ZIGZAG; the
+    row's last read and the gradient stores with L2 eviction policy EVICT)."""
     n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_in = n < N
     mm, model_ok, row_off, model_off, inv_tau, scale, c2, Mf = _setup(
@@ -116,22 +133,25 @@ def _mutual_kd_kernel(
     s_run = tl.zeros([ROWS, MP], ACC)
     if SINGLE:
         cols = tl.arange(0, BLOCK_C)
-        xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, ACC)
+        xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, "", ACC)
         m_run, s_run = online_lse(m_run, s_run, xa, c2)
     else:
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, ACC)
+            xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, "", ACC)
             m_run, s_run = online_lse(m_run, s_run, xa, c2)
     ls = tl.log2(s_run)
 
     # pass 2: R_i = sum_c p_i (M log p_i - T), 0 where p_i == 0 (NaN stays NaN)
     R = tl.zeros([ROWS, MP], ACC)
     n_blocks = 1 if SINGLE else tl.cdiv(C, BLOCK_C)
-    for blk in range(0, n_blocks):
-        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    for i in range(0, n_blocks):
+        cols = sweep_block(i, n_blocks, ZIGZAG) * BLOCK_C + tl.arange(0, BLOCK_C)
         if not SINGLE:
-            xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, ACC)
+            if NEED_GRAD:
+                xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, "", ACC)
+            else:  # the row's last read
+                xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, EVICT, ACC)
         p, lp, T = _log_probs(xa, m_run, ls, c2, model_ok)
         R += tl.sum(tl.where(p == 0, 0.0, p * (Mf * lp - T[:, None, :])), axis=2)
     loss = tl.sum(tl.where(model_ok[None, :], R, 0.0), axis=1) * scale
@@ -143,8 +163,8 @@ def _mutual_kd_kernel(
         for blk in range(0, n_blocks):
             cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
             if not SINGLE:
-                xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, ACC)
-            _store_grad(grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C, C)
+                xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, C, s_c, EVICT, ACC)
+            _store_grad(grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C, C, EVICT)
 
 
 @triton.jit
@@ -175,7 +195,7 @@ def _mutual_kd_split_kernel(
         s_run = tl.zeros([1, MP], ACC)
         for c0 in range(c_begin, c_end, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, ACC)
+            xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, "", ACC)
             m_run, s_run = online_lse(m_run, s_run, xa, c2)
         out = lse_part_ptr + pid.to(tl.int64) * (2 * MP) + mm[None, :]
         tl.store(out, m_run)
@@ -186,7 +206,7 @@ def _mutual_kd_split_kernel(
             R = tl.zeros([1, MP], ACC)
             for c0 in range(c_begin, c_end, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
-                xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, ACC)
+                xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, "", ACC)
                 p, lp, T = _log_probs(xa, m_run, ls, c2, model_ok)
                 R += tl.sum(tl.where(p == 0, 0.0, p * (Mf * lp - T[:, None, :])), axis=2)
             tl.store(r_part_ptr + pid.to(tl.int64) * MP + mm[None, :], R)
@@ -200,9 +220,9 @@ def _mutual_kd_split_kernel(
                 gscale = scale * inv_tau
                 for c0 in range(c_begin, c_end, BLOCK_C):
                     cols = c0 + tl.arange(0, BLOCK_C)
-                    xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, ACC)
+                    xa = _load_models(x_ptr, row_off, model_off, model_ok, row_in, cols, c_end, s_c, "", ACC)
                     _store_grad(grad_ptr, xa, m_run, ls, R, c2, Mf, gscale, mm, model_ok, n, row_in, cols, N, C,
-                                c_end)
+                                c_end, "")
 
 
 def mutual_kd_rows(
@@ -248,6 +268,8 @@ def mutual_kd_rows(
         MP=MP,
         BLOCK_C=block_c,
         SINGLE=C <= block_c,
+        ZIGZAG=STREAM_ZIGZAG and C > block_c,
+        EVICT="evict_first" if STREAM_L2_HINTS and C > block_c else "",
         ACC=acc_dtype(logits.dtype),
         num_warps=num_warps,
     )

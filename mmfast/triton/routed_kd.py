@@ -14,6 +14,9 @@ tile; unselected teachers are never read. Passes over a row:
      here (KL: sum_c A = -sum_c P, so dx = scale / tau * (q sum_k w_k - P); reverse KL with mix
      loss/logits: sum_c B = -1, so dz_k = scale / tau * w_k (P - q));
   3. only when a gradient needs a row sum of pass 2: the remaining gradients.
+A streamed row's pass 2 runs from its last block to its first and pass 3 forward again (``STREAM_ZIGZAG``),
+each starting where the previous pass ended, on the blocks most likely still in L2; its last read and the
+gradients it writes are marked evict-first in L2 (``STREAM_L2_HINTS``).
 When a row fits in one block (SINGLE) it is loaded once and kept in registers for every pass. A batch of a few
 very long rows of class logits (fewer than the device has SMs) is cut into chunks across programs instead, one
 launch per pass (``_routed_kd_split_kernel``): each chunk's softmax statistics, then (merged in chunk order)
@@ -53,6 +56,16 @@ STREAM_MIN_SLOTS = 4
 # there are fewer of them than SPLIT_BELOW of the split's target program count: on a GPU, fewer rows than SMs
 # (a batch of a few very long rows). Above that the one-launch kernel keeps each row's re-reads on chip.
 SPLIT_BELOW = 0.25
+# Streamed rows are swept back and forth: pass 2 runs from the row's last block to its first, pass 3 forward
+# again, so that each pass starts on the blocks its predecessor read last, the ones most likely still in L2 when
+# the rows in flight hold more than L2 (N=4096, C=32768, E=2, fp32: 264 programs x 384 KiB ~ 100 MB against
+# an H200's 50 MB). False sweeps every pass forward (benchmarks/triton_tiles.py times both).
+STREAM_ZIGZAG = True
+# Streamed rows' last read and gradient stores carry L2's evict-first hint (PTX ``L2::cache_hint`` with an
+# evict_first policy), so that L2 keeps the lines a later pass still reads rather than those no pass reads
+# again or the gradient on its way to memory. Rows in one block (read once, their gradient likely read by the
+# next kernel while it is in L2) and split rows (a few rows, all in L2) take no hint.
+STREAM_L2_HINTS = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +212,15 @@ def split_plan(
 
 
 @triton.jit
+def sweep_block(i, n_blocks, BACKWARD: tl.constexpr):
+    """Block index of step i of a sweep over n_blocks blocks: i, or n_blocks - 1 - i sweeping backward."""
+    if BACKWARD:
+        return n_blocks - 1 - i
+    else:
+        return i
+
+
+@triton.jit
 def split_program(n_split, chunk, D):
     """Program (row, chunk) of a split launch: (row, c_begin, c_end, rows [1] int64, row_in [1])."""
     pid = tl.program_id(0)
@@ -214,17 +236,20 @@ def split_program(n_split, chunk, D):
 
 
 @triton.jit
-def _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC: tl.constexpr):
+def _load_tile(
+    x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, EVICT: tl.constexpr, ACC: tl.constexpr
+):
     """Student logits [ROWS, BLOCK_C] (-inf past C) and teacher logits [ROWS, KP, BLOCK_C] (0 where not
-    loaded), in the accumulation type."""
+    loaded), in the accumulation type; loaded with L2 eviction policy EVICT ("" or "evict_first")."""
     cm = cols < C
     c64 = cols.to(tl.int64)
     xv = tl.load(
-        x_ptr + x_row[:, None] + c64[None, :] * sx_c, mask=load_row[:, None] & cm[None, :], other=0.0
+        x_ptr + x_row[:, None] + c64[None, :] * sx_c, mask=load_row[:, None] & cm[None, :], other=0.0,
+        eviction_policy=EVICT,
     )
     xa = tl.where(cm[None, :], xv.to(ACC), float("-inf"))
     z_off = z_row[:, :, None] + c64[None, None, :] * sz_c
-    zv = tl.load(z_ptr + z_off, mask=load_slot[:, :, None] & cm[None, None, :], other=0.0)
+    zv = tl.load(z_ptr + z_off, mask=load_slot[:, :, None] & cm[None, None, :], other=0.0, eviction_policy=EVICT)
     return xa, zv.to(ACC)
 
 
@@ -286,20 +311,24 @@ def _elementwise(
 
 
 @triton.jit
-def _store_dx(dx_ptr, du, gscale, dx_row, cols, C, S, row_in, keep, bad):
+def _store_dx(dx_ptr, du, gscale, dx_row, cols, C, S, row_in, keep, bad, EVICT: tl.constexpr):
     g = finish_rows(du * gscale, keep[:, None], bad[:, None])
     off = dx_row[:, None] + cols.to(tl.int64)[None, :] * S
-    tl.store(dx_ptr + off, g.to(dx_ptr.dtype.element_ty), mask=row_in[:, None] & (cols < C)[None, :])
+    tl.store(
+        dx_ptr + off, g.to(dx_ptr.dtype.element_ty), mask=row_in[:, None] & (cols < C)[None, :], eviction_policy=EVICT
+    )
 
 
 @triton.jit
-def _store_dz(dz_ptr, dv, gscale, dz_row, cols, C, S, store_slot, keep, bad):
+def _store_dz(dz_ptr, dv, gscale, dz_row, cols, C, S, store_slot, keep, bad, EVICT: tl.constexpr):
     """dv [ROWS, KP, BLOCK_C] is d loss / dv of each slot's teacher, already scaled by the slot's
-    effective weight; a teacher selected twice is stored once (store_slot) with the summed weight."""
+    effective weight; a teacher selected twice is stored once (store_slot) with the summed weight. EVICT: the
+    stores' L2 eviction policy."""
     g = finish_rows(dv * gscale, keep[:, None, None], bad[:, None, None])
     off = dz_row[:, :, None] + cols.to(tl.int64)[None, None, :] * S
     tl.store(
-        dz_ptr + off, g.to(dz_ptr.dtype.element_ty), mask=store_slot[:, :, None] & (cols < C)[None, None, :]
+        dz_ptr + off, g.to(dz_ptr.dtype.element_ty), mask=store_slot[:, :, None] & (cols < C)[None, None, :],
+        eviction_policy=EVICT,
     )
 
 
@@ -372,7 +401,7 @@ def _lse_block(
 ):
     """Pass 1 over one block (classes ``cols`` below ``bound``): the block's logits folded into the online
     log-sum-exps; returns (mx, sx, mt, st, xa, za, t) with the block's student, teacher and teacher-side logits."""
-    xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, bound, sx_c, sz_c, ACC)
+    xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, bound, sx_c, sz_c, "", ACC)
     t = _teacher_side(MIX, za, w, cols, bound)
     mx, sx = online_lse(mx, sx, xa, c2)
     mt, st = online_lse(mt, st, t, c2)
@@ -406,11 +435,12 @@ def _sums_block(
     DX_EARLY: tl.constexpr, DZ_EARLY: tl.constexpr,
     xa, za, t, mx, lsx, mt, lst, c2, inv_tau, gscale, w, lw2, w_sum, w_eff, beta, log_beta, log1m_beta,
     cols, bound, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
-    D, sum_A, sum_B, bv, pv,
+    D, sum_A, sum_B, bv, pv, EVICT: tl.constexpr,
 ):
     """Pass 2 over one block: its loss terms and row sums added to (D, sum_A, sum_B, bv, pv), returned; the
     gradients known in closed form are written (KL: sum_c A = -sum_c P, so dx = scale / tau * (q sum_k w_k - P);
-    reverse KL with mix loss/logits: sum_c B = -1, so dz_k = scale / tau * w_k (P - q))."""
+    reverse KL with mix loss/logits: sum_c B = -1, so dz_k = scale / tau * w_k (P - q)), with L2 eviction policy
+    EVICT."""
     q, p, terms, A, Bt, G, P = _elementwise(
         MIX, DIV, xa, t, mx, lsx, mt, lst, c2, w, lw2, beta, log_beta, log1m_beta
     )
@@ -439,15 +469,15 @@ def _sums_block(
             sum_B += tl.sum(tl.where((cols < bound)[None, None, :], G, 0.0), axis=2)
     if DX_EARLY:  # KL: sum_c A = -sum_c P = -(sum_k w_k) (mix logits: -1)
         if MIX == 1:
-            _store_dx(dx_ptr, q - P, gscale, dx_row, cols, bound, S, row_in, keep, bad)
+            _store_dx(dx_ptr, q - P, gscale, dx_row, cols, bound, S, row_in, keep, bad, EVICT)
         else:
-            _store_dx(dx_ptr, q * w_sum[:, None] - P, gscale, dx_row, cols, bound, S, row_in, keep, bad)
+            _store_dx(dx_ptr, q * w_sum[:, None] - P, gscale, dx_row, cols, bound, S, row_in, keep, bad, EVICT)
     if DZ_EARLY:  # reverse KL, mix loss/logits: B = -q, sum_c B = -1
         if MIX == 1:
             dv = w_eff[:, :, None] * (P - q)[:, None, :]
         else:
             dv = w_eff[:, :, None] * (p - q[:, None, :])
-        _store_dz(dz_ptr, dv, gscale, dz_row, cols, bound, S, store_slot, keep, bad)
+        _store_dz(dz_ptr, dv, gscale, dz_row, cols, bound, S, store_slot, keep, bad, EVICT)
     return D, sum_A, sum_B, bv, pv
 
 
@@ -456,9 +486,10 @@ def _late_block(
     MIX: tl.constexpr, DIV: tl.constexpr, NEED_DX: tl.constexpr, NEED_DZ: tl.constexpr,
     DX_EARLY: tl.constexpr, DZ_EARLY: tl.constexpr,
     xa, t, mx, lsx, mt, lst, c2, gscale, w, lw2, w_eff, beta, log_beta, log1m_beta, sum_A, sum_B,
-    cols, bound, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
+    cols, bound, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot, EVICT: tl.constexpr,
 ):
-    """Pass 3 over one block: the gradients that need the row sums of pass 2."""
+    """Pass 3 over one block: the gradients that need the row sums of pass 2 (stored with L2 eviction policy
+    EVICT)."""
     q, p, terms, A, Bt, G, P = _elementwise(
         MIX, DIV, xa, t, mx, lsx, mt, lst, c2, w, lw2, beta, log_beta, log1m_beta
     )
@@ -467,7 +498,7 @@ def _late_block(
             du = tl.sum(w[:, :, None] * A, axis=1) - q * sum_A[:, None]
         else:
             du = A - q * sum_A[:, None]
-        _store_dx(dx_ptr, du, gscale, dx_row, cols, bound, S, row_in, keep, bad)
+        _store_dx(dx_ptr, du, gscale, dx_row, cols, bound, S, row_in, keep, bad, EVICT)
     if NEED_DZ and not DZ_EARLY:
         if MIX == 0:  # w_k (B_k - p_k sum_c B_k)
             dv = w_eff[:, :, None] * (Bt - p * sum_B[:, :, None])
@@ -475,7 +506,7 @@ def _late_block(
             dv = w_eff[:, :, None] * (Bt - P * sum_B[:, None])[:, None, :]
         else:  # w_k (p_k G - p_k sum_c p_k G), G here already p_k dD/dP
             dv = w_eff[:, :, None] * (G - p * sum_B[:, :, None])
-        _store_dz(dz_ptr, dv, gscale, dz_row, cols, bound, S, store_slot, keep, bad)
+        _store_dz(dz_ptr, dv, gscale, dz_row, cols, bound, S, store_slot, keep, bad, EVICT)
 
 
 @triton.jit
@@ -508,9 +539,10 @@ def _routed_kd_kernel(
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DZ: tl.constexpr,
     DX_EARLY: tl.constexpr, DZ_EARLY: tl.constexpr, THIRD_PASS: tl.constexpr,
     ROWS: tl.constexpr, KP: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-    ROWS_OVER_S: tl.constexpr, ACC: tl.constexpr,
+    ROWS_OVER_S: tl.constexpr, ZIGZAG: tl.constexpr, EVICT: tl.constexpr, ACC: tl.constexpr,
 ):
-    """ROWS whole rows per program, the three passes of the module docstring."""
+    """ROWS whole rows per program, the three passes of the module docstring (pass 2 backward with ZIGZAG; the
+    row's last read and the gradient stores with L2 eviction policy EVICT)."""
     pid = tl.program_id(0)
     r = tl.arange(0, ROWS)
     if ROWS_OVER_S:  # ROWS consecutive pixels of sample b
@@ -557,15 +589,18 @@ def _routed_kd_kernel(
     # pass 2: loss terms and row sums; closed-form gradients
     D, sum_A, sum_B, bv, pv = _sums_init(MIX, ROWS, KP, ACC)
     n_blocks = 1 if SINGLE else tl.cdiv(C, BLOCK_C)
-    for blk in range(0, n_blocks):
-        cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+    for i in range(0, n_blocks):
+        cols = sweep_block(i, n_blocks, ZIGZAG) * BLOCK_C + tl.arange(0, BLOCK_C)
         if not SINGLE:
-            xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC)
+            if THIRD_PASS:
+                xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, "", ACC)
+            else:  # the row's last read
+                xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, EVICT, ACC)
             t = _teacher_side(MIX, za, w, cols, C)
         D, sum_A, sum_B, bv, pv = _sums_block(
             MIX, DIV, NEED_DX, NEED_DW, NEED_DZ, DX_EARLY, DZ_EARLY,
             xa, za, t, mx, lsx, mt, lst, c2, inv_tau, gscale, w, lw2, w_sum, w_eff, beta, log_beta, log1m_beta,
-            cols, C, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot, D, sum_A, sum_B, bv, pv,
+            cols, C, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot, D, sum_A, sum_B, bv, pv, EVICT,
         )
     _store_row_results(
         MIX, NEED_DW, loss_ptr, dw_ptr, b * S + s, K, kk, w, D, sum_B, bv, pv, scale, row_in, slot_in, keep, bad
@@ -576,12 +611,12 @@ def _routed_kd_kernel(
         for blk in range(0, n_blocks):
             cols = blk * BLOCK_C + tl.arange(0, BLOCK_C)
             if not SINGLE:
-                xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, ACC)
+                xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, C, sx_c, sz_c, EVICT, ACC)
                 t = _teacher_side(MIX, za, w, cols, C)
             _late_block(
                 MIX, DIV, NEED_DX, NEED_DZ, DX_EARLY, DZ_EARLY,
                 xa, t, mx, lsx, mt, lst, c2, gscale, w, lw2, w_eff, beta, log_beta, log1m_beta, sum_A, sum_B,
-                cols, C, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
+                cols, C, S, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot, EVICT,
             )
 
 
@@ -682,13 +717,15 @@ def _routed_kd_split_kernel(
             D, sum_A, sum_B, bv, pv = _sums_init(MIX, 1, KP, ACC)
             for c0 in range(c_begin, c_end, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
-                xa, za = _load_tile(x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, c_end, sx_c, sz_c, ACC)
+                xa, za = _load_tile(
+                    x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, c_end, sx_c, sz_c, "", ACC
+                )
                 t = _teacher_side(MIX, za, w, cols, c_end)
                 D, sum_A, sum_B, bv, pv = _sums_block(
                     MIX, DIV, NEED_DX, NEED_DW, NEED_DZ, DX_EARLY, DZ_EARLY,
                     xa, za, t, mx, lsx, mt, lst, c2, inv_tau, gscale, w, lw2, tl.sum(w, axis=1), w_eff,
                     beta, log_beta, log1m_beta, cols, c_end, 1, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad,
-                    store_slot, D, sum_A, sum_B, bv, pv,
+                    store_slot, D, sum_A, sum_B, bv, pv, "",
                 )
             rec = sum_part_ptr + pid.to(tl.int64) * NS
             _store_part(rec, D, kk, MIX != 0)
@@ -711,13 +748,13 @@ def _routed_kd_split_kernel(
                 for c0 in range(c_begin, c_end, BLOCK_C):
                     cols = c0 + tl.arange(0, BLOCK_C)
                     xa, za = _load_tile(
-                        x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, c_end, sx_c, sz_c, ACC
+                        x_ptr, z_ptr, x_row, z_row, load_row, load_slot, cols, c_end, sx_c, sz_c, "", ACC
                     )
                     t = _teacher_side(MIX, za, w, cols, c_end)
                     _late_block(
                         MIX, DIV, NEED_DX, NEED_DZ, DX_EARLY, DZ_EARLY,
                         xa, t, mx, lsx, mt, lst, c2, gscale, w, lw2, w_eff, beta, log_beta, log1m_beta, sum_A,
-                        sum_B, cols, c_end, 1, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot,
+                        sum_B, cols, c_end, 1, dx_ptr, dz_ptr, dx_row, dz_row, row_in, keep, bad, store_slot, "",
                     )
 
 
@@ -825,6 +862,7 @@ def routed_kd_rows(
         block_c = max(block_c // 2, 16)
     _routed_kd_kernel[grid](
         *tensors, B, C, S, E, K, s_blocks, *x.stride(), *z.stride(), *scalars,
-        ROWS=rows, BLOCK_C=block_c, SINGLE=single, ROWS_OVER_S=rows_over_s, **flags,
+        ROWS=rows, BLOCK_C=block_c, SINGLE=single, ROWS_OVER_S=rows_over_s, ZIGZAG=STREAM_ZIGZAG and not single,
+        EVICT="evict_first" if STREAM_L2_HINTS and not single else "", **flags,
     )
     return loss, dx, dw, dz
