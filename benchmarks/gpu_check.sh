@@ -9,7 +9,8 @@
 # bench times the default GPU backend, Triton, from the source tree (it needs no build: providers eager,
 # compile, mmfast-triton, exp-floor, copy); then the installed build's tests, then the CUDA backend's bench
 # (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams, split mode and
-# cluster mode each against the other choice (benchmarks/row_teams.py, into gpu_check.log).
+# cluster mode each against the other choice (benchmarks/row_teams.py, into gpu_check.log), then the Triton
+# kernels' streamed rows in each sweep order (step l2, into gpu_check.log).
 # Writes at most 8 files under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt,
 # cli.json, cli.md (the Triton bench tables), cli.png (step times split into forward and backward, peak
 # memory), cli_cuda.json, cli_cuda.md; the optional steps (GPU_CHECK_STEPS=...,ptxas,sweep,tiles,bench,report)
@@ -33,7 +34,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
 # default: no pytest-benchmark pass (bench,report: the same cases as the CLI, twice the time); ptxas: CI prints it;
 # sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, mutual KD over C = 10..32k, ~3 min);
 # tiles: benchmarks/triton_tiles.py (launch-tuning sweep of the Triton softmax kernels, tiles.md / tiles.json)
-STEPS=",${GPU_CHECK_STEPS:-env,build,cli,import,tests,clicuda,climd,teams},"
+STEPS=",${GPU_CHECK_STEPS:-env,build,cli,import,tests,clicuda,climd,teams,l2},"
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
 # only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
 TESTS_K=${GPU_CHECK_TESTS_K-cuda or triton or gpu}
@@ -209,6 +210,11 @@ if ((BUILD_OK)); then
 else
   SUMMARY+=("$(printf '%-7s SKIPPED (no build)' teams)")
 fi
+
+# (g3) the Triton kernels' streamed rows (C >= 32768) swept back and forth with L2 evict-first hints (the
+# default), without the hints, and every pass forward (benchmarks/triton_tiles.py --sweeps, into gpu_check.log):
+# whether each keeps its place is the measurement's to say
+run_step l2 "${GPU_CHECK_L2_CAP:-150}" "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/triton_tiles.py --sweeps"
 
 # (h) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional
 # step "sweep"

@@ -11,7 +11,10 @@ reports time, GB/s on the minimal bytes and % of the copy bandwidth of the same 
 default and the best candidate of each shape. Every candidate's outputs are compared with the default's (a
 tuning must not change values beyond rounding).
 
-    python benchmarks/triton_tiles.py [--quick] [--json PATH]        # on a GPU: triton.testing.do_bench
+    python benchmarks/triton_tiles.py [--quick | --sweeps] [--json PATH]   # on a GPU: triton.testing.do_bench
+
+``--sweeps`` times only the three sweep settings at the default tiles, for the shapes whose rows stream through
+the one-launch kernel (on an H100/H200: C >= 32768): a minute where the whole sweep takes several.
 
 On a CPU (``TRITON_INTERPRET=1``, tiny shapes; for testing the script) the times are the interpreter's.
 """
@@ -59,7 +62,7 @@ class Shape:
 GPU_SHAPES = (
     Shape("routed", 65536, 10, 4), Shape("routed", 8192, 1000, 4), Shape("routed", 1024, 32768, 4),
     Shape("routed", 4096, 32768, 2), Shape("routed", 256, 131072, 4),
-    Shape("mutual", 8192, 1000, 3), Shape("mutual", 256, 131072, 3),
+    Shape("mutual", 8192, 1000, 3), Shape("mutual", 2048, 32768, 3), Shape("mutual", 256, 131072, 3),
 )
 QUICK_GPU_SHAPES = (Shape("routed", 8192, 1000, 4), Shape("routed", 1024, 32768, 4))
 # the interpreter (fp32): tiny, and two rows streamed at the default tiles (4096-class whole rows)
@@ -87,15 +90,29 @@ def sweep_label(zigzag: bool, hints: bool) -> str:
 
 
 def make_call(shape: Shape, dtype: torch.dtype, device: torch.device) -> Callable[[], tuple]:
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)  # drawn on the device: the long rows are GBs
     if shape.kernel == "routed":
-        x = (2 * torch.randn(shape.N, shape.C, 1, generator=g)).to(device, dtype)
-        z = (2 * torch.randn(shape.E, shape.N, shape.C, 1, generator=g)).to(device, dtype)
-        w = torch.softmax(torch.randn(shape.N, shape.E, generator=g), dim=1).to(device)
+        x = (2 * torch.randn(shape.N, shape.C, 1, generator=g, device=device)).to(dtype)
+        z = (2 * torch.randn(shape.E, shape.N, shape.C, 1, generator=g, device=device)).to(dtype)
+        w = torch.softmax(torch.randn(shape.N, shape.E, generator=g, device=device), dim=1)
         return lambda: triton_routed.routed_kd_rows(x, z, w, None, None, 4.0, 0, 0, 0.5, 1.0 / shape.N,
                                                     True, False, False)
-    logits = (2 * torch.randn(shape.E, shape.N, shape.C, generator=g)).to(device, dtype)
+    logits = (2 * torch.randn(shape.E, shape.N, shape.C, generator=g, device=device)).to(dtype)
     return lambda: triton_mutual.mutual_kd_rows(logits, 4.0, 1.0 / shape.N, True)
+
+
+def streams(shape: Shape, device: torch.device) -> bool:
+    """Whether the shape's rows stream through the one-launch kernel at the default tiles (neither whole in one
+    block nor split across programs): the rows the sweep settings apply to."""
+    if shape.kernel == "routed":
+        block_c = triton_routed._launch_plan(shape.N, shape.C, 1, shape.E, triton_routed.ROW_TILES,
+                                             triton_routed.PIXEL_TILES, triton_routed.PIXELS_PER_PROGRAM)[2]
+        split = triton_routed.split_rows_plan(shape.N, shape.C, 1, block_c, device)[0]
+    else:
+        block_c = triton_routed.tile_plan(shape.C, triton_routed.next_pow2(shape.E), triton_routed.next_pow2(shape.N),
+                                          1, triton_mutual.ROW_TILES)[0]
+        split = triton_routed.split_plan(shape.N, shape.C, block_c, device)[0] if shape.C > block_c else 1
+    return shape.C > block_c and split == 1
 
 
 def time_call(fn: Callable[[], object], device: torch.device) -> float:
@@ -120,7 +137,10 @@ def module_of(kernel: str):
     return triton_routed if kernel == "routed" else triton_mutual
 
 
-def sweep(shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...], device: torch.device) -> list[dict]:
+def sweep(
+    shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...], device: torch.device, sweeps_only: bool = False
+) -> list[dict]:
+    """Time every candidate (``sweeps_only``: the default tiles' three sweep settings) of each shape and dtype."""
     rows = []
     for shape in shapes:
         module = module_of(shape.kernel)
@@ -130,7 +150,7 @@ def sweep(shapes: tuple[Shape, ...], dtypes: tuple[torch.dtype, ...], device: to
             nbytes = shape.minimal_bytes(dtype)
             t_copy = copy_seconds(nbytes, device)
             expected = call()
-            tried = candidates(*default)
+            tried = candidates(*default)[: 3 if sweeps_only else None]
             for candidate in tried:
                 for name, value in zip(SETTINGS, candidate, strict=True):
                     setattr(module, name, value)
@@ -177,6 +197,8 @@ def render(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two routed-KD shapes only")
+    ap.add_argument("--sweeps", action="store_true",
+                    help="the default tiles' sweep settings only, at the shapes whose rows stream")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -184,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         shapes, dtypes = (QUICK_GPU_SHAPES if args.quick else GPU_SHAPES), (torch.float32, torch.bfloat16)
     else:
         shapes, dtypes = CPU_SHAPES, (torch.float32,)
-    rows = sweep(shapes, dtypes, device)
+    if args.sweeps:
+        shapes = tuple(s for s in shapes if streams(s, device))
+    rows = sweep(shapes, dtypes, device, sweeps_only=args.sweeps)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
     print(f"{name}, torch {torch.__version__}\n")
     print(render(rows))

@@ -277,6 +277,12 @@ def test_triton_tiles_script(tmp_path, capsys):
         assert sweeps == {(True, True), (True, False), (False, False)}
     table = capsys.readouterr().out
     assert table.count("| default") + table.count(", best") + table.count("| best") >= 2 * len(shapes) - 1
+    capsys.readouterr()
+    assert script.main(["--sweeps", "--json", str(path)]) == 0  # the gpu_check step "l2": streamed rows only
+    rows = json.loads(path.read_text())["rows"]
+    assert {r["shape"] for r in rows} == {"routed N=2 C=5000 E=2"} and len(rows) == 3
+    assert {(r["zigzag"], r["hints"]) for r in rows} == {(True, True), (True, False), (False, False)}
+    assert settings() == defaults
 
 
 def test_profiler_log_lines_are_dropped_and_the_rest_kept(capfd):
@@ -452,8 +458,8 @@ def test_gpu_check_script_runs_its_steps_in_order_and_keeps_going(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = proc.stdout[proc.stdout.index("=== summary"):]
     steps = [line.split()[0] for line in summary.splitlines()[1:] if line and not line.startswith("tests:")]
-    assert steps == ["env", "build", "cli", "ptxas", "tests", "clicuda", "climd", "teams", "sweep", "tiles",
-                     "bench"], summary
+    assert steps == ["env", "build", "cli", "ptxas", "tests", "clicuda", "climd", "teams", "l2", "sweep",
+                     "tiles", "bench"], summary
     assert re.search(r"^cli +FAILED rc=1", summary, re.M), summary  # mutual_kd has no --quick case
     assert re.search(r"^climd +ok", summary, re.M) and re.search(r"^clicuda +SKIPPED \(no build\)", summary, re.M)
     assert re.search(r"^teams +SKIPPED \(no build\)", summary, re.M), summary
