@@ -288,6 +288,8 @@ def test_routed_split_gradient_subsets(monkeypatch, div, grads):
         check_routed(*make_inputs(2, 70, 1, 2, 2, sparse=False, masked=False), 1.0, mix, div, grads=grads)
 
 
+# the interpreter reduces the NaN rows' padded lanes with numpy, which warns
+@pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
 def test_routed_split_special_rows(monkeypatch):
     """Split rows in float64, with a NaN (its row only), a masked row, a bad index (NaN row) and a chunk the
     student rules out entirely (-inf logits); and dense logits (S > 1), whose rows are not split."""
