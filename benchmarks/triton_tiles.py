@@ -109,9 +109,7 @@ def streams(shape: Shape, device: torch.device) -> bool:
                                              triton_routed.PIXEL_TILES, triton_routed.PIXELS_PER_PROGRAM)[2]
         split = triton_routed.split_rows_plan(shape.N, shape.C, 1, block_c, device)[0]
     else:
-        block_c = triton_routed.tile_plan(shape.C, triton_routed.next_pow2(shape.E), triton_routed.next_pow2(shape.N),
-                                          1, triton_mutual.ROW_TILES)[0]
-        split = triton_routed.split_plan(shape.N, shape.C, block_c, device)[0] if shape.C > block_c else 1
+        block_c, _, _, split, _, _ = triton_mutual.launch_plan(shape.E, shape.N, shape.C, device)
     return shape.C > block_c and split == 1
 
 

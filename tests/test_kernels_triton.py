@@ -311,8 +311,7 @@ def test_routed_split_special_rows(monkeypatch):
 
 def mutual_chunks(M, N, C):
     """How many chunks each row of mutual KD's [M, N, C] logits is cut into (1: not split)."""
-    block_c, _, _ = trk.tile_plan(C, trk.next_pow2(M), trk.next_pow2(N), 1, tmk.ROW_TILES)
-    return 1 if C <= block_c else trk.split_plan(N, C, block_c, DEV)[0]
+    return tmk.launch_plan(M, N, C, DEV)[3]
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split"])

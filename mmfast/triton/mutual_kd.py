@@ -225,6 +225,14 @@ def _mutual_kd_split_kernel(
                                 c_end, "")
 
 
+def launch_plan(M: int, N: int, C: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_C, ROWS, num_warps, n_split, chunk, SPLIT_P2) for logits [M, N, C]: rows whole in one block, streamed
+    (C > BLOCK_C, n_split == 1) or cut into n_split chunks across programs (``split_plan``)."""
+    block_c, rows, num_warps = tile_plan(C, next_pow2(M), next_pow2(N), 1, ROW_TILES)
+    n_split, chunk, split_p2 = (1, C, 1) if C <= block_c else split_plan(N, C, block_c, device)
+    return block_c, rows, num_warps, n_split, chunk, split_p2
+
+
 def mutual_kd_rows(
     logits: Tensor, temperature: float, scale: float, need_grad: bool
 ) -> tuple[Tensor, Tensor]:
@@ -240,8 +248,7 @@ def mutual_kd_rows(
         return loss, grad
 
     MP = next_pow2(M)
-    block_c, rows, num_warps = tile_plan(C, MP, next_pow2(N), 1, ROW_TILES)
-    n_split, chunk, split_p2 = (1, C, 1) if C <= block_c else split_plan(N, C, block_c, dev)
+    block_c, rows, num_warps, n_split, chunk, split_p2 = launch_plan(M, N, C, dev)
     if n_split > 1:
         acc = compute_dtype(logits.dtype)
         lse_part = torch.empty(N * n_split, 2 * MP, dtype=acc, device=dev)
