@@ -8,8 +8,8 @@
 # Order (the numbers the issues' GPU targets need come first): the build runs in the background while the
 # bench times the default GPU backend, Triton, from the source tree (it needs no build: providers eager,
 # compile, mmfast-triton, exp-floor, copy); then the installed build's tests, then the CUDA backend's bench
-# (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams, split mode and
-# cluster mode each against the other choice (benchmarks/row_teams.py, into gpu_check.log), then the Triton
+# (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams, split mode,
+# cluster mode and sweep orders each against the other choice (benchmarks/row_teams.py, into gpu_check.log), then the Triton
 # kernels' streamed rows in each sweep order (step l2, into gpu_check.log).
 # Writes at most 8 files under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt,
 # cli.json, cli.md (the Triton bench tables), cli.png (step times split into forward and backward, peak
@@ -203,8 +203,9 @@ if [[ -s $OUT/cli_cuda.json ]]; then
 fi
 
 # (g2) the CUDA kernels' row teams (a block or a thread per row), split mode (a few long rows over several
-# blocks) and cluster mode (many long rows, a thread-block cluster each, sm_90), each against the other choice at
-# the same problems: the thresholds were set from arithmetic
+# blocks), cluster mode (many long rows, a thread-block cluster each, sm_90) and a block per row's sweep orders
+# (back and forth with L2 evict-first hints, without them, forward), each against the other choice at the same
+# problems: the thresholds were set from arithmetic
 if ((BUILD_OK)); then
   run_step teams "${GPU_CHECK_TEAMS_CAP:-90}" "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/row_teams.py --reps 30"
 else

@@ -1,9 +1,14 @@
-"""The CUDA backend's row teams, split mode and cluster mode, each against the other choice, on the same problems.
+"""The CUDA backend's row teams, split mode, cluster mode and sweep orders, each against the other choice, on the
+same problems.
 
 The routed-KD, mutual-KD and masked-reconstruction CUDA kernels give a row to a block or to a thread, split a
 few long rows over several blocks, and give each of many long rows a thread-block cluster on sm_90+
 (csrc/cuda/common.cuh); the thresholds that choose (rows of at most 32 classes and class-strided rows to threads,
-fewer rows than SMs of at least 8192 classes split, more of them clusters) were set from arithmetic.
+fewer rows than SMs of at least 8192 classes split, more of them clusters) were set from arithmetic. Where a block
+per row keeps more rows in flight than the L2 holds (before sm_90, or with the block team forced), its pass 2 runs
+from each row's end back to its start and the row's last read and the gradient stores carry L2 evict-first hints
+(common.cuh: RowSweep); the sweep problems time that against a forward sweep and against the same sweep without
+the hints, with the block team forced.
 This times the kernel launches alone (``mmfast._native.*_rows("cuda", ...)``: forward with every gradient written)
 for each choice, with CUDA events, and prints one markdown row per problem: microseconds per call and GB/s of the
 minimal bytes (inputs read once, gradients written once) for each choice, and which one the automatic choice
@@ -31,13 +36,15 @@ from mmfast import _native
 from mmfast.reference.masked_reconstruction import MSE
 
 AUTO, BLOCK, THREAD = 0, 1, 2  # mmfast/kernels.h: kCudaRowTeamAuto, kCudaRowTeamBlock, kCudaRowTeamThread
+SWEEPS = {"back+hints": 1, "back": 2, "forward": 3}  # mmfast/kernels.h: kCudaSweepBackHints, ...Back, ...Forward
 
 
 @dataclass(frozen=True)
 class Problem:
     name: str
-    # what is compared: ("block", "thread"), ("whole rows", "split") or ("block", "cluster"); "cluster" is the
-    # automatic choice, which on sm_90+ gives these rows clusters
+    # what is compared: ("block", "thread"), ("whole rows", "split"), ("block", "cluster") ("cluster" is the
+    # automatic choice, which on sm_90+ gives these rows clusters) or two sweep orders of a block per row
+    # ("block forward", "block back", "block back+hints")
     choices: tuple[str, str]
     auto: str  # the automatic choice
     run: Callable[[str], None]  # launches the kernel with one of the choices
@@ -66,13 +73,47 @@ def _no_split() -> Iterator[None]:
         _native._row_split_workspace = original
 
 
+@contextlib.contextmanager
+def _sweep(order: int) -> Iterator[None]:
+    native = _native.load()
+    previous = native.cuda_sweep_order()
+    native.set_cuda_sweep_order(order)
+    try:
+        yield
+    finally:
+        native.set_cuda_sweep_order(previous)
+
+
+@contextlib.contextmanager
+def _block_sweep(order: int) -> Iterator[None]:
+    with _row_team(BLOCK), _sweep(order):
+        yield
+
+
 def _choice_context(choice: str):
+    if choice.startswith("block "):
+        return _block_sweep(SWEEPS[choice.removeprefix("block ")])
     return {"block": lambda: _row_team(BLOCK), "thread": lambda: _row_team(THREAD), "cluster": lambda: _row_team(AUTO),
             "whole rows": _no_split, "split": contextlib.nullcontext}[choice]()
 
 
+def _streamed(rows: int, C: int, sources: int, size: int, device: torch.device) -> bool:
+    """Whether a block per row keeps more in flight than the L2 holds (common.cuh: rows_in_flight_exceed_l2; two
+    blocks per SM): then the automatic sweep of a block-per-row launch is back and forth with the hints."""
+    if device.type != "cuda":
+        return False  # the emulation's 50 MiB
+    props = torch.cuda.get_device_properties(device)
+    return min(rows, 2 * props.multi_processor_count) * sources * C * size > props.L2_cache_size
+
+
+def _sweep_choices(sweep: str, rows: int, C: int, sources: int, size: int, device) -> tuple[tuple[str, str], str]:
+    """The two sweep orders compared (``sweep``: "forward" or "back" against "back+hints") and the automatic one."""
+    auto = "block back+hints" if _streamed(rows, C, sources, size, device) else "block forward"
+    return (f"block {sweep}", "block back+hints"), auto
+
+
 def routed(B: int, C: int, E: int, pixels: tuple[int, int] | None, device, dtype, split: bool = False,
-           cluster: bool = False) -> Problem:
+           cluster: bool = False, sweep: str | None = None) -> Problem:
     g = torch.Generator(device=device).manual_seed(0)
     S = pixels[0] * pixels[1] if pixels else 1
     x = (2 * torch.randn(B, C, S, generator=g, device=device)).to(dtype)  # drawn on the device: GBs at the
@@ -85,7 +126,9 @@ def routed(B: int, C: int, E: int, pixels: tuple[int, int] | None, device, dtype
             _native.routed_kd_rows("cuda", x, z, w, None, None, 4.0, 0, 0, 0.5, 16.0, True, False, False)
 
     where = f" {pixels[0]}x{pixels[1]} pixels (class_dim=1)" if pixels else ""
-    if split:
+    if sweep is not None:
+        choices, auto = _sweep_choices(sweep, B * S, C, E + 1, size, device)
+    elif split:
         choices, auto = ("whole rows", "split"), "split"
     elif cluster:
         choices, auto = ("block", "cluster"), "cluster"
@@ -94,7 +137,8 @@ def routed(B: int, C: int, E: int, pixels: tuple[int, int] | None, device, dtype
     return Problem(f"routed KD B={B} C={C}{where} E={E}", choices, auto, run, B * S * C * (E + 2) * size)
 
 
-def mutual(M: int, N: int, C: int, device, dtype, split: bool = False, cluster: bool = False) -> Problem:
+def mutual(M: int, N: int, C: int, device, dtype, split: bool = False, cluster: bool = False,
+           sweep: str | None = None) -> Problem:
     g = torch.Generator(device=device).manual_seed(0)
     logits = (2 * torch.randn(M, N, C, generator=g, device=device)).to(dtype)
 
@@ -102,7 +146,9 @@ def mutual(M: int, N: int, C: int, device, dtype, split: bool = False, cluster: 
         with _choice_context(choice):
             _native.mutual_kd_rows("cuda", logits, 4.0, 16.0, True)
 
-    if split or cluster:
+    if sweep is not None:
+        choices, auto = _sweep_choices(sweep, N, C, M, logits.element_size(), device)
+    elif split or cluster:
         choices = ("whole rows", "split") if split else ("block", "cluster")
         auto = choices[1]
     else:
@@ -130,7 +176,8 @@ def problems(device: torch.device, dtype: torch.dtype) -> list[Problem]:
         return [routed(64, 10, 3, None, device, dtype), routed(2, 5, 3, (4, 8), device, dtype),
                 routed(3, 8192, 2, None, device, dtype, split=True),
                 routed(4, 40, 2, None, device, dtype, cluster=True),  # automatic here: blocks (40 classes)
-                mutual(2, 40, 10, device, dtype), reconstruction(2, 6, 9, device, dtype)]
+                mutual(2, 40, 10, device, dtype), reconstruction(2, 6, 9, device, dtype),
+                routed(3, 300, 2, None, device, dtype, sweep="forward"), mutual(2, 3, 300, device, dtype, sweep="back")]
     return [
         routed(65536, 10, 4, None, device, dtype),
         routed(65536, 32, 4, None, device, dtype),
@@ -146,6 +193,11 @@ def problems(device: torch.device, dtype: torch.dtype) -> list[Problem]:
         mutual(3, 65536, 10, device, dtype),
         mutual(3, 8, 131072, device, dtype, split=True),
         mutual(3, 4096, 32768, device, dtype, cluster=True),
+        # the same rows with a block per row (as before sm_90): sweep orders and L2 hints
+        routed(4096, 32768, 2, None, device, dtype, sweep="forward"),
+        routed(4096, 32768, 2, None, device, dtype, sweep="back"),
+        mutual(3, 4096, 32768, device, dtype, sweep="forward"),
+        mutual(3, 4096, 32768, device, dtype, sweep="back"),
         reconstruction(8, 256, 64 * 64, device, dtype),
     ]
 

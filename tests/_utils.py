@@ -83,6 +83,20 @@ def cuda_row_team(team: int):
         native.set_cuda_row_team(previous)
 
 
+@contextlib.contextmanager
+def cuda_sweep_order(order: int):
+    """Inside the block, the CUDA routed/mutual KD kernels go over their rows after pass 1 in sweep order
+    ``order`` (mmfast/kernels.h: 1 back and forth with L2 evict-first hints, 2 back and forth, 3 forward) on every
+    launch instead of their own choice."""
+    native = _native.load()
+    previous = native.cuda_sweep_order()
+    native.set_cuda_sweep_order(order)
+    try:
+        yield
+    finally:
+        native.set_cuda_sweep_order(previous)
+
+
 def make_routed(
     rows=7,
     C=5,

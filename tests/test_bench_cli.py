@@ -231,9 +231,9 @@ def test_row_mask_patterns_script(monkeypatch, capsys):
 
 
 def test_row_teams_script(monkeypatch):
-    """benchmarks/row_teams.py (a GPU lease's comparison of the CUDA kernels' row teams, split and cluster mode) runs
-    each problem under both choices; without a GPU, on the CUDA emulation at tiny shapes, and the forced team is
-    restored afterwards."""
+    """benchmarks/row_teams.py (a GPU lease's comparison of the CUDA kernels' row teams, split and cluster mode and
+    sweep orders) runs each problem under both choices; without a GPU, on the CUDA emulation at tiny shapes, and the
+    forced team and sweep order are restored afterwards."""
     if torch.cuda.is_available():
         pytest.skip("on a GPU, gpu_check.sh runs the script at its real shapes")
     import cuda_emu
@@ -244,11 +244,14 @@ def test_row_teams_script(monkeypatch):
     script = _load_script("row_teams")
     table = script.main(["--device", "cpu", "--dtypes", "float32", "--reps", "1"])
     rows = table.splitlines()[2:]
-    assert len(rows) == 6, table
-    assert [r.split("|")[3].strip() for r in rows] == ["block", "block", "whole rows", "block", "block", "block"]
-    assert [r.split("|")[6].strip() for r in rows] == ["thread", "thread", "split", "cluster", "thread", "thread"]
-    assert [r.split("|")[-2].strip() for r in rows] == ["thread", "thread", "split", "cluster", "thread", "thread"]
-    assert emu.cuda_row_team() == 0
+    assert len(rows) == 8, table
+    assert [r.split("|")[3].strip() for r in rows] == ["block", "block", "whole rows", "block", "block", "block",
+                                                      "block forward", "block back"]
+    assert [r.split("|")[6].strip() for r in rows] == ["thread", "thread", "split", "cluster", "thread", "thread",
+                                                      "block back+hints", "block back+hints"]
+    assert [r.split("|")[-2].strip() for r in rows] == ["thread", "thread", "split", "cluster", "thread", "thread",
+                                                       "block forward", "block forward"]
+    assert emu.cuda_row_team() == 0 and emu.cuda_sweep_order() == 0
 
 
 def test_triton_tiles_script(tmp_path, capsys):

@@ -15,7 +15,7 @@ import math
 import cuda_emu
 import pytest
 import torch
-from _utils import cuda_row_team
+from _utils import cuda_row_team, cuda_sweep_order
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -412,6 +412,83 @@ def test_fuzz_routed(data):
 )
 def test_fuzz_mutual(M, N, C, dtype, tau, layout, need, seed):
     check_mutual(M, N, C, dtype=dtype, tau=tau, layout=layout, need=need, seed=seed)
+
+
+# mmfast/kernels.h: kCudaSweepBackHints, kCudaSweepBack, kCudaSweepForward
+SWEEP_ORDERS = {"back_hints": 1, "back": 2, "forward": 3}
+
+
+def test_sweep_order_setting_is_checked(_cuda_backend):
+    with pytest.raises(ValueError, match="order must be 0"):
+        _cuda_backend.set_cuda_sweep_order(4)
+
+
+class TestSweepOrder:
+    """Passes 2 and 3 of a row (csrc/cuda/common.cuh: RowSweep) back and forth with the L2 evict-first hints, back
+    and forth without them, and forward, forced on the block- and thread-per-row launches (pieces of rows, here the
+    forced clusters, sweep forward regardless): the same outputs to rounding.
+    Rows of 40 classes are one chunk per thread; rows of 4200 give the first threads of a block two chunks, so
+    that a thread's chunks come in the other order; misaligned rows take element-wise loads at their ends."""
+
+    @pytest.mark.parametrize("order", list(SWEEP_ORDERS))
+    @pytest.mark.parametrize("mix,div", list(itertools.product(MIXES, DIVERGENCES)))
+    def test_routed(self, order, mix, div):
+        with cuda_sweep_order(SWEEP_ORDERS[order]):
+            check_routed(5, 40, 1, 4, 3, mix, div, duplicate=True, mask="some", bad_index=True)
+            check_routed(3, 40, 1, 3, None, mix, div, need=(True, False, False))  # KL: dx in pass 2 only
+            check_routed(2, 301, 1, 2, None, mix, div, layout="misaligned", dtype=torch.bfloat16)
+
+    @pytest.mark.long_rows
+    @pytest.mark.parametrize("order", list(SWEEP_ORDERS))
+    @pytest.mark.parametrize("mix,div", [(0, 2), (1, 0), (2, 1)])
+    def test_routed_long_rows(self, order, mix, div):
+        with cuda_sweep_order(SWEEP_ORDERS[order]):
+            check_routed(2, 4200, 1, 2, None, mix, div)
+
+    @pytest.mark.parametrize("order", list(SWEEP_ORDERS))
+    @pytest.mark.parametrize("need", [True, False])
+    def test_mutual(self, order, need):
+        with cuda_sweep_order(SWEEP_ORDERS[order]):
+            check_mutual(3, 5, 40, need=need)
+            check_mutual(2, 3, 301, layout="misaligned", dtype=torch.bfloat16, need=need)
+            check_mutual(2, 2, 4200, need=need)
+
+
+@pytest.mark.skipif(not EMULATED, reason="counts the emulation's evict-first accesses")
+@pytest.mark.parametrize("row_team", ["block_rows"], indirect=True)
+class TestEvictFirstHints:
+    """Which accesses carry the L2 evict-first hint (the emulation counts __ldcs and __stcs): a row's last read and
+    its gradient stores, as vector words, in block-per-row launches whose rows in flight exceed the L2 (here made
+    small) or with the hints forced; none otherwise. Rows of 40 fp32 classes, 16-byte aligned: 10 vector words per
+    row and source."""
+
+    @staticmethod
+    def hinted(backend, run) -> int:
+        before = backend.evict_first_accesses()
+        run()
+        return backend.evict_first_accesses() - before
+
+    @pytest.mark.parametrize("order,l2_bytes,hints", [(0, 1024, True), (0, 50 * 2**20, False), (1, 50 * 2**20, True),
+                                                      (2, 1024, False), (3, 1024, False)])
+    def test_routed(self, _cuda_backend, row_team, order, l2_bytes, hints):
+        _cuda_backend.set_l2_cache_bytes(l2_bytes)
+        try:
+            with cuda_sweep_order(order):
+                # KL, mix "loss", dx only: no pass 3; pass 2 reads x and 3 teachers a last time and stores dx
+                only_pass2 = self.hinted(_cuda_backend, lambda: check_routed(5, 40, 1, 3, None, 0, 0,
+                                                                             need=(True, False, False)))
+                # JS, every gradient: pass 3 reads x and 3 teachers a last time and stores dx and 3 dz
+                with_pass3 = self.hinted(_cuda_backend, lambda: check_routed(5, 40, 1, 3, None, 0, 2))
+        finally:
+            _cuda_backend.set_l2_cache_bytes(50 * 1024 * 1024)
+        assert (only_pass2, with_pass3) == ((5 * 10 * 5, 5 * 10 * 8) if hints else (0, 0))
+
+    def test_mutual(self, _cuda_backend, row_team):
+        with cuda_sweep_order(1):
+            # pass 2 reads each of 3 models twice per chunk, the second time the last without a gradient
+            assert self.hinted(_cuda_backend, lambda: check_mutual(3, 4, 40, need=False)) == 4 * 3 * 10
+            # with it pass 3 is the last read (the second per chunk), and the gradient is stored
+            assert self.hinted(_cuda_backend, lambda: check_mutual(3, 4, 40)) == 4 * 3 * 10 * 2
 
 
 @pytest.mark.skipif(not EMULATED, reason="reads the emulation's record of the last launch")

@@ -86,6 +86,13 @@ void bind_cuda(py::module_& m) {
   m.def("set_cuda_row_team", &set_cuda_row_team, py::arg("team"),  // std::invalid_argument -> ValueError
         "Forces the row team of the routed/mutual KD and masked-reconstruction kernels (tests): 0 automatic, "
         "1 block, 2 thread, 3 cluster.");
+  m.def("cuda_sweep_order", &cuda_sweep_order,
+        "How the routed/mutual KD kernels go over a row after pass 1: 0 automatic (block-per-row launches whose "
+        "rows in flight exceed the L2: pass 2 backward, L2 evict-first hints), 1 back and forth with the hints, "
+        "2 back and forth, 3 forward.");
+  m.def("set_cuda_sweep_order", &set_cuda_sweep_order, py::arg("order"),  // std::invalid_argument -> ValueError
+        "Forces the sweep order of the routed/mutual KD kernels (tests, benchmarks): 0 automatic, 1 back and forth "
+        "with L2 evict-first hints, 2 back and forth, 3 forward.");
 }
 
 }  // namespace mmfast

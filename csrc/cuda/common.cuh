@@ -158,14 +158,40 @@ __device__ __forceinline__ RowChunks make_chunks(int C, bool vec, uintptr_t resi
 
 __device__ __forceinline__ bool in_row(int c, int C) { return c >= 0 && c < C; }
 
-// Loads classes [c0, c0 + kVec) of a row as floats; classes outside [0, C) read `fill`.
+// The L2 evict-first hint (RowSweep below): vector words are loaded with __ldcs and stored with __stcs
+// (ld.global.cs / st.global.cs, cache-streaming: their lines are the first the L1 and L2 give up); element-wise
+// accesses never take it. The plain path unpacks the word where it lies, as before the hints (returning a copy of
+// the word cost the cluster kernels up to 28 registers at sm_90).
+
+// Unpacks the vector word at `p` (`evict_first`: loaded with the hint).
+template <typename T>
+__device__ __forceinline__ void load_word(const ChunkWord<T>* p, bool evict_first, float (&out)[kVec<T>]) {
+  if (evict_first) {
+    unpack<T>(__ldcs(p), out);
+  } else {
+    unpack<T>(*p, out);
+  }
+}
+
+// Stores the vector word `v` at `p` (`evict_first`: with the hint).
+template <typename T>
+__device__ __forceinline__ void store_word(ChunkWord<T>* p, const ChunkWord<T>& v, bool evict_first) {
+  if (evict_first) {
+    __stcs(p, v);
+  } else {
+    *p = v;
+  }
+}
+
+// Loads classes [c0, c0 + kVec) of a row as floats; classes outside [0, C) read `fill`. `evict_first`:
+// vector words with the evict-first hint.
 template <typename T>
 __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t stride, int c0,
                                            const RowChunks& rc, float fill,
-                                           float (&out)[kVec<T>]) {
+                                           float (&out)[kVec<T>], bool evict_first = false) {
   constexpr int V = kVec<T>;
   if (rc.vec && c0 >= 0 && c0 + V <= rc.C) {
-    unpack<T>(*reinterpret_cast<const ChunkWord<T>*>(row + c0), out);
+    load_word<T>(reinterpret_cast<const ChunkWord<T>*>(row + c0), evict_first, out);
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -176,21 +202,23 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t st
 }
 
 // Stores classes [c0, c0 + kVec) of a row (classes outside [0, C) are skipped). kAdd: row += v.
+// `evict_first`: vector words with the evict-first hint.
 template <typename T, bool kAdd = false>
 __device__ __forceinline__ void store_chunk(T* __restrict__ row, int64_t stride, int c0,
-                                            const RowChunks& rc, const float (&v)[kVec<T>]) {
+                                            const RowChunks& rc, const float (&v)[kVec<T>],
+                                            bool evict_first = false) {
   constexpr int V = kVec<T>;
   if (rc.vec && c0 >= 0 && c0 + V <= rc.C) {
     ChunkWord<T>* dst = reinterpret_cast<ChunkWord<T>*>(row + c0);
     if constexpr (kAdd) {
       float old[V];
-      unpack<T>(*dst, old);
+      load_word<T>(dst, evict_first, old);
       float sum[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) sum[i] = old[i] + v[i];
-      *dst = pack<T>(sum);
+      store_word<T>(dst, pack<T>(sum), evict_first);
     } else {
-      *dst = pack<T>(v);
+      store_word<T>(dst, pack<T>(v), evict_first);
     }
   } else {
 #pragma unroll
@@ -716,6 +744,41 @@ __host__ inline bool rows_in_flight_exceed_l2(int64_t rows, int64_t C, int sourc
   const int64_t in_flight = rows < kMinBlocksPerSM * static_cast<int64_t>(sms) ? rows : kMinBlocksPerSM * sms;
   return in_flight * sources * C * elem_bytes > static_cast<int64_t>(l2);
 }
+
+// How a team goes over its chunks after pass 1 (cuda_sweep_order(), mmfast/kernels.h). `back`: pass 2 from the
+// last chunk to the first, so that it starts on the chunks pass 1 read last (the likeliest still in the L2 when
+// more rows are in flight than the L2 holds), then pass 3 forward again, starting on what pass 2 read last.
+// `evict_first`: the row's last read (pass 3's loads, or pass 2's when no pass 3 follows) and the gradient stores
+// carry the evict-first hint (load_chunk, store_chunk), so that the L2 gives up those lines, which no pass reads
+// again, before the ones a later pass of a row in flight still needs. Pass 1 takes no hint: an evict-last mark
+// could outlive the kernel and crowd the next kernels out of the L2.
+struct RowSweep {
+  bool back;
+  bool evict_first;
+};
+
+// The sweep of a launch whose rows in flight exceed the L2 (`streamed`: a block per row, rows_in_flight_exceed_l2)
+// or not, by cuda_sweep_order(): automatically back and forth with the hints for streamed rows, forward without
+// them otherwise (rows that stay in the L2 gain nothing, and their gradients had better stay for the next kernel).
+__host__ inline RowSweep row_sweep(bool streamed) {
+  switch (cuda_sweep_order()) {
+    case kCudaSweepBackHints: return RowSweep{true, true};
+    case kCudaSweepBack: return RowSweep{true, false};
+    case kCudaSweepForward: return RowSweep{false, false};
+    default: return RowSweep{streamed, streamed};
+  }
+}
+
+// The sweep a team takes: pieces of rows (split and cluster mode, whose rows stay in the L2) always forward
+// without hints, which keeps the choice, and its registers, out of their kernels.
+template <typename Team>
+__device__ __forceinline__ RowSweep sweep_of(const RowSweep& sweep) {
+  return Team::kPieces ? RowSweep{false, false} : sweep;
+}
+
+// The chunk of step `j` of a sweep over chunks [j0, j1): j itself, or its mirror when the sweep goes `back`
+// (a member keeps its stride; a warp's accesses stay one contiguous span).
+__device__ __forceinline__ int swept_chunk(int j, int j0, int j1, bool back) { return back ? j0 + j1 - 1 - j : j; }
 
 // Cluster plan for `rows` rows of C classes (`sources` rows of `elem_bytes` elements read per row) with records
 // of `rec` floats: in automatic mode, for rows of at least kRowSplitMinClasses classes whose block-per-row launch

@@ -2,10 +2,11 @@
 # Compile-only check of the CUDA kernels (no GPU needed): every csrc/cuda/*.cu with nvcc for sm_80
 # and sm_90, the flags of the real build (CMakeLists.txt: -O3 --use_fast_math), and a table of
 # registers / spill stores / spill loads / stack / static shared memory per kernel instantiation
-# and arch (the kernels' shared memory is dynamic, sized per launch).
+# and arch (the kernels' shared memory is dynamic, sized per launch); then whether the L2 evict-first
+# hints reach mutual_kd.cu's PTX.
 #
 # Exit status: 0 when everything compiles without register spills (or when nvcc is absent),
-# 1 on a compile error, 2 when a kernel spills. NVCC selects the compiler (default: nvcc on PATH,
+# 1 on a compile error or hints missing from the PTX, 2 when a kernel spills. NVCC selects the compiler (default: nvcc on PATH,
 # else $CUDA_HOME/bin/nvcc).
 set -euo pipefail
 
@@ -65,6 +66,23 @@ if [[ -s "$table" ]]; then
     echo "compile_check: $spilling kernel instantiation(s) spill registers" >&2
     [[ "$status" -eq 0 ]] && status=2
   fi
+fi
+# The L2 evict-first hints of the row kernels' last reads and gradient stores (common.cuh: load_word, store_word)
+# must lower to cache-streaming accesses: mutual_kd.cu's PTX (a few seconds; the emulation's tests check which
+# accesses ask for the hint, in routed KD too).
+if "$nvcc" -ptx "$root/csrc/cuda/mutual_kd.cu" -o "$tmp/mutual_kd.ptx" -std=c++17 -O3 --use_fast_math \
+    -I "$root/csrc/include" -arch=compute_90 >"$tmp/ptx.log" 2>&1; then
+  loads="$(grep -c 'ld\.global\.cs\.v' "$tmp/mutual_kd.ptx" || true)"
+  stores="$(grep -c 'st\.global\.cs\.v' "$tmp/mutual_kd.ptx" || true)"
+  echo "evict-first vector accesses in mutual_kd.cu's PTX: $loads loads (ld.global.cs), $stores stores (st.global.cs)"
+  if [[ "$loads" -eq 0 || "$stores" -eq 0 ]]; then
+    echo "compile_check: mutual_kd.cu's evict-first hints did not reach the PTX" >&2
+    status=1
+  fi
+else
+  echo "compile_check: mutual_kd.cu failed to compile to PTX:" >&2
+  cat "$tmp/ptx.log" >&2
+  status=1
 fi
 [[ "$status" -eq 0 ]] && echo "compile_check: OK"
 exit "$status"

@@ -28,6 +28,7 @@ struct MutualArgs {
   float scale;  // tau^2 or 1
   Pieces pc;      // split mode, or whole rows
   int64_t units;  // N * pc.nsplit: (row, piece)
+  RowSweep sweep; // passes 2 and 3 (common.cuh)
 };
 
 // Per-row tables of a team in dynamic shared memory (M models, a team of nt).
@@ -56,11 +57,12 @@ __device__ __forceinline__ MutualShared<T, Team> carve_mutual(unsigned char* sme
   return sh;
 }
 
-// Base-2 log-probabilities of a chunk of model i (classes outside the row: -inf).
+// Base-2 log-probabilities of a chunk of model i (classes outside the row: -inf; `last`: the row's last read,
+// evict-first).
 template <typename T, typename Team>
 __device__ __forceinline__ void log2_softmax_chunk(const MutualArgs& a, const MutualShared<T, Team>& sh, int i,
-                                                   const RowChunks& rc, int c0, float (&l2)[kVec<T>]) {
-  load_chunk<T>(sh.row[i], a.p.s_c, c0, rc, -INFINITY, l2);
+                                                   const RowChunks& rc, int c0, float (&l2)[kVec<T>], bool last) {
+  load_chunk<T>(sh.row[i], a.p.s_c, c0, rc, -INFINITY, l2, last);
   const RowLse2 L = sh.lse[i];
 #pragma unroll
   for (int v = 0; v < kVec<T>; ++v) l2[v] = L.log2_prob(l2[v], a.k2);
@@ -75,6 +77,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const int M = static_cast<int>(p.M), nt = Team::size(), tid = Team::lane();
   const float Mf = static_cast<float>(p.M);
   const MutualShared<T, Team> sh = carve_mutual<T, Team>(smem, M);
+  const RowSweep sweep = sweep_of<Team>(a.sweep);  // passes 2 and 3
 
   for_each_unit<Team>(a.pc, a.units, [&](int64_t unit, int phase, int64_t slot) {
     const int64_t n = unit / pieces_of<Team>(a.pc);
@@ -104,20 +107,22 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
 
     // pass 2: R_i partials in column i (split phase 3: summed over the pieces)
     for (int i = 0; i < M; ++i) sh.part[i * nt + tid] = 0.f;
-    for (int j = j0 + tid; phase != 3 && j < j1; j += nt) {
-      const int c0 = j * V - rc.shift;
+    const bool last2 = sweep.evict_first && p.grad == nullptr;  // no pass 3 reads the row again
+    const bool ev = sweep.evict_first;
+    for (int step = j0 + tid; phase != 3 && step < j1; step += nt) {
+      const int c0 = swept_chunk(step, j0, j1, sweep.back) * V - rc.shift;
       float T2[V];  // T in base-2 units
 #pragma unroll
       for (int v = 0; v < V; ++v) T2[v] = 0.f;
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2, false);  // read again below
 #pragma unroll
         for (int v = 0; v < V; ++v) T2[v] += l2[v];
       }
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2, last2);
         float acc = 0.f;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
@@ -143,7 +148,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
       for (int v = 0; v < V; ++v) T2[v] = S[v] = 0.f;
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2, false);  // read again below
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           T2[v] += l2[v];
@@ -152,7 +157,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
       }
       for (int i = 0; i < M; ++i) {
         float l2[V];
-        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2);
+        log2_softmax_chunk<T, Team>(a, sh, i, rc, c0, l2, ev);
         const float Ri = sh.R[i];
 #pragma unroll
         for (int v = 0; v < V; ++v) {
@@ -160,7 +165,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
           const float self = pv == 0.f ? 0.f : pv * (fmaf(Mf, l2[v], -T2[v]) * kLn2 - Ri);
           l2[v] = a.g * (fmaf(Mf, pv, -S[v]) + self);
         }
-        store_chunk<T>(sh.grow[i], 1, c0, rc, l2);
+        store_chunk<T>(sh.grow[i], 1, c0, rc, l2, ev);
       }
     }
   });
@@ -208,9 +213,13 @@ int launch_mutual(const MutualArgs& a, cudaStream_t stream) {
     return launch_with_smem(mutual_kd_kernel<T, ThreadTeam>, a, thread_team_grid(a.p.N, rows_per_block),
                             rows_per_block, rows_per_block * (fixed + per_thread), stream);
   }
+  // a block per row: rows of class logits whose rows in flight exceed the L2 sweep back and forth (common.cuh)
+  MutualArgs ba = a;
+  ba.sweep = row_sweep(a.p.s_c == 1 && rows_in_flight_exceed_l2(a.p.N, a.p.C, static_cast<int>(a.p.M),
+                                                                static_cast<int>(sizeof(T))));
   const int nt = threads_for_row(a.p.C, kVec<T>, fixed, 2 * a.p.M);
   const int64_t grid = a.p.N < kMaxBlocks ? a.p.N : kMaxBlocks;
-  return launch_with_smem(mutual_kd_kernel<T, BlockTeam>, a, static_cast<unsigned>(grid), nt,
+  return launch_with_smem(mutual_kd_kernel<T, BlockTeam>, ba, static_cast<unsigned>(grid), nt,
                           fixed + per_thread * nt, stream);
 }
 
@@ -228,6 +237,7 @@ int mutual_kd_cuda(const MutualKDParams& p, void* stream) {
   a.scale = static_cast<float>(p.scale);
   a.pc = whole_rows();  // launch_mutual may split them
   a.units = p.N;
+  a.sweep = row_sweep(false);  // launch_mutual's block-per-row launch may stream its rows
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(p.dtype, [&](auto t) { return launch_mutual<decltype(t)>(a, s); });
 }

@@ -46,6 +46,7 @@ struct RoutedArgs {
   float log1m_beta;  // log(1 - beta)
   Pieces pc;      // split mode (common.cuh; records of 2K + 2 floats), or whole rows
   int64_t units;  // N * pc.nsplit blocks' worth of work: (row, piece)
+  RowSweep sweep; // passes 2 and 3 (common.cuh)
 };
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
@@ -178,14 +179,15 @@ struct RoutedRow {
 template <typename T, typename Team>
 __device__ __forceinline__ void write_dz(const RoutedArgs& a, const RoutedShared<T, Team>& sh, int k, int c0,
                                          const RowChunks& rc, float (&X)[kVec<T>]) {
+  const bool evict = sweep_of<Team>(a.sweep).evict_first;
   const float gw = a.g * sh.wdz[k];
   const bool inf_nan = sh.inf_nan[k] != 0.f;
 #pragma unroll
   for (int i = 0; i < kVec<T>; ++i) X[i] = inf_nan && fabsf(X[i]) == INFINITY ? quiet_nan() : gw * X[i];
   if (a.p.idx != nullptr) {
-    store_chunk<T, true>(sh.dzrow[k], a.p.S, c0, rc, X);
+    store_chunk<T, true>(sh.dzrow[k], a.p.S, c0, rc, X, evict);
   } else {
-    store_chunk<T, false>(sh.dzrow[k], a.p.S, c0, rc, X);
+    store_chunk<T, false>(sh.dzrow[k], a.p.S, c0, rc, X, evict);
   }
 }
 
@@ -282,13 +284,14 @@ __device__ bool setup_routed_row(const RoutedArgs& a, const RoutedShared<T, Team
   return true;
 }
 
-// log p and p = softmax(logits / tau) of a chunk of a row with log2-sum-exp2 `L`.
+// log p and p = softmax(logits / tau) of a chunk of a row with log2-sum-exp2 `L` (`last`: the row's last read,
+// evict-first).
 template <typename T>
 __device__ __forceinline__ void log_softmax_chunk(const T* row, int64_t stride, int c0, const RowChunks& rc,
                                                   float k2, RowLse2 L, float (&lp)[kVec<T>],
-                                                  float (&pr)[kVec<T>]) {
+                                                  float (&pr)[kVec<T>], bool last) {
   float v[kVec<T>];
-  load_chunk<T>(row, stride, c0, rc, -INFINITY, v);
+  load_chunk<T>(row, stride, c0, rc, -INFINITY, v, last);
 #pragma unroll
   for (int i = 0; i < kVec<T>; ++i) {
     const float d = L.log2_prob(v[i], k2);
@@ -321,6 +324,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
+  const RowSweep sweep = sweep_of<Team>(a.sweep);  // passes 2 and 3
   // KL: sum_c A = -W, so dx needs no row sum; reverse KL: sum_c B_k = -1, so dz_k needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
   const bool dz_pass2 = Div == kReverseKL && p.dz != nullptr, dz_pass3 = Div != kReverseKL && p.dz != nullptr;
@@ -336,15 +340,17 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
 
     // pass 2: S1_k, S2_k in columns k, K + k (split phase 3: summed over the pieces instead)
     for (int col = 0; col < NQ * K; ++col) sh.part[col * nt + tid] = 0.f;
-    for (int j = r.j0 + tid; phase != 3 && j < r.j1; j += nt) {
-      const int c0 = j * V - r.rc.shift;
+    const bool last2 = sweep.evict_first && !dx_pass3 && !dz_pass3;  // no pass 3 reads the row again
+    const bool ev = sweep.evict_first;
+    for (int step = r.j0 + tid; phase != 3 && step < r.j1; step += nt) {
+      const int c0 = swept_chunk(step, r.j0, r.j1, sweep.back) * V - r.rc.shift;
       float lq[V], q[V], wp[V];  // wp = sum_k w_k p_k
-      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
+      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q, last2);
 #pragma unroll
       for (int i = 0; i < V; ++i) wp[i] = 0.f;
       for (int k = 0; k < K; ++k) {
         float lp[V], pk[V], dv[V];
-        log_softmax_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, a.k2, sh.lse[1 + k], lp, pk);
+        log_softmax_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, a.k2, sh.lse[1 + k], lp, pk, last2);
         const float wk = sh.w[k];
         float s1 = 0.f, s2 = 0.f;
 #pragma unroll
@@ -365,7 +371,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         float d[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) d[i] = a.g * fmaf(W, q[i], -wp[i]);
-        store_chunk<T>(r.dx, p.S, c0, r.rc, d);
+        store_chunk<T>(r.dx, p.S, c0, r.rc, d, ev);
       }
     }
     if (!pieces_sums<Team>(a.pc, phase, slot, r.piece, sh.part, NQ * K, sh.red)) return;
@@ -389,12 +395,12 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
     for (int j = r.j0 + tid; j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], A[V];  // A = sum_k w_k A_k
-      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
+      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q, ev);
 #pragma unroll
       for (int i = 0; i < V; ++i) A[i] = 0.f;
       for (int k = 0; k < K; ++k) {
         float lp[V], pk[V], dv[V];
-        log_softmax_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, a.k2, sh.lse[1 + k], lp, pk);
+        log_softmax_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, a.k2, sh.lse[1 + k], lp, pk, ev);
         const float wk = sh.w[k];
         const float SB = row_sums<Div>(sh.red[k], NQ == 2 ? sh.red[K + k] : 0.f, 1.f, a.beta).SB;
 #pragma unroll
@@ -409,7 +415,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         float d[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) d[i] = a.g * fmaf(-q[i], SA, A[i]);
-        store_chunk<T>(r.dx, p.S, c0, r.rc, d);
+        store_chunk<T>(r.dx, p.S, c0, r.rc, d, ev);
       }
     }
   });
@@ -420,15 +426,15 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
 //   dx = g (A - q sum A),  dvbar = B - P sum B,  dz_k = g w_k dvbar,  dw_k = sum_c dvbar v_k
 // ---------------------------------------------------------------------------------------------
 
-// The mixed logits of a chunk in base-2 units, -inf outside the row.
+// The mixed logits of a chunk in base-2 units, -inf outside the row (`last`: the rows' last read, evict-first).
 template <typename T, typename Team>
 __device__ __forceinline__ void mixed_logits_chunk(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
-                                                   const RowChunks& rc, int c0, float (&vb)[kVec<T>]) {
+                                                   const RowChunks& rc, int c0, float (&vb)[kVec<T>], bool last) {
 #pragma unroll
   for (int i = 0; i < kVec<T>; ++i) vb[i] = 0.f;
   for (int k = 0; k < static_cast<int>(a.p.K); ++k) {
     float zk[kVec<T>];
-    load_chunk<T>(sh.zrow[k], a.p.sz_c, c0, rc, 0.f, zk);
+    load_chunk<T>(sh.zrow[k], a.p.sz_c, c0, rc, 0.f, zk, last);
     const float wk2 = sh.w[k] * a.k2;
 #pragma unroll
     for (int i = 0; i < kVec<T>; ++i) vb[i] = fmaf(wk2, zk[i], vb[i]);
@@ -438,17 +444,18 @@ __device__ __forceinline__ void mixed_logits_chunk(const RoutedArgs& a, const Ro
 }
 
 // Given dvbar of a chunk (0 outside the row): dz_k (slots that own a dz row) and, with `with_dw`,
-// the dw_k partial sum_c dvbar v_k into column col0 + k.
+// the dw_k partial sum_c dvbar v_k into column col0 + k (`last`: the teacher rows' last read, evict-first).
 template <typename T, typename Team>
 __device__ __forceinline__ void mixed_logits_slot_grads(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
                                                         const RowChunks& rc, int c0,
-                                                        const float (&dvb)[kVec<T>], int col0, bool with_dw) {
+                                                        const float (&dvb)[kVec<T>], int col0, bool with_dw,
+                                                        bool last) {
   constexpr int V = kVec<T>;
   const RoutedKDParams& p = a.p;
   for (int k = 0; k < static_cast<int>(p.K); ++k) {
     if (with_dw) {
       float zk[V];
-      load_chunk<T>(sh.zrow[k], p.sz_c, c0, rc, 0.f, zk);
+      load_chunk<T>(sh.zrow[k], p.sz_c, c0, rc, 0.f, zk, last);
       float acc = 0.f;
 #pragma unroll
       for (int i = 0; i < V; ++i) acc = fmaf(dvb[i], zk[i], acc);
@@ -471,6 +478,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
+  const RowSweep sweep = sweep_of<Team>(a.sweep);  // passes 2 and 3
   const bool slot_grads = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -1, so dx needs no row sum; reverse KL: sum B = -1, so dvbar = P - q needs none.
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
@@ -491,7 +499,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
       OnlineLse2 acc;
       for (int j = r.j0 + tid; j < r.j1; j += nt) {
         float vb[V];
-        mixed_logits_chunk<T, Team>(a, sh, r.rc, j * V - r.rc.shift, vb);
+        mixed_logits_chunk<T, Team>(a, sh, r.rc, j * V - r.rc.shift, vb, false);
         acc.add(vb);
       }
       sh.part[2 * nt + tid] = acc.m;
@@ -505,11 +513,14 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
     const int ncols = 2 + (dv_pass2 && p.dw != nullptr ? K : 0) + (dw_bv ? 2 * K : 0);
     for (int col = 2; col < ncols; ++col) sh.part[col * nt + tid] = 0.f;
     float S1 = 0.f, S2 = 0.f;
-    for (int j = r.j0 + tid; phase != 3 && j < r.j1; j += nt) {
-      const int c0 = j * V - r.rc.shift;
+    const bool last2 = sweep.evict_first && !dx_pass3 && !dv_pass3;  // no pass 3 reads the row again
+    const bool reread2 = dw_bv || (dv_pass2 && p.dw != nullptr);  // pass 2 reads v_k twice
+    const bool ev = sweep.evict_first;
+    for (int step = r.j0 + tid; phase != 3 && step < r.j1; step += nt) {
+      const int c0 = swept_chunk(step, r.j0, r.j1, sweep.back) * V - r.rc.shift;
       float lq[V], q[V], vb[V], d[V], Bc[V], Pc[V];
-      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_logits_chunk<T, Team>(a, sh, r.rc, c0, vb);
+      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q, last2);
+      mixed_logits_chunk<T, Team>(a, sh, r.rc, c0, vb, last2 && !reread2);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float dl = (vb[i] - LP.m) - LP.ls;
@@ -523,12 +534,12 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         // KL: dx = g (A - q sum A) = g (q - P); reverse KL: dvbar = B - P sum B = P - q
         d[i] = dx_pass2 ? a.g * (q[i] - P) : (ok ? P - q[i] : 0.f);
       }
-      if (dx_pass2) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
-      if (dv_pass2) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, d, 2, p.dw != nullptr);
+      if (dx_pass2) store_chunk<T>(r.dx, p.S, c0, r.rc, d, ev);
+      if (dv_pass2) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, d, 2, p.dw != nullptr, last2);
       if (dw_bv) {
         for (int k = 0; k < K; ++k) {
           float zk[V];
-          load_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, 0.f, zk);
+          load_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, 0.f, zk, last2);
           float bv = 0.f, pv = 0.f;
 #pragma unroll
           for (int i = 0; i < V; ++i) {
@@ -562,8 +573,8 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
     for (int j = r.j0 + tid; j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], vb[V], d[V];
-      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_logits_chunk<T, Team>(a, sh, r.rc, c0, vb);
+      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q, ev);
+      mixed_logits_chunk<T, Team>(a, sh, r.rc, c0, vb, ev && !dw_pass3);  // dw_pass3 reads v_k again
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float dl = (vb[i] - LP.m) - LP.ls;
@@ -572,8 +583,8 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         d[i] = a.g * fmaf(-q[i], rs.SA, e.A);  // dx
         vb[i] = in_row(c0 + i, r.rc.C) ? fmaf(-P, rs.SB, e.B) : 0.f;  // dvbar
       }
-      if (dx_pass3) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
-      if (dv_pass3) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, vb, 0, dw_pass3);
+      if (dx_pass3) store_chunk<T>(r.dx, p.S, c0, r.rc, d, ev);
+      if (dv_pass3) mixed_logits_slot_grads<T, Team>(a, sh, r.rc, c0, vb, 0, dw_pass3, ev);
     }
     if (dw_pass3) {
       reduce_sum_columns<Team>(sh.part, K, sh.red);
@@ -607,10 +618,11 @@ __device__ __forceinline__ float probs_g(const Elem& e, float lq, float lP2) {
   }
 }
 
-// log2 P of a chunk: log2-sum-exp2 over k of log2 w_k + log2 p_k, per class.
+// log2 P of a chunk: log2-sum-exp2 over k of log2 w_k + log2 p_k, per class (`last`: the teacher rows' last
+// read, evict-first).
 template <typename T, typename Team>
 __device__ __forceinline__ void mixed_probs_chunk(const RoutedArgs& a, const RoutedShared<T, Team>& sh,
-                                                  const RowChunks& rc, int c0, float (&lP2)[kVec<T>]) {
+                                                  const RowChunks& rc, int c0, float (&lP2)[kVec<T>], bool last) {
   constexpr int V = kVec<T>;
   float m[V], s[V];
 #pragma unroll
@@ -620,7 +632,7 @@ __device__ __forceinline__ void mixed_probs_chunk(const RoutedArgs& a, const Rou
   }
   for (int k = 0; k < static_cast<int>(a.p.K); ++k) {
     float zk[V];
-    load_chunk<T>(sh.zrow[k], a.p.sz_c, c0, rc, -INFINITY, zk);
+    load_chunk<T>(sh.zrow[k], a.p.sz_c, c0, rc, -INFINITY, zk, last);
     const RowLse2 Lk = sh.lse[1 + k];
     const float lw2 = sh.lw2[k];
 #pragma unroll
@@ -638,6 +650,7 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
   const RoutedKDParams& p = a.p;
   const int K = static_cast<int>(p.K), nt = Team::size(), tid = Team::lane();
   const RoutedShared<T, Team> sh = carve_routed<T, Team>(smem, K);
+  const RowSweep sweep = sweep_of<Team>(a.sweep);  // passes 2 and 3
   const bool need_Y = p.dw != nullptr || p.dz != nullptr;
   // KL: sum A = -W, so dx needs no row sum
   const bool dx_pass2 = Div == kKL && p.dx != nullptr, dx_pass3 = Div != kKL && p.dx != nullptr;
@@ -656,11 +669,13 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
       for (int k = 0; k < K; ++k) sh.part[(2 + k) * nt + tid] = 0.f;
     }
     float S1 = 0.f, S2 = 0.f;
-    for (int j = r.j0 + tid; phase != 3 && j < r.j1; j += nt) {
-      const int c0 = j * V - r.rc.shift;
+    const bool last2 = sweep.evict_first && !dx_pass3 && p.dz == nullptr;  // no pass 3 reads the row again
+    const bool ev = sweep.evict_first;
+    for (int step = r.j0 + tid; phase != 3 && step < r.j1; step += nt) {
+      const int c0 = swept_chunk(step, r.j0, r.j1, sweep.back) * V - r.rc.shift;
       float lq[V], q[V], lP2[V], G[V], d[V];
-      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_probs_chunk<T, Team>(a, sh, r.rc, c0, lP2);
+      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q, last2);
+      mixed_probs_chunk<T, Team>(a, sh, r.rc, c0, lP2, last2 && !need_Y);  // need_Y reads z_k again
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float P = exp2f(lP2[i]);
@@ -671,11 +686,11 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         G[i] = probs_g<Div>(e, lq[i], lP2[i]);
         d[i] = a.g * fmaf(W, q[i], -P);  // KL dx: -P + q W
       }
-      if (dx_pass2) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
+      if (dx_pass2) store_chunk<T>(r.dx, p.S, c0, r.rc, d, ev);
       if (need_Y) {
         for (int k = 0; k < K; ++k) {
           float pk[V];
-          load_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, -INFINITY, pk);
+          load_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, -INFINITY, pk, last2);
           const RowLse2 Lk = sh.lse[1 + k];
           float acc = 0.f;
 #pragma unroll
@@ -698,8 +713,8 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
     for (int j = r.j0 + tid; j < r.j1; j += nt) {
       const int c0 = j * V - r.rc.shift;
       float lq[V], q[V], lP2[V], G[V], d[V];
-      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q);
-      mixed_probs_chunk<T, Team>(a, sh, r.rc, c0, lP2);
+      log_softmax_chunk<T>(r.x, p.sx_c, c0, r.rc, a.k2, Lq, lq, q, ev);
+      mixed_probs_chunk<T, Team>(a, sh, r.rc, c0, lP2, ev && p.dz == nullptr);  // dz reads z_k again
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const float P = exp2f(lP2[i]);
@@ -707,12 +722,12 @@ __global__ void __launch_bounds__(Team::kLaunchThreads, Team::kLaunchMinBlocks)
         G[i] = probs_g<Div>(e, lq[i], lP2[i]);
         d[i] = a.g * fmaf(-q[i], rs.SA, e.A);  // dx
       }
-      if (dx_pass3) store_chunk<T>(r.dx, p.S, c0, r.rc, d);
+      if (dx_pass3) store_chunk<T>(r.dx, p.S, c0, r.rc, d, ev);
       if (p.dz != nullptr) {
         for (int k = 0; k < K; ++k) {
           if (sh.dzrow[k] == nullptr) continue;
           float pk[V];
-          load_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, -INFINITY, pk);
+          load_chunk<T>(sh.zrow[k], p.sz_c, c0, r.rc, -INFINITY, pk, ev);
           const RowLse2 Lk = sh.lse[1 + k];
           const float Yk = sh.red[2 + k];
 #pragma unroll
@@ -786,9 +801,13 @@ int launch_routed(const RoutedArgs& a, cudaStream_t stream) {
     return launch_with_smem(routed_kernel<T, ThreadTeam, Mix, Div>(), a, thread_team_grid(a.N, rows_per_block),
                             rows_per_block, rows_per_block * (fixed + per_thread), stream);
   }
+  // a block per row: rows of class logits whose rows in flight exceed the L2 sweep back and forth (common.cuh)
+  RoutedArgs ba = a;
+  ba.sweep = row_sweep(a.p.S == 1 && rows_in_flight_exceed_l2(a.N, a.p.C, static_cast<int>(a.p.K) + 1,
+                                                               static_cast<int>(sizeof(T))));
   const int nt = threads_for_row(a.p.C, kVec<T>, fixed, routed_columns(a.p.K));
   const int64_t grid = a.N < kMaxBlocks ? a.N : kMaxBlocks;
-  return launch_with_smem(routed_kernel<T, BlockTeam, Mix, Div>(), a, static_cast<unsigned>(grid), nt,
+  return launch_with_smem(routed_kernel<T, BlockTeam, Mix, Div>(), ba, static_cast<unsigned>(grid), nt,
                           fixed + per_thread * nt, stream);
 }
 
@@ -824,6 +843,7 @@ int routed_kd_cuda(const RoutedKDParams& p, void* stream) {
   if (a.N <= 0) return cudaSuccess;
   a.pc = whole_rows();  // launch_routed may split them
   a.units = a.N;
+  a.sweep = row_sweep(false);  // launch_routed's block-per-row launch may stream its rows
   if (p.K < 0 || p.C < 0 || p.C > kMaxClasses || (p.idx == nullptr && p.K != p.E)) return cudaErrorInvalidValue;
   a.k2 = static_cast<float>(p.inv_tau * 1.4426950408889634);
   a.inv_tau = static_cast<float>(p.inv_tau);

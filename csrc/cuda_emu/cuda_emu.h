@@ -130,6 +130,21 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+// Cache-streaming (evict-first) load and store: plain accesses, counted (mmfast_emu::evict_first_accesses) so
+// that tests can see which launches ask for the hint.
+namespace mmfast_emu {
+void count_evict_first();
+}  // namespace mmfast_emu
+template <typename T>
+inline T __ldcs(const T* p) {
+  mmfast_emu::count_evict_first();
+  return *p;
+}
+template <typename T>
+inline void __stcs(T* p, T v) {
+  mmfast_emu::count_evict_first();
+  *p = v;
+}
 
 // ---- bfloat16 and float16 ----
 struct __nv_bfloat16 {
@@ -184,6 +199,7 @@ void set_sm_count(int sms);
 void set_compute_capability_major(int major);
 void set_l2_cache_bytes(int bytes);
 std::tuple<unsigned, unsigned, unsigned> last_launch();  // (blocks, threads per block, blocks per cluster)
+uint64_t evict_first_accesses();  // __ldcs and __stcs calls so far
 }  // namespace mmfast_emu
 
 inline void __syncthreads() { mmfast_emu::sync_block(0); }

@@ -32,6 +32,8 @@ PYBIND11_MODULE(_cuda_emu, m) {
         "the L2 size that cudaDeviceGetAttribute reads (default 50 MiB)");
   m.def("last_launch", &mmfast_emu::last_launch,
         "(blocks, threads per block, blocks per cluster) of the last kernel launch that passed the launch checks");
+  m.def("evict_first_accesses", &mmfast_emu::evict_first_accesses,
+        "how many evict-first (__ldcs, __stcs) loads and stores the kernels have made so far");
   m.def("run_selftest", &mmfast_emu::run_selftest, py::arg("name"), py::arg("threads"), py::arg("arg") = 0,
         "runs one of the emulation's self-test kernels (csrc/cuda_emu/selftest.cu): (cudaError code, outputs)");
 }

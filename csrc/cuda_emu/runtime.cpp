@@ -70,6 +70,7 @@ int g_sm_count = 132;
 std::tuple<unsigned, unsigned, unsigned> g_last_launch{0, 0, 0};
 int g_cc_major = 9;
 int g_l2_bytes = 50 * 1024 * 1024;
+uint64_t g_evict_first = 0;  // __ldcs / __stcs calls (one fiber runs at a time)
 std::map<const void*, size_t> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 ucontext_t g_scheduler;
 Cluster* g_cluster = nullptr;
@@ -255,6 +256,10 @@ void set_compute_capability_major(int major) { g_cc_major = major; }
 void set_l2_cache_bytes(int bytes) { g_l2_bytes = bytes; }
 
 std::tuple<unsigned, unsigned, unsigned> last_launch() { return g_last_launch; }
+
+void count_evict_first() { ++g_evict_first; }
+
+uint64_t evict_first_accesses() { return g_evict_first; }
 
 void launch(const void* func, dim3 grid, dim3 block, size_t smem, unsigned cluster, void (*body)(void*),
             void* arg) {

@@ -44,6 +44,17 @@ constexpr int kCudaRowTeamAuto = 0, kCudaRowTeamBlock = 1, kCudaRowTeamThread = 
 int cuda_row_team();
 void set_cuda_row_team(int team);  // std::invalid_argument outside the three values
 
+// How the CUDA routed-KD and mutual-KD kernels' teams go over a row in the passes after the first
+// (csrc/cuda/common.cuh: RowSweep). kCudaSweepAuto (the default): a block-per-row launch whose rows in flight
+// exceed the L2 sweeps pass 2 from each row's last chunk back to its first (it starts on what pass 1 read last,
+// still in the L2) and marks the row's last read and the gradient stores evict-first in the L2; every other launch
+// sweeps forward without hints. kCudaSweepBackHints / kCudaSweepBack / kCudaSweepForward force one of back and
+// forth with the hints, back and forth without them, and forward, on every block- and thread-per-row launch (tests
+// and benchmarks; the values agree to rounding). Pieces of rows (split and cluster mode) always sweep forward.
+constexpr int kCudaSweepAuto = 0, kCudaSweepBackHints = 1, kCudaSweepBack = 2, kCudaSweepForward = 3;
+int cuda_sweep_order();
+void set_cuda_sweep_order(int order);  // std::invalid_argument outside the four values
+
 // CUDA: enqueue on `stream` (a cudaStream_t); returns a cudaError_t code (0 = success).
 int routed_kd_cuda(const RoutedKDParams& p, void* stream);
 int mutual_kd_cuda(const MutualKDParams& p, void* stream);
