@@ -423,10 +423,11 @@ def test_sweep_order_setting_is_checked(_cuda_backend):
         _cuda_backend.set_cuda_sweep_order(4)
 
 
+@pytest.mark.row_teams("block_rows", "thread_rows")  # pieces of rows (clusters) sweep forward regardless
 class TestSweepOrder:
     """Passes 2 and 3 of a row (csrc/cuda/common.cuh: RowSweep) back and forth with the L2 evict-first hints, back
-    and forth without them, and forward, forced on the block- and thread-per-row launches (pieces of rows, here the
-    forced clusters, sweep forward regardless): the same outputs to rounding.
+    and forth without them, and forward, forced on the block- and thread-per-row launches: the same outputs to
+    rounding.
     Rows of 40 classes are one chunk per thread; rows of 4200 give the first threads of a block two chunks, so
     that a thread's chunks come in the other order; misaligned rows take element-wise loads at their ends."""
 
