@@ -7,8 +7,18 @@
 # and their registers: csrc/cuda/compile_check.sh; their behaviour: the tests on the CUDA emulation.
 # About 2 minutes on 2 cores. Exit status 0 also when nvcc is absent (nothing to check).
 #
-#   bash scripts/cuda_build_check.sh
+#   bash scripts/cuda_build_check.sh [--ptxas]
+#
+# --ptxas (CI): build for sm_80 and sm_90 with ptxas's resource report (-Xptxas -v), then print the kernels'
+# registers and spills from the build's log (csrc/cuda/compile_check.sh --from-log, which fails on a spill): the
+# kernels compile once for both checks instead of twice.
 set -euo pipefail
+archs=90
+cuda_flags=""
+if [[ ${1:-} == --ptxas ]]; then
+  archs="80;90"
+  cuda_flags="-Xptxas -v --threads 2"
+fi
 root="$(cd "$(dirname "$0")/.." && pwd)"
 if ! command -v nvcc >/dev/null 2>&1; then
   echo "cuda_build_check: nvcc not found; CUDA build not checked"
@@ -18,7 +28,8 @@ py=${PYTHON:-python}
 build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
 start=$(date +%s)
-if ! { cmake -S "$root" -B "$build" -G Ninja -DMMFAST_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+if ! { cmake -S "$root" -B "$build" -G Ninja -DMMFAST_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$archs" \
+         -DCMAKE_CUDA_FLAGS="$cuda_flags" \
          -DMMFAST_CPU_ISA_CLONES=OFF -DPython_EXECUTABLE="$(command -v "$py")" \
          -Dpybind11_DIR="$("$py" -c 'import pybind11; print(pybind11.get_cmake_dir())')" &&
        cmake --build "$build" --parallel; } >"$build/log" 2>&1; then
@@ -43,3 +54,6 @@ assert not missing, f"kernels not bound: {sorted(missing)}"
 print("cuda_build_check: mmfast._C with_cuda imports; kernels:", ", ".join(kernels))
 EOF
 echo "cuda_build_check: OK ($(( $(date +%s) - start )) s)"
+if [[ -n $cuda_flags ]]; then
+  bash "$root/csrc/cuda/compile_check.sh" --from-log "$build/log"
+fi

@@ -8,7 +8,16 @@
 # Exit status: 0 when everything compiles without register spills (or when nvcc is absent),
 # 1 on a compile error or hints missing from the PTX, 2 when a kernel spills. NVCC selects the compiler (default: nvcc on PATH,
 # else $CUDA_HOME/bin/nvcc).
+#
+#   bash csrc/cuda/compile_check.sh                  # compiles every kernel here (about 2 minutes on 2 cores)
+#   bash csrc/cuda/compile_check.sh --from-log LOG   # the table from a build's log instead (CI:
+#                                                    # scripts/cuda_build_check.sh --ptxas builds for both archs
+#                                                    # with -Xptxas -v, so the kernels compile once for both checks)
 set -euo pipefail
+from_log=""
+if [[ ${1:-} == --from-log ]]; then
+  from_log="${2:?--from-log needs the build log}"
+fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 nvcc="${NVCC:-$(command -v nvcc || true)}"
@@ -26,20 +35,10 @@ echo "nvcc: $("$nvcc" --version | tail -n 1)"
 
 status=0
 table="$tmp/table"
-for cu in "$root"/csrc/cuda/*.cu; do
-  name="$(basename "$cu" .cu)"
-  log="$tmp/$name.log"
-  if ! "$nvcc" -c "$cu" -o "$tmp/$name.o" -std=c++17 -O3 --use_fast_math -I "$root/csrc/include" \
-      -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-      -Xptxas -v --threads 2 >"$log" 2>&1; then
-    echo "compile_check: $name.cu failed to compile:" >&2
-    grep -v '^ptxas info' "$log" >&2 || true
-    status=1
-    continue
-  fi
-  # ptxas -v: "Compiling entry function 'NAME' for 'sm_XX'", then "N bytes stack frame, N bytes
-  # spill stores, N bytes spill loads", then "Used N registers, ..., N bytes smem".
-  awk -v file="$name" '
+# ptxas -v: "Compiling entry function 'NAME' for 'sm_XX'", then "N bytes stack frame, N bytes
+# spill stores, N bytes spill loads", then "Used N registers, ..., N bytes smem".
+ptxas_table() {
+  awk '
     /Compiling entry function/ {
       split($0, q, "\x27"); fn = q[2]; arch = q[4]; sub(/^sm_/, "", arch)
     }
@@ -49,8 +48,30 @@ for cu in "$root"/csrc/cuda/*.cu; do
       smem = 0
       if (match($0, /[0-9]+ bytes smem/)) { smem = substr($0, RSTART, RLENGTH); sub(/ .*/, "", smem) }
       print arch, regs, spst, spld, stack, smem, fn
-    }' "$log" >>"$table"
-done
+    }' "$1" >>"$table"
+}
+if [[ -n $from_log ]]; then
+  ptxas_table "$from_log"
+  if [[ ! -s $table ]] || ! grep -q '^80 ' "$table" || ! grep -q '^90 ' "$table"; then
+    echo "compile_check: $from_log has no ptxas report for both sm_80 and sm_90 (build with -Xptxas -v)" >&2
+    exit 1
+  fi
+  echo "ptxas reports from $from_log"
+else
+  for cu in "$root"/csrc/cuda/*.cu; do
+    name="$(basename "$cu" .cu)"
+    log="$tmp/$name.log"
+    if ! "$nvcc" -c "$cu" -o "$tmp/$name.o" -std=c++17 -O3 --use_fast_math -I "$root/csrc/include" \
+        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+        -Xptxas -v --threads 2 >"$log" 2>&1; then
+      echo "compile_check: $name.cu failed to compile:" >&2
+      grep -v '^ptxas info' "$log" >&2 || true
+      status=1
+      continue
+    fi
+    ptxas_table "$log"
+  done
+fi
 
 if [[ -s "$table" ]]; then
   echo "kernel<T, Div>: Div 0 kl, 1 reverse_kl, 2 js, 3 tvd; smem = static bytes (dynamic is sized per launch)"
