@@ -52,17 +52,6 @@ class Problem:
 
 
 @contextlib.contextmanager
-def _row_team(team: int) -> Iterator[None]:
-    native = _native.load()
-    previous = native.cuda_row_team()
-    native.set_cuda_row_team(team)
-    try:
-        yield
-    finally:
-        native.set_cuda_row_team(previous)
-
-
-@contextlib.contextmanager
 def _no_split() -> Iterator[None]:
     """No workspace, so the kernels keep rows whole."""
     original = _native._row_split_workspace
@@ -74,26 +63,16 @@ def _no_split() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _sweep(order: int) -> Iterator[None]:
-    native = _native.load()
-    previous = native.cuda_sweep_order()
-    native.set_cuda_sweep_order(order)
-    try:
-        yield
-    finally:
-        native.set_cuda_sweep_order(previous)
-
-
-@contextlib.contextmanager
 def _block_sweep(order: int) -> Iterator[None]:
-    with _row_team(BLOCK), _sweep(order):
+    with _native.cuda_row_team(BLOCK), _native.cuda_sweep_order(order):
         yield
 
 
 def _choice_context(choice: str):
     if choice.startswith("block "):
         return _block_sweep(SWEEPS[choice.removeprefix("block ")])
-    return {"block": lambda: _row_team(BLOCK), "thread": lambda: _row_team(THREAD), "cluster": lambda: _row_team(AUTO),
+    team = _native.cuda_row_team
+    return {"block": lambda: team(BLOCK), "thread": lambda: team(THREAD), "cluster": lambda: team(AUTO),
             "whole rows": _no_split, "split": contextlib.nullcontext}[choice]()
 
 

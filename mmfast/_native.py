@@ -78,6 +78,20 @@ def cpu_row_tile_max_classes(classes: int) -> contextlib.AbstractContextManager[
     return _native_setting("cpu_row_tile_max_classes", classes)
 
 
+def cuda_row_team(team: int) -> contextlib.AbstractContextManager[None]:
+    """Within the block, the CUDA routed/mutual KD and masked-reconstruction kernels give each row the team
+    ``team`` (mmfast/kernels.h: 0 automatic, 1 a block per row, 2 a thread per row, 3 a thread-block cluster)
+    instead of their own choice. For tests and benchmarks; the values agree to rounding."""
+    return _native_setting("cuda_row_team", team)
+
+
+def cuda_sweep_order(order: int) -> contextlib.AbstractContextManager[None]:
+    """Within the block, the CUDA routed/mutual KD kernels' block- and thread-per-row launches go over their rows
+    after pass 1 in sweep order ``order`` (mmfast/kernels.h: 0 automatic, 1 back and forth with L2 evict-first
+    hints, 2 back and forth, 3 forward). For tests and benchmarks; the values agree to rounding."""
+    return _native_setting("cuda_sweep_order", order)
+
+
 _CUDA_SCALE_BLOCK = 4096  # elements of a row per block (kScaleBlock in csrc/cuda/grad_scaling.cu)
 
 

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 import mmfast
-from mmfast import _native
 
 MIXES = ("loss", "logits", "probs")
 DIVERGENCES = ("kl", "reverse_kl", "js", "tvd")
@@ -68,33 +67,6 @@ def backend_params(names=("torch", *KERNEL_BACKENDS), dtypes=None) -> list:
         for dtype in (dtypes or {}).get(name, (torch.float32,)):
             params.append(pytest.param(name, device, dtype, marks=marks, id=f"{name}-{str(dtype)[6:]}"))
     return params
-
-
-@contextlib.contextmanager
-def cuda_row_team(team: int):
-    """Inside the block, the CUDA routed/mutual KD and masked-reconstruction kernels give each row the team
-    ``team`` (mmfast/kernels.h: 1 a block per row, 2 a thread per row) instead of their own choice."""
-    native = _native.load()
-    previous = native.cuda_row_team()
-    native.set_cuda_row_team(team)
-    try:
-        yield
-    finally:
-        native.set_cuda_row_team(previous)
-
-
-@contextlib.contextmanager
-def cuda_sweep_order(order: int):
-    """Inside the block, the CUDA routed/mutual KD kernels go over their rows after pass 1 in sweep order
-    ``order`` (mmfast/kernels.h: 1 back and forth with L2 evict-first hints, 2 back and forth, 3 forward) on every
-    launch instead of their own choice."""
-    native = _native.load()
-    previous = native.cuda_sweep_order()
-    native.set_cuda_sweep_order(order)
-    try:
-        yield
-    finally:
-        native.set_cuda_sweep_order(previous)
 
 
 def make_routed(

@@ -15,11 +15,11 @@ import math
 import cuda_emu
 import pytest
 import torch
-from _utils import cuda_row_team, cuda_sweep_order
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mmfast import _native
+from mmfast._native import cuda_row_team, cuda_sweep_order
 from mmfast.reference import mutual_kd as ref_mutual
 from mmfast.reference import routed_kd as ref_routed
 

@@ -9,9 +9,10 @@ import itertools
 
 import pytest
 import torch
-from _utils import assert_scaled_close, backend_params, cuda_row_team, interpreted, seed_of
+from _utils import assert_scaled_close, backend_params, interpreted, seed_of
 
 import mmfast
+from mmfast._native import cuda_row_team
 from mmfast.ops import masked_reconstruction as recon_ops
 from mmfast.reference.masked_reconstruction import LOSSES
 
