@@ -9,8 +9,8 @@
 # bench times the default GPU backend, Triton, from the source tree (it needs no build: providers eager,
 # compile, mmfast-triton, exp-floor, copy); then the installed build's tests, then the CUDA backend's bench
 # (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams, split mode,
-# cluster mode and sweep orders each against the other choice (benchmarks/row_teams.py, into gpu_check.log), then the Triton
-# kernels' streamed rows in each sweep order (step l2, into gpu_check.log).
+# cluster mode and sweep orders each against the other choice (benchmarks/row_teams.py, into gpu_check.log), then
+# the Triton kernels' streamed rows in each sweep order (step l2, into gpu_check.log).
 # Writes at most 8 files under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt,
 # cli.json, cli.md (the Triton bench tables), cli.png (step times split into forward and backward, peak
 # memory), cli_cuda.json, cli_cuda.md; the optional steps (GPU_CHECK_STEPS=...,ptxas,sweep,tiles,bench,report)

@@ -6,8 +6,8 @@
 # hints reach mutual_kd.cu's PTX.
 #
 # Exit status: 0 when everything compiles without register spills (or when nvcc is absent),
-# 1 on a compile error or hints missing from the PTX, 2 when a kernel spills. NVCC selects the compiler (default: nvcc on PATH,
-# else $CUDA_HOME/bin/nvcc).
+# 1 on a compile error or hints missing from the PTX, 2 when a kernel spills. NVCC selects the compiler
+# (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc).
 #
 #   bash csrc/cuda/compile_check.sh                  # compiles every kernel here (about 2 minutes on 2 cores)
 #   bash csrc/cuda/compile_check.sh --from-log LOG   # the table from a build's log instead (CI:
