@@ -6,8 +6,14 @@ switched on before Triton is first imported: that is done here, before any test 
 
 import os
 
-import pytest
-import torch
+# OpenMP threads that finish their share sleep rather than spin (libgomp spins for milliseconds by default). The
+# tests run in one process per core (pytest-xdist), each with torch's threads: a worker's spinning threads took
+# the cores its neighbour needed, and the emulated CUDA kernel tests ran 7x slower on 2 cores. Read once, when
+# OpenMP loads with torch: hence before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -36,20 +42,3 @@ def _cuda_emulation(request, monkeypatch):
 
         cuda_emu.emulate_cuda_backend(monkeypatch)
 
-
-def pytest_collection_modifyitems(config, items):
-    """On the CUDA emulation (no GPU), test_kernels_cuda.py's cases of the cluster row team run at float32 only:
-    cluster mode differs from the block team in how a row's pieces meet (workspace slots, cluster barriers), which
-    is the same at every dtype, while its fibers make it the slowest team to emulate; a GPU runs every dtype."""
-    if torch.cuda.is_available():
-        return
-    kept, dropped = [], []
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        if params.get("row_team") == "cluster_rows" and params.get("dtype", torch.float32) != torch.float32:
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept

@@ -5,7 +5,7 @@ GPU (a GPU runs the real kernels instead).
 ``build()`` translates every ``csrc/cuda/*.cu`` / ``*.cuh`` (the two constructs C++ has no spelling for: a
 ``kernel<<<grid, block, smem, stream>>>(args)`` launch and an ``extern __shared__`` array) and compiles them
 with ``csrc/cuda/bindings.cpp`` and the emulation into the module ``_cuda_emu``, cached under
-``build/cuda_emu/<hash of the sources>``. ``emulate_cuda_backend(monkeypatch)`` routes ``mmfast._native``'s
+``build/cuda_emu/<hash of the sources and flags>``. ``emulate_cuda_backend(monkeypatch)`` routes ``mmfast._native``'s
 "cuda" launches to it, on CPU tensors.
 
     python tests/cuda_emu.py        # build (or find) the module and print its path
@@ -13,6 +13,7 @@ with ``csrc/cuda/bindings.cpp`` and the emulation into the module ``_cuda_emu``,
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -65,7 +66,7 @@ SANITIZE = os.environ.get("MMFAST_CUDA_EMU_SANITIZE", "0") == "1"
 def _flags() -> list[str]:
     import pybind11
 
-    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g1"] if SANITIZE else []
     # no contraction of a * b + c into one rounding: __fmul_rn and the kernels' explicit fmaf keep their meaning
     return ["-std=c++20", "-O1", "-fPIC", "-pthread", "-ffp-contract=off", "-Wno-unknown-pragmas", *sanitize,
             f"-I{EMU_DIR}", f"-I{INCLUDE_DIR}", f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
@@ -73,7 +74,7 @@ def _flags() -> list[str]:
 
 def build(verbose: bool = False) -> Path:
     """The path of the ``_cuda_emu`` module built from the current sources (built when not cached)."""
-    digest = hashlib.sha256(b"asan" if SANITIZE else b"")
+    digest = hashlib.sha256("\0".join(_flags()).encode())  # the flags say whether it is sanitized
     for path in _sources():
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
@@ -81,7 +82,19 @@ def build(verbose: bool = False) -> Path:
     module = out_dir / f"_cuda_emu{suffix}"
     if module.exists():
         return module
-    work = out_dir / f"work-{os.getpid()}"  # per process: concurrent builds (pytest-xdist) do not share files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # one build at a time: the other pytest-xdist workers wait for it rather than compile the same units
+    with open(out_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not module.exists():
+            _build_into(module, verbose)
+    return module
+
+
+def _build_into(module: Path, verbose: bool) -> None:
+    """Translates csrc/cuda, compiles it with the emulation (a unit per core at a time) and links ``module``."""
+    out_dir = module.parent
+    work = out_dir / f"work-{os.getpid()}"
     src = work / "src"
     src.mkdir(parents=True, exist_ok=True)
     units = []
@@ -112,9 +125,8 @@ def build(verbose: bool = False) -> Path:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"cuda_emu: linking failed:\n{proc.stderr[-6000:]}")
-    tmp.replace(module)  # atomic: a concurrent build finds a whole module or none
+    tmp.replace(module)  # atomic: a process that does not take the lock finds a whole module or none
     shutil.rmtree(work)
-    return module
 
 
 def unavailable_reason() -> str | None:

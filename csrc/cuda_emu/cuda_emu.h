@@ -2,8 +2,8 @@
 // tested against the reference, on a machine without a GPU (tests/cuda_emu.py builds them with the host
 // compiler; nothing of this enters the package).
 //
-// Every CUDA thread of a block is a fiber (ucontext) on one host thread; blocks run one after another, and the
-// scheduler's sweeps over a block's threads alternate between ascending and descending order (the first
+// Every CUDA thread of a block is a fiber (a stack of its own) on one host thread; blocks run one after another,
+// and the scheduler's sweeps over a block's threads alternate between ascending and descending order (the first
 // sweep's order alternating between blocks and launches), so that two threads racing within one phase (no
 // barrier between a write and another thread's read) show.
 // __syncthreads, __syncthreads_or and the warp shuffles switch fibers until every live thread of the block

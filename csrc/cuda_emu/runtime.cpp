@@ -1,7 +1,18 @@
-// The fiber scheduler behind cuda_emu.h: a block's threads are ucontext fibers on the calling host thread.
+// The fiber scheduler behind cuda_emu.h: a block's threads are fibers on the calling host thread.
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+
+// x86-64 Linux switches fibers with the few instructions below; elsewhere with ucontext, whose swapcontext
+// also saves the x87 environment and makes a system call for the signal mask on every switch: that was about
+// half of the emulated kernel tests' time (perf, 2026-11-29).
+#if defined(__x86_64__) && defined(__linux__)
+#define MMFAST_EMU_STACK_SWITCH 1
+#else
+#include <ucontext.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__) && defined(MMFAST_EMU_STACK_SWITCH)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +22,45 @@
 #include <vector>
 
 #include "cuda_emu.h"
+
+#ifdef MMFAST_EMU_STACK_SWITCH
+// mmfast_emu_switch_stack(save, load): pushes the callee-saved registers, MXCSR and the x87 control word (what
+// the System V ABI has a callee preserve), stores the stack pointer in *save, loads `load` and pops what the
+// switch that saved it pushed, returning to where that switch was called (or into the entry that make_context
+// laid out).
+extern "C" void mmfast_emu_switch_stack(void** save, void* load);
+asm(R"(
+  .pushsection .text, "ax", @progbits
+  .p2align 4
+  .globl mmfast_emu_switch_stack
+  .hidden mmfast_emu_switch_stack
+  .type mmfast_emu_switch_stack, @function
+mmfast_emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $16, %rsp
+  stmxcsr 8(%rsp)
+  fnstcw (%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  fldcw (%rsp)
+  ldmxcsr 8(%rsp)
+  addq $16, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size mmfast_emu_switch_stack, .-mmfast_emu_switch_stack
+  .popsection
+)");
+#endif
 
 uint3 threadIdx{0, 0, 0};
 uint3 blockIdx{0, 0, 0};
@@ -36,8 +86,18 @@ struct Barrier {
   int acc = 0, result = 0;
 };
 
+// Where a suspended fiber (or the scheduler) resumes.
+struct Context {
+#ifdef MMFAST_EMU_STACK_SWITCH
+  void* sp = nullptr;          // its stack, holding the callee-saved registers, MXCSR and the x87 control word
+  void* fake_stack = nullptr;  // AddressSanitizer's, while suspended
+#else
+  ucontext_t uc;
+#endif
+};
+
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   State state = kRunnable;
   Barrier* waiting_on = nullptr;
 };
@@ -72,7 +132,7 @@ int g_cc_major = 9;
 int g_l2_bytes = 50 * 1024 * 1024;
 uint64_t g_evict_first = 0;  // __ldcs / __stcs calls (one fiber runs at a time)
 std::map<const void*, size_t> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
-ucontext_t g_scheduler;
+Context g_scheduler;
 Cluster* g_cluster = nullptr;
 Block* g_block = nullptr;  // the block of the running fiber
 void (*g_body)(void*) = nullptr;
@@ -101,6 +161,56 @@ void set_thread_index(int t) {
   threadIdx.z = t / (blockDim.x * blockDim.y);
 }
 
+[[noreturn]] void fiber_entry();
+
+// `c` starts fiber_entry on the stack [stack, stack + size) when first switched to.
+void make_context(Context& c, char* stack, size_t size) {
+#ifdef MMFAST_EMU_STACK_SWITCH
+  auto* slot = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(stack) + size) & ~uintptr_t{15});
+  *--slot = 0;                                         // fiber_entry's return address: none (it never returns)
+  *--slot = reinterpret_cast<uint64_t>(&fiber_entry);  // where the first switch to `c` returns
+  for (int r = 0; r < 6; ++r) *--slot = 0;             // rbp, rbx, r12-r15
+  uint32_t mxcsr = 0;
+  uint16_t x87_control = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(x87_control));
+  *--slot = mxcsr;        // the creating thread's rounding and exception masks
+  *--slot = x87_control;
+  c.sp = slot;
+  c.fake_stack = nullptr;
+#else
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, fiber_entry, 0);
+#endif
+}
+
+#if defined(MMFAST_EMU_STACK_SWITCH) && defined(__SANITIZE_ADDRESS__)
+// the scheduler's stack, as AddressSanitizer reports it when a fiber first starts
+const void* g_scheduler_stack = nullptr;
+size_t g_scheduler_stack_size = 0;
+#endif
+
+// Suspends the running context into `from` (never to resume when `from_finished`) and resumes `to`, which runs
+// on [to_stack, to_stack + to_size); returns when something switches back to `from`. AddressSanitizer is told
+// of every switch between stacks (ucontext's swapcontext it intercepts itself).
+void switch_context(Context& from, Context& to, [[maybe_unused]] const void* to_stack,
+                    [[maybe_unused]] size_t to_size, [[maybe_unused]] bool from_finished = false) {
+#ifdef MMFAST_EMU_STACK_SWITCH
+#ifdef __SANITIZE_ADDRESS__
+  __sanitizer_start_switch_fiber(from_finished ? nullptr : &from.fake_stack, to_stack, to_size);
+#endif
+  mmfast_emu_switch_stack(&from.sp, to.sp);
+#ifdef __SANITIZE_ADDRESS__
+  __sanitizer_finish_switch_fiber(from.fake_stack, nullptr, nullptr);
+#endif
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+}
+
 // Releases `b`'s phase when every live fiber has arrived: its waiters become runnable.
 void release_if_complete(Barrier& b) {
   if (b.arrived == 0 || b.arrived < b.live) return;
@@ -117,6 +227,15 @@ void release_if_complete(Barrier& b) {
   }
 }
 
+// The running fiber `self` hands back to the scheduler (for good when `finished`).
+void yield_to_scheduler(Fiber& self, bool finished) {
+#if defined(MMFAST_EMU_STACK_SWITCH) && defined(__SANITIZE_ADDRESS__)
+  switch_context(self.ctx, g_scheduler, g_scheduler_stack, g_scheduler_stack_size, finished);
+#else
+  switch_context(self.ctx, g_scheduler, nullptr, 0, finished);
+#endif
+}
+
 // The current fiber arrives at `b` and waits for the others; returns the phase's OR of predicates.
 int arrive_and_wait(Barrier& b, int predicate) {
   Block& blk = *g_block;
@@ -126,11 +245,15 @@ int arrive_and_wait(Barrier& b, int predicate) {
   self.state = kWaiting;
   self.waiting_on = &b;
   release_if_complete(b);
-  if (self.state == kWaiting) swapcontext(&self.ctx, &g_scheduler);
+  if (self.state == kWaiting) yield_to_scheduler(self, false);
   return b.result;
 }
 
-void fiber_main() {
+// A fiber runs the kernel's body for its thread, leaves the barriers it counted in and hands back for good.
+[[noreturn]] void fiber_entry() {
+#if defined(MMFAST_EMU_STACK_SWITCH) && defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &g_scheduler_stack, &g_scheduler_stack_size);
+#endif
   g_body(g_arg);
   Block& blk = *g_block;
   const int t = blk.current;
@@ -142,7 +265,9 @@ void fiber_main() {
   release_if_complete(blk.block);
   release_if_complete(blk.warps[t / kWarp]);
   release_if_complete(g_cluster->barrier);
-  // returning ends the fiber: uc_link resumes the scheduler
+  yield_to_scheduler(blk.fibers[t], true);
+  std::fprintf(stderr, "cuda_emu: a finished thread was resumed\n");
+  std::abort();
 }
 
 // Makes the fibers of `blk` (stacks from blk.first_stack) runnable at the kernel's entry.
@@ -151,11 +276,7 @@ void start_block(Block& blk) {
     Fiber& f = blk.fibers[t];
     f.state = kRunnable;
     f.waiting_on = nullptr;
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stack_of(blk.first_stack + t);
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &g_scheduler;
-    makecontext(&f.ctx, fiber_main, 0);
+    make_context(f.ctx, stack_of(blk.first_stack + t), kStackBytes);
   }
   blk.done = 0;
   blk.block = Barrier{blk.nt};
@@ -176,7 +297,7 @@ bool sweep_block(Block& blk, bool descending) {
     if (blk.fibers[t].state != kRunnable) continue;
     blk.current = t;
     set_thread_index(t);
-    swapcontext(&g_scheduler, &blk.fibers[t].ctx);
+    switch_context(g_scheduler, blk.fibers[t].ctx, stack_of(blk.first_stack + t), kStackBytes);
     moved = true;
   }
   return moved;

@@ -1,6 +1,7 @@
 // Kernels that check the emulation's own semantics (tests/test_cuda_emu.py): barriers, shuffles, exited
-// threads, a barrier that cannot complete, uninitialised shared memory, launch limits, and a race that the
-// alternating thread order exposes. Built only into the emulation module (translated like csrc/cuda).
+// threads, a barrier that cannot complete, uninitialised shared memory, launch limits, a race that the
+// alternating thread order exposes, and out-of-bounds reads for AddressSanitizer. Built only into the emulation
+// module (translated like csrc/cuda).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -64,6 +65,19 @@ __global__ void racy_kernel(float* out) {
   o[nt + t] = slot[(t + nt - 1) % nt];
 }
 
+// Out-of-bounds reads for the emulation under AddressSanitizer (scripts/cuda_emu_asan.sh checks that they are
+// reported from the fibers' stacks; never run without the sanitizer). heap_overflow: the last thread reads one
+// element past `in` (blockDim.x elements on the heap); stack_overflow: each thread reads past a local array.
+__global__ void heap_overflow_kernel(float* out, const float* in) {
+  out[threadIdx.x] = in[threadIdx.x + 1];
+}
+
+__global__ void stack_overflow_kernel(float* out, int index) {
+  float local[4] = {1.f, 2.f, 3.f, static_cast<float>(threadIdx.x)};
+  volatile int i = index;
+  out[threadIdx.x] = local[i];
+}
+
 // a cluster of gridDim.x blocks: each block's thread 0 writes its block index to slot[blockIdx.x], every thread
 // meets at the cluster barrier, then out[block][t] = the sum of the slots, read after the barrier
 __global__ void cluster_sum_kernel(float* out, float* slot) {
@@ -113,6 +127,11 @@ std::pair<int, std::vector<float>> run_selftest(const std::string& name, int thr
     config.numAttrs = 1;
     const cudaError_t err = cudaLaunchKernelEx(&config, cluster_sum_kernel, o, slot.data());
     return {static_cast<int>(err), out};
+  } else if (name == "heap_overflow") {
+    const std::vector<float> in(static_cast<size_t>(threads), 1.f);
+    heap_overflow_kernel<<<1, threads, 0, nullptr>>>(o, in.data());
+  } else if (name == "stack_overflow") {
+    stack_overflow_kernel<<<1, threads, 0, nullptr>>>(o, arg);
   } else if (name == "too_much_smem") {
     block_sum_kernel<<<1, threads, 64 * 1024, nullptr>>>(o);
   } else {
