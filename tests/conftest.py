@@ -12,6 +12,16 @@ import os
 # OpenMP loads with torch: hence before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+# MMFAST_TEST_NATIVE=<path of a _C module>: the tests run on that build of mmfast._C instead of the installed one
+# (scripts/cpu_asan.sh: the CPU kernels built under AddressSanitizer)
+if os.environ.get("MMFAST_TEST_NATIVE"):
+    import importlib.util
+    import sys
+
+    _spec = importlib.util.spec_from_file_location("mmfast._C", os.environ["MMFAST_TEST_NATIVE"])
+    sys.modules["mmfast._C"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["mmfast._C"])
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
