@@ -13,26 +13,21 @@
 #   bash scripts/cpu_asan.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cxx=${CXX:-c++}
-asan=$($cxx -print-file-name=libasan.so)
-if [[ $asan != /* ]]; then
-  echo "no AddressSanitizer runtime for $cxx: skipped"
-  exit 0
-fi
+source scripts/asan_env.sh
 py=${PYTHON:-python}
 build=build/cpu_asan
+log=build/cpu_asan.log
+mkdir -p build
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_COMPILER="$cxx" \
   -DMMFAST_CPU_ISA_CLONES="${MMFAST_ASAN_ISA_CLONES:-OFF}" -DMMFAST_CXX_OPTIMIZATION="${MMFAST_ASAN_OPT:--O1}" \
   -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer -g1" \
   -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address" -DPython_EXECUTABLE="$(command -v "$py")" \
-  -Dpybind11_DIR="$("$py" -c 'import pybind11; print(pybind11.get_cmake_dir())')" >"$build.log" 2>&1 ||
-  { tail -n 40 "$build.log"; exit 1; }
-cmake --build "$build" --parallel >>"$build.log" 2>&1 || { tail -n 60 "$build.log"; exit 1; }
+  -Dpybind11_DIR="$("$py" -c 'import pybind11; print(pybind11.get_cmake_dir())')" >"$log" 2>&1 ||
+  { tail -n 40 "$log"; exit 1; }
+cmake --build "$build" --parallel >>"$log" 2>&1 || { tail -n 60 "$log"; exit 1; }
 MMFAST_TEST_NATIVE=$(pwd)/$(ls "$build"/_C.*.so)
 export MMFAST_TEST_NATIVE
-# libstdc++ preloaded too: ASan's exception interceptor needs it resolved before the extension modules load
-export LD_PRELOAD="$asan $($cxx -print-file-name=libstdc++.so)"
-export ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0
+export LD_PRELOAD="$asan_preload"  # after the build: the compiler runs without it
 
 if report=$("$py" - 2>&1 <<'EOF'
 import sys

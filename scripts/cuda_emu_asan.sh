@@ -9,15 +9,8 @@
 #   bash scripts/cuda_emu_asan.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cxx=${CXX:-c++}
-asan=$($cxx -print-file-name=libasan.so)
-if [[ $asan != /* ]]; then
-  echo "no AddressSanitizer runtime for $cxx: skipped"
-  exit 0
-fi
-# libstdc++ preloaded too: ASan's exception interceptor needs it resolved before the extension modules load
-export LD_PRELOAD="$asan $($cxx -print-file-name=libstdc++.so)"
-export ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=0
+source scripts/asan_env.sh
+export LD_PRELOAD="$asan_preload"
 export MMFAST_CUDA_EMU_SANITIZE=1
 python -c "import sys; sys.path.insert(0, 'tests'); import cuda_emu; cuda_emu.build()"
 # the sanitizer must see what a kernel's threads do on their fibers' stacks: two self-test kernels
