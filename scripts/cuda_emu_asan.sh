@@ -16,17 +16,13 @@ python -c "import sys; sys.path.insert(0, 'tests'); import cuda_emu; cuda_emu.bu
 # the sanitizer must see what a kernel's threads do on their fibers' stacks: two self-test kernels
 # (csrc/cuda_emu/selftest.cu) read out of bounds, one a heap buffer, one a thread's local array
 for bug in heap_overflow stack_overflow; do
-  if report=$(python -c "import sys; sys.path.insert(0, 'tests'); import cuda_emu
-cuda_emu.load().run_selftest('$bug', 64, 4)" 2>&1); then
-    echo "cuda_emu_asan: the $bug self-test kernel ran without a report: AddressSanitizer does not see the kernels"
-    exit 1
-  fi
-  if ! grep -q "ERROR: AddressSanitizer: ${bug/_/-buffer-}" <<<"$report" || ! grep -q "${bug}_kernel" <<<"$report"; then
-    echo "cuda_emu_asan: the $bug self-test kernel failed without the expected report:"
-    echo "$report" | tail -30
-    exit 1
-  fi
-  echo "cuda_emu_asan: the $bug self-test kernel's read was reported"
+  expect_asan_report "cuda_emu_asan: the $bug self-test kernel's read" \
+    "ERROR: AddressSanitizer: ${bug/_/-buffer-}" "${bug}_kernel" <<EOF
+import sys
+sys.path.insert(0, "tests")
+import cuda_emu
+cuda_emu.load().run_selftest("$bug", 64, 4)
+EOF
 done
 parallel=()
 python -c "import xdist" 2>/dev/null && parallel=(-n auto)

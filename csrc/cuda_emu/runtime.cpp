@@ -187,11 +187,10 @@ void make_context(Context& c, char* stack, size_t size) {
 #endif
 }
 
-#if defined(MMFAST_EMU_STACK_SWITCH) && defined(__SANITIZE_ADDRESS__)
-// the scheduler's stack, as AddressSanitizer reports it when a fiber first starts
+// the scheduler's stack, as AddressSanitizer reports it when a fiber first starts (not needed, and left unknown,
+// without the sanitizer)
 const void* g_scheduler_stack = nullptr;
 size_t g_scheduler_stack_size = 0;
-#endif
 
 // Suspends the running context into `from` (never to resume when `from_finished`) and resumes `to`, which runs
 // on [to_stack, to_stack + to_size); returns when something switches back to `from`. AddressSanitizer is told
@@ -229,11 +228,7 @@ void release_if_complete(Barrier& b) {
 
 // The running fiber `self` hands back to the scheduler (for good when `finished`).
 void yield_to_scheduler(Fiber& self, bool finished) {
-#if defined(MMFAST_EMU_STACK_SWITCH) && defined(__SANITIZE_ADDRESS__)
   switch_context(self.ctx, g_scheduler, g_scheduler_stack, g_scheduler_stack_size, finished);
-#else
-  switch_context(self.ctx, g_scheduler, nullptr, 0, finished);
-#endif
 }
 
 // The current fiber arrives at `b` and waits for the others; returns the phase's OR of predicates.
