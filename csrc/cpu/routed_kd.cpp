@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -778,23 +779,27 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_
       row.mix_probs();
     }
   };
-  int64_t n = begin;
+  // Whole tiles from `begin` go through the tile path; a tile it cannot take (a masked row, a bad index)
+  // and the rows after the last whole tile go through the row path. Each path has one call site, so
+  // that the row path is inlined once: a second copy doubled the code and tripled the compile time.
   constexpr int R = kTileRows<compute_t<T>>;
-  if (tiles) {
-    RoutedTile<T, DIV> tile(p, workspace);
-    for (; n + R <= end; n += R) {
-      if (!tile.ready(n)) {
-        for (int r = 0; r < R; ++r) one_row(n + r);
-      } else if constexpr (MIX == kMixLoss) {
-        tile.mix_loss();
+  std::optional<RoutedTile<T, DIV>> tile;
+  if (tiles) tile.emplace(p, workspace);
+  for (int64_t n = begin; n < end;) {
+    const bool whole_tile = tile.has_value() && n + R <= end;
+    if (whole_tile && tile->ready(n)) {
+      if constexpr (MIX == kMixLoss) {
+        tile->mix_loss();
       } else if constexpr (MIX == kMixLogits) {
-        tile.mix_logits();
+        tile->mix_logits();
       } else {
-        tile.mix_probs();
+        tile->mix_probs();
       }
+      n += R;
+      continue;
     }
+    for (const int64_t stop = whole_tile ? n + R : end; n < stop; ++n) one_row(n);
   }
-  for (; n < end; ++n) one_row(n);
 }
 
 template <typename T>
