@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "mmfast/dtype_shards.h"
 #include "mmfast/kernels.h"
 #include "row_ops.h"
 #include "row_tiles.h"
@@ -857,7 +858,7 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
 
 }  // namespace
 
-// The kernels of one storage type: each built in its own object (dtype shards, storage.h).
+// The kernels of one storage type: each built in its own object (dtype shards, mmfast/dtype_shards.h).
 template <typename T>
 void routed_kd_typed(const RoutedKDParams& p, int num_threads) {
   run_routed<T>(p, num_threads);

@@ -86,23 +86,6 @@ MMFAST_INLINE f16 from_compute<f16>(float v) {
   return f16{static_cast<uint16_t>(out | sign)};
 }
 
-// Dtype shards. A kernel file whose instantiations take minutes to compile (4 storage types x its
-// compile-time variants x 3 ISA clones) is built by CMakeLists.txt as one object per storage type, with
-// MMFAST_DTYPE_SHARD set to that DType code, plus one object with -1 for its dtype dispatch; the objects
-// compile in parallel. Built without MMFAST_DTYPE_SHARD the file holds everything. The file guards each
-// storage type's explicit instantiation with MMFAST_BUILDS_DTYPE(code) and its dispatch with
-// MMFAST_BUILDS_DISPATCH, and declares the instantiations `extern` in the dispatch-only object
-// (MMFAST_DISPATCH_ONLY).
-#ifdef MMFAST_DTYPE_SHARD
-#define MMFAST_BUILDS_DTYPE(code) (MMFAST_DTYPE_SHARD == (code))
-#define MMFAST_BUILDS_DISPATCH (MMFAST_DTYPE_SHARD == -1)
-#define MMFAST_DISPATCH_ONLY (MMFAST_DTYPE_SHARD == -1)
-#else
-#define MMFAST_BUILDS_DTYPE(code) 1
-#define MMFAST_BUILDS_DISPATCH 1
-#define MMFAST_DISPATCH_ONLY 0
-#endif
-
 // Calls fn(T{}) with T the storage type of `dtype`; false for an unknown code.
 template <typename Fn>
 bool dispatch_dtype(int32_t dtype, Fn&& fn) {

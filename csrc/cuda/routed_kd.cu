@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "mmfast/dtype_shards.h"
 #include "mmfast/kernels.h"
 
 namespace mmfast {
@@ -833,10 +834,10 @@ int dispatch_mix(const RoutedArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
-}  // namespace cuda
 
-int routed_kd_cuda(const RoutedKDParams& p, void* stream) {
-  using namespace cuda;
+// The launches of one element type: each built in its own object (dtype shards, mmfast/dtype_shards.h).
+template <typename T>
+int routed_kd_typed(const RoutedKDParams& p, cudaStream_t stream) {
   RoutedArgs a;
   a.p = p;
   a.N = p.B * p.S;
@@ -852,8 +853,34 @@ int routed_kd_cuda(const RoutedKDParams& p, void* stream) {
   a.beta = static_cast<float>(p.beta);
   a.log_beta = static_cast<float>(std::log(p.beta));
   a.log1m_beta = static_cast<float>(std::log1p(-p.beta));
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  return dispatch_dtype(p.dtype, [&](auto t) { return dispatch_mix<decltype(t)>(a, s); });
+  return dispatch_mix<T>(a, stream);
 }
+
+static_assert(kFloat32 == 0 && kBFloat16 == 2 && kFloat16 == 3,
+              "the dtype shards below and in CMakeLists.txt use these DType codes");
+#if MMFAST_DISPATCH_ONLY
+extern template int routed_kd_typed<float>(const RoutedKDParams&, cudaStream_t);
+extern template int routed_kd_typed<__nv_bfloat16>(const RoutedKDParams&, cudaStream_t);
+extern template int routed_kd_typed<__half>(const RoutedKDParams&, cudaStream_t);
+#endif
+#if MMFAST_BUILDS_DTYPE(0)  // kFloat32
+template int routed_kd_typed<float>(const RoutedKDParams&, cudaStream_t);
+#endif
+#if MMFAST_BUILDS_DTYPE(2)  // kBFloat16
+template int routed_kd_typed<__nv_bfloat16>(const RoutedKDParams&, cudaStream_t);
+#endif
+#if MMFAST_BUILDS_DTYPE(3)  // kFloat16
+template int routed_kd_typed<__half>(const RoutedKDParams&, cudaStream_t);
+#endif
+
+}  // namespace cuda
+
+#if MMFAST_BUILDS_DISPATCH
+int routed_kd_cuda(const RoutedKDParams& p, void* stream) {
+  if (p.B * p.S <= 0) return cudaSuccess;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  return cuda::dispatch_dtype(p.dtype, [&](auto t) { return cuda::routed_kd_typed<decltype(t)>(p, s); });
+}
+#endif
 
 }  // namespace mmfast
