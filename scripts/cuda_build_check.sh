@@ -6,7 +6,8 @@
 # into a temporary folder; then the module is imported (with every symbol resolved) and must report with_cuda
 # and the kernels' bindings. Without it that build path first ran on a GPU lease. The kernels' compile for sm_80
 # and sm_90 and their registers: csrc/cuda/compile_check.sh; their behaviour: the tests on the CUDA emulation.
-# About 3 minutes on 2 cores with --ptxas (both architectures). Exit status 0 also when nvcc is absent (nothing to check).
+# About 3 minutes on 2 cores with --ptxas (both architectures). Exit status 0 also when nvcc is absent
+# (nothing to check).
 #
 #   bash scripts/cuda_build_check.sh [--ptxas]
 #
