@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 CUDA_DIR = REPO / "csrc" / "cuda"
 EMU_DIR = REPO / "csrc" / "cuda_emu"
 INCLUDE_DIR = REPO / "csrc" / "include"
+# the CUDA files built as dtype shards (csrc/include/mmfast/dtype_shards.h) and their shards, as in CMakeLists.txt
+DTYPE_SHARDS = {"routed_kd": (-1, 0, 2, 3)}
 
 # `kernel<<<config>>>(args);` on one line (every launch in csrc/cuda is written so)
 _LAUNCH = re.compile(r"^(?P<indent>\s*)(?P<kernel>\S.*?)<<<(?P<config>.+?)>>>\((?P<args>.*)\);(?P<tail>\s*(//.*)?)$")
@@ -104,21 +106,27 @@ def _build_into(module: Path, verbose: bool) -> None:
         if path.suffix == ".cu":
             units.append(target)
     units += [CUDA_DIR / "bindings.cpp", EMU_DIR / "runtime.cpp", EMU_DIR / "module.cpp"]
+    # (unit, its dtype shard or None): a sharded file compiles as one object per shard, as CMakeLists.txt builds it
+    jobs = [(unit, shard) for unit in units for shard in DTYPE_SHARDS.get(unit.stem, (None,))]
+    jobs.sort(key=lambda job: -job[0].stat().st_size)  # the longest compiles first: they bound the build
     cxx = os.environ.get("CXX", "c++")
     flags = [f"-I{src}", *_flags()]
 
-    def compile_unit(unit: Path) -> Path:
-        obj = work / (unit.stem + ("_emu" if unit.parent != src else "") + ".o")
-        cmd = [cxx, *flags, "-c", str(unit), "-o", str(obj)]
+    def compile_unit(job: tuple[Path, int | None]) -> Path:
+        unit, shard = job
+        stem = unit.stem + ("_emu" if unit.parent != src else "") + (f"_shard{shard}" if shard is not None else "")
+        obj = work / (stem + ".o")
+        shard_flag = [f"-DMMFAST_DTYPE_SHARD={shard}"] if shard is not None else []
+        cmd = [cxx, *flags, *shard_flag, "-c", str(unit), "-o", str(obj)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"cuda_emu: compiling {unit.name} failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
         if verbose:
-            print(f"compiled {unit.name}", file=sys.stderr)
+            print(f"compiled {obj.stem}", file=sys.stderr)
         return obj
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        objects = list(pool.map(compile_unit, units))
+        objects = list(pool.map(compile_unit, jobs))
     tmp = work / module.name
     link_flags = ["-fsanitize=address"] if SANITIZE else []
     proc = subprocess.run([cxx, "-shared", "-pthread", *link_flags, *map(str, objects), "-o", str(tmp)],
