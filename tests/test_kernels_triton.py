@@ -259,18 +259,18 @@ def test_routed_split_policy_on_an_h100(monkeypatch, B, C, K, split):
         assert (n_split, chunk) == (1, C)
 
 
-@pytest.mark.parametrize("programs", [64, 8], ids=["block-chunks", "multi-block-chunks"])
+@pytest.mark.parametrize("programs", [32, 8], ids=["block-chunks", "multi-block-chunks"])
 @pytest.mark.parametrize("div", list(DIVERGENCES.values()), ids=list(DIVERGENCES))
 @pytest.mark.parametrize("mix", list(MIXES.values()), ids=list(MIXES))
 def test_routed_split_rows(monkeypatch, mix, div, programs):
-    """A few long rows cut into chunks across programs (three launches): C = 300 in 16-class blocks, in chunks of
-    one block (19 chunks, the last one partial) or of seven blocks (3 chunks)."""
+    """A few long rows cut into chunks across programs (three launches): C = 150 in 16-class blocks, in chunks of
+    one block (10 chunks, the last one partial) or of four blocks (3 chunks, the last one of two blocks, partial)."""
     small_tiles(monkeypatch, trk, 64)
     split_rows(monkeypatch, True, programs)
     sparse = bool((mix + div) % 2)
-    B, C, E = 3, 300, 3
+    B, C, E = 3, 150, 3
     K = 2 if sparse else E
-    assert routed_chunks(B, C, 1, K) == (19 if programs == 64 else 3)
+    assert routed_chunks(B, C, 1, K) == (10 if programs == 32 else 3)
     inputs = make_inputs(B, C, 1, E, K, sparse, masked=True, seed=mix * 8 + div)
     check_routed(*inputs, tau=(0.5, 1.0, 4.0)[div % 3], mix=mix, div=div)
 
