@@ -204,7 +204,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_streaming_min_bytes", &cpu_streaming_min_bytes,
         "CPU kernels moving more bytes than this write large outputs with streaming stores");
   m.def("set_cpu_streaming_min_bytes", &set_cpu_streaming_min_bytes, py::arg("bytes"),
-        "sets that threshold (a negative value: the last-level cache size, the default)");
+        "sets that threshold (a negative value: the default, the last-level cache size up to 64 MiB)");
   m.def("cpu_isa_level", &cpu_isa_level,
         "the x86-64 level (4: AVX-512, 3: AVX2, 0: baseline) the CPU kernels that write a cache line at a time "
         "run at");

@@ -56,7 +56,7 @@ def _native_setting(name: str, value: int) -> Iterator[None]:
 def cpu_streaming_min_bytes(min_bytes: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, the CPU kernels that move more than ``min_bytes`` (read + written) write their
     large outputs with streaming (non-temporal) stores: 0 always, a huge value never. Outside it the
-    threshold is what it was (by default the last-level cache size). For tests and tuning; the
+    threshold is what it was (by default the last-level cache size, at most 64 MiB). For tests and tuning; the
     values written are the same either way."""
     return _native_setting("cpu_streaming_min_bytes", min_bytes)
 

@@ -1,6 +1,6 @@
 """The CPU kernels' streaming-store paths (csrc/cpu/streaming_stores.h) against their plain-store paths.
 
-Large outputs (more bytes moved than the last-level cache holds) are written with non-temporal stores,
+Large outputs (more bytes moved than the last-level cache holds, or 64 MiB) are written with non-temporal stores,
 a cache line at a time from registers, with the elements before the first line boundary and after the last
 one written plainly. The plain path is checked
 against the reference elsewhere; here each kernel runs twice on the same inputs, with streaming forced on
@@ -79,7 +79,7 @@ def test_isa_level_is_capped_and_restored():
 def test_threshold_is_restored():
     C = _native.load()
     before = C.cpu_streaming_min_bytes()
-    assert before > 0
+    assert 0 < before <= 64 << 20  # the last-level cache, capped at 64 MiB (streaming_stores.cpp)
     with _native.cpu_streaming_min_bytes(0):
         assert C.cpu_streaming_min_bytes() == 0
     assert C.cpu_streaming_min_bytes() == before

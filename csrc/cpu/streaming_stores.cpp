@@ -14,7 +14,7 @@
 namespace mmfast {
 namespace {
 
-// -1: the last-level cache size (read once)
+// -1: the default (cpu_streaming_min_bytes)
 std::atomic<int64_t> g_streaming_min_bytes{-1};
 // -1: no cap on the ISA level of the with_isa kernels
 std::atomic<int> g_isa_level_cap{-1};
@@ -44,9 +44,17 @@ int64_t last_level_cache_bytes() {
 
 }  // namespace
 
+// The default threshold is capped: a socket's shared last-level cache (what a virtual machine or a
+// many-core server reports: 480 MiB on this project's Intel Xeon host) is not what a few threads can
+// keep their outputs in. There, with 2 threads, a step with streaming stores took as long as with plain
+// ones (plain / streaming 0.97-1.01) for calls moving 12-48 MiB, 1.03-1.04x less at 72 MiB and
+// 1.25-1.40x less at 96 MiB (benchmarks/streaming_threshold.py, benchmarks/results/cpu-2026-11-29-streaming/).
+// On an AMD EPYC the reported cache (one CCX's 32 MiB) is below the cap.
+constexpr int64_t kMaxStreamingMinBytes = int64_t{64} << 20;
+
 int64_t cpu_streaming_min_bytes() {
   const int64_t v = g_streaming_min_bytes.load(std::memory_order_relaxed);
-  return v < 0 ? last_level_cache_bytes() : v;
+  return v < 0 ? std::min(last_level_cache_bytes(), kMaxStreamingMinBytes) : v;
 }
 
 void set_cpu_streaming_min_bytes(int64_t bytes) { g_streaming_min_bytes.store(bytes < 0 ? -1 : bytes); }

@@ -4,7 +4,7 @@
 // ownership): writing a gradient of G bytes moves 2G bytes. A streaming store goes to a
 // write-combining buffer and on to memory as whole lines, without the read and without evicting the
 // inputs from the caches: G bytes. That pays when the output will not be re-read from the caches
-// anyway, i.e. when the kernel streams more bytes than the last-level cache holds
+// anyway, i.e. when the kernel streams more bytes than the last-level cache holds, or 64 MiB
 // (`streaming_worthwhile`, a threshold tests and tuning can move); for smaller outputs plain stores
 // are kept, and the consumer of the gradient (the next backward op) may find it cached.
 //
@@ -40,7 +40,7 @@ constexpr int64_t kStreamChunk = 512;
 
 // True when a kernel that moves `bytes` (read + written) should write its large outputs with
 // streaming stores: more than cpu_streaming_min_bytes() (mmfast/kernels.h; by default the
-// last-level cache size), on x86-64. Defined in streaming_stores.cpp.
+// last-level cache size, at most 64 MiB), on x86-64. Defined in streaming_stores.cpp.
 bool streaming_worthwhile(int64_t bytes);
 
 // ---- Line groups: outputs computed a cache line at a time and stored from registers ----

@@ -13,7 +13,8 @@ void uni_instruct_cpu(const UniInstructParams& p, int num_threads);
 void fake_score_cpu(const FakeScoreParams& p, int num_threads);
 
 // CPU kernels that move more bytes (read + written) than this write their large outputs with
-// streaming (non-temporal) stores; the default (a negative value set) is the last-level cache size.
+// streaming (non-temporal) stores; the default (a negative value set) is the last-level cache size, at
+// most 64 MiB (streaming_stores.cpp).
 int64_t cpu_streaming_min_bytes();
 void set_cpu_streaming_min_bytes(int64_t bytes);
 
