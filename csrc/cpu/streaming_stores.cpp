@@ -47,8 +47,9 @@ int64_t last_level_cache_bytes() {
 // The default threshold is capped: a socket's shared last-level cache (what a virtual machine or a
 // many-core server reports: 480 MiB on this project's Intel Xeon host) is not what a few threads can
 // keep their outputs in. There, with 2 threads, a step with streaming stores took as long as with plain
-// ones (plain / streaming 0.97-1.01) for calls moving 12-48 MiB, 1.03-1.04x less at 72 MiB and
-// 1.25-1.40x less at 96 MiB (benchmarks/streaming_threshold.py, benchmarks/results/cpu-2026-11-29-streaming/).
+// ones (plain / streaming 0.97-1.01) for calls moving 12-48 MiB (save one run's 1.28 for the 48 MiB
+// reconstruction, 1.01 in the next), 1.03-1.04x less at 72 MiB and 1.25-1.40x less at 96 MiB
+// (benchmarks/streaming_threshold.py, benchmarks/results/cpu-2026-11-29-streaming/).
 // On an AMD EPYC the reported cache (one CCX's 32 MiB) is below the cap.
 constexpr int64_t kMaxStreamingMinBytes = int64_t{64} << 20;
 
