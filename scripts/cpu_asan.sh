@@ -5,10 +5,10 @@
 # report; torch allocates every tensor through the intercepted malloc, so each has a redzone behind it. A
 # mutual-KD launch whose parameters claim longer rows than its tensor holds must be reported first (the check
 # that the sanitizer sees the kernels). Built at -O1 for the baseline ISA only (MMFAST_CPU_ISA_CLONES=OFF):
-# the kernels' indexing is the same source in every ISA clone, and the build takes about 75 s on 2 cores
-# instead of 7.5 minutes (MMFAST_ASAN_ISA_CLONES=ON MMFAST_ASAN_OPT=-O3 builds what the package ships, AVX-512
-# and AVX2 clones with their hand-written streaming stores included; its tests passed on 2026-11-29 too).
-# About 2 minutes on 2 cores with the build.
+# the kernels' indexing is the same source in every ISA clone, and the build takes about a minute on 2 cores
+# (MMFAST_ASAN_ISA_CLONES=ON MMFAST_ASAN_OPT=-O3 builds what the package ships, AVX-512 and AVX2 clones with
+# their hand-written streaming stores included: 7.5 minutes on 2026-11-29, before the routed-KD file's compile
+# was halved; its tests passed too). About 1.5 minutes on 2 cores with the build.
 #
 #   bash scripts/cpu_asan.sh [extra pytest args]
 set -euo pipefail

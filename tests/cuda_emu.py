@@ -30,8 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 CUDA_DIR = REPO / "csrc" / "cuda"
 EMU_DIR = REPO / "csrc" / "cuda_emu"
 INCLUDE_DIR = REPO / "csrc" / "include"
-# the CUDA files built as dtype shards (csrc/include/mmfast/dtype_shards.h) and their shards, as in CMakeLists.txt
-DTYPE_SHARDS = {"routed_kd": (-1, 0, 2, 3)}
 
 # `kernel<<<config>>>(args);` on one line (every launch in csrc/cuda is written so)
 _LAUNCH = re.compile(r"^(?P<indent>\s*)(?P<kernel>\S.*?)<<<(?P<config>.+?)>>>\((?P<args>.*)\);(?P<tail>\s*(//.*)?)$")
@@ -93,6 +91,13 @@ def build(verbose: bool = False) -> Path:
     return module
 
 
+def _dtype_shards(source: str) -> list[int | None]:
+    """The MMFAST_DTYPE_SHARD values a source is built with: -1 (its dispatch) and the DType code of each
+    MMFAST_BUILDS_DTYPE(code) guard it has, or [None] (one object, no shards) when it has none."""
+    codes = sorted({int(code) for code in re.findall(r"MMFAST_BUILDS_DTYPE\((\d+)\)", source)})
+    return [-1, *codes] if codes else [None]
+
+
 def _build_into(module: Path, verbose: bool) -> None:
     """Translates csrc/cuda, compiles it with the emulation (a unit per core at a time) and links ``module``."""
     out_dir = module.parent
@@ -106,8 +111,9 @@ def _build_into(module: Path, verbose: bool) -> None:
         if path.suffix == ".cu":
             units.append(target)
     units += [CUDA_DIR / "bindings.cpp", EMU_DIR / "runtime.cpp", EMU_DIR / "module.cpp"]
-    # (unit, its dtype shard or None): a sharded file compiles as one object per shard, as CMakeLists.txt builds it
-    jobs = [(unit, shard) for unit in units for shard in DTYPE_SHARDS.get(unit.stem, (None,))]
+    # (unit, its dtype shard or None): a file built as dtype shards (csrc/include/mmfast/dtype_shards.h) compiles
+    # as one object per shard, as CMakeLists.txt builds it: the dispatch (-1) and each MMFAST_BUILDS_DTYPE(code)
+    jobs = [(unit, shard) for unit in units for shard in _dtype_shards(unit.read_text())]
     jobs.sort(key=lambda job: -job[0].stat().st_size)  # the longest compiles first: they bound the build
     cxx = os.environ.get("CXX", "c++")
     flags = [f"-I{src}", *_flags()]
