@@ -215,7 +215,7 @@ def fdistill_loss(x: Tensor, teacher_x0: Tensor, fake_x0: Tensor, h: Tensor, red
     x2, a2, b2 = _sample_views((x, teacher_x0, fake_x0), B, D)
     scale = {"mean": 1.0 / (B * D), "sum": 1.0, "none": 1.0 / D}[reduction]
     (need_dx,) = _needs(x)
-    loss_rows, _ = fdistill_ops.fdistill_fwd(x2, a2.detach(), b2.detach(), hc, scale, need_dx, True)
+    loss_rows, _ = fdistill_ops.run_fdistill_fwd(x2, a2.detach(), b2.detach(), hc, scale, need_dx, True)
     return _finish(loss_rows, reduction, x.dtype)
 
 
@@ -240,7 +240,7 @@ def _uni_instruct(
         with torch.no_grad():
             norm = torch.linalg.vector_norm(a2.to(cdt) - b2.to(cdt)).reshape(1)
     scale = 1.0 / B if reduction == "mean" else 1.0
-    loss_rows, _, _, _ = uni_instruct_ops.uni_instruct_fwd(
+    loss_rows, _, _, _ = uni_instruct_ops.run_uni_instruct_fwd(
         x2, a2, b2, coef, norm, float(alpha), scale, bool(fgm), bool(di),
         uni_instruct_ops.grad_mask(*_needs(x, teacher_x0, fake_x0), consume_grads=True),
     )
@@ -330,7 +330,7 @@ def fake_score_loss(
     b2, x2 = _sample_views((fake_x0, x), B, D)
     scale = 1.0 / B if reduction == "mean" else 1.0
     (need_db,) = _needs(fake_x0)
-    loss_rows, _ = fake_score_ops.fake_score_fwd(b2, x2.detach(), lam, scale, need_db, True)
+    loss_rows, _ = fake_score_ops.run_fake_score_fwd(b2, x2.detach(), lam, scale, need_db, True)
     return _finish(loss_rows, reduction, fake_x0.dtype)
 
 

@@ -174,7 +174,7 @@ def routed_kd_loss(
         count = mask2.sum() if process_group is not None else mask2.sum().clamp_min(1)
     inv_count = _folded_mean(reduction, count, process_group)
     grad_on = torch.is_grad_enabled()
-    loss_rows, _, _, _ = routed_kd_ops.routed_kd_fwd(
+    loss_rows, _, _, _ = routed_kd_ops.run_routed_kd_fwd(
         x3, z4, w, indices, mask2, temperature, MIXES[mix], DIVERGENCES[divergence], float(beta),
         (temperature**2 if t2_scale else 1.0) * (inv_count or 1.0),
         routed_kd_ops.grad_mask(
@@ -214,7 +214,7 @@ def mutual_kd_loss(
     need = torch.is_grad_enabled() and x.requires_grad
     inv_count = _folded_mean(reduction, x.shape[1], process_group)
     scale = (temperature**2 if t2_scale else 1.0) * (inv_count or 1.0)
-    loss_rows, _ = mutual_kd_ops.mutual_kd_fwd(x, temperature, scale, need, True)
+    loss_rows, _ = mutual_kd_ops.run_mutual_kd_fwd(x, temperature, scale, need, True)
     if inv_count is not None:
         return loss_rows.sum().to(x.dtype)
     return _reduce(loss_rows, reduction, x.shape[1], (x.shape[1],), x.dtype, process_group)

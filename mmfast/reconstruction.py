@@ -190,7 +190,7 @@ def masked_reconstruction_loss(
         mask_rows = _mean_row_weights(mask_rows, R, 1 if cosine else D, cdt, P.device)
     elif prescaled:  # an element or channel mask: 1 / sum(M) rides as row weights beside it
         mask_rows = _mean_weight_beside(full, P.numel(), cdt).expand(R)
-    loss_out, msum, _, _, _ = ops.masked_reconstruction_fwd(
+    loss_out, msum, _, _, _ = ops.run_masked_reconstruction_fwd(
         P3, Y3, mask_rows, mask_elems, reference.LOSSES[loss], beta, normalize_in_op, eps, per_element,
         ops.grad_mask(need_dp, need_dy, need_dm, consume_grads=True),
     )

@@ -228,8 +228,8 @@ def test_element_mask_mean_is_prescaled(backend, device, dtype, mask, loss, norm
     from mmfast.reference.masked_reconstruction import masked_reconstruction_loss_autograd
 
     calls = []
-    fwd = recon_ops.masked_reconstruction_fwd
-    monkeypatch.setattr(recon_ops, "masked_reconstruction_fwd", lambda *a: calls.append(a) or fwd(*a))
+    fwd = recon_ops.run_masked_reconstruction_fwd
+    monkeypatch.setattr(recon_ops, "run_masked_reconstruction_fwd", lambda *a: calls.append(a) or fwd(*a))
     P, Y, M = make_case((3, 6, 4, 5), 1, mask, seed_of("prescaled", mask, loss), device=device, dtype=dtype)
     kw = dict(loss=loss, normalize_target=normalize, channel_dim=1, beta=0.6)
     for grad_out in (None, 7):

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._eager_path import OpRunner
 from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
 from mmfast.reference import fake_score as reference
 from mmfast.reference.routed_kd import compute_dtype
 
 
-@torch.library.custom_op("mmfast::fake_score_fwd", mutates_args=())
-def fake_score_fwd(
+def _fake_score_fwd(
     b: Tensor, x: Tensor, lam: Tensor, scale: float, need_db: bool, consume_grads: bool = False
 ) -> tuple[Tensor, Tensor]:
     """(loss [B], db [B, D]) for b, x [B, D] (stride(1) == 1) and lam [B]; db is empty when not requested.
@@ -31,6 +31,9 @@ def fake_score_fwd(
     from mmfast.triton import fake_score as triton_fake_score
 
     return triton_fake_score.fake_score_rows(b, x, lam, scale, need_db)
+
+
+fake_score_fwd = torch.library.custom_op("mmfast::fake_score_fwd", _fake_score_fwd, mutates_args=())
 
 
 @fake_score_fwd.register_fake
@@ -76,4 +79,4 @@ def _backward(ctx, grad_loss, _gdb):
     return (gb,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
-fake_score_fwd.register_autograd(_backward, setup_context=_setup_context)
+run_fake_score_fwd = OpRunner(fake_score_fwd, _fake_score_fwd, setup_context=_setup_context, backward=_backward)

@@ -10,13 +10,13 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._eager_path import OpRunner
 from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
 from mmfast.reference import fdistill as reference
 from mmfast.reference.routed_kd import compute_dtype
 
 
-@torch.library.custom_op("mmfast::fdistill_fwd", mutates_args=())
-def fdistill_fwd(
+def _fdistill_fwd(
     x: Tensor, a: Tensor, b: Tensor, h: Tensor, scale: float, need_dx: bool, consume_grads: bool = False
 ) -> tuple[Tensor, Tensor]:
     """(loss [B], dx [B, D]) for x, a, b [B, D] (stride(1) == 1) and h [B]; dx is empty when not requested.
@@ -31,6 +31,9 @@ def fdistill_fwd(
     from mmfast.triton import fdistill as triton_fdistill
 
     return triton_fdistill.fdistill_rows(x, a, b, h, scale, need_dx)
+
+
+fdistill_fwd = torch.library.custom_op("mmfast::fdistill_fwd", _fdistill_fwd, mutates_args=())
 
 
 @fdistill_fwd.register_fake
@@ -76,4 +79,4 @@ def _backward(ctx, grad_loss, _gdx):
     return (gx,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
-fdistill_fwd.register_autograd(_backward, setup_context=_setup_context)
+run_fdistill_fwd = OpRunner(fdistill_fwd, _fdistill_fwd, setup_context=_setup_context, backward=_backward)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._eager_path import OpRunner
 from mmfast.ops._grad_scaling import may_scale_in_place, scale_
 from mmfast.reference import masked_reconstruction as reference
 from mmfast.reference.routed_kd import compute_dtype
@@ -75,8 +76,7 @@ def _check_args(pred: Tensor, target: Tensor, mask_rows: Tensor | None, mask: Te
         raise ValueError("masked_reconstruction_fwd: the cosine loss is per row (row masks only, not per_element)")
 
 
-@torch.library.custom_op("mmfast::masked_reconstruction_fwd", mutates_args=())
-def masked_reconstruction_fwd(
+def _masked_reconstruction_fwd(
     pred: Tensor,
     target: Tensor,
     mask_rows: Tensor | None,
@@ -102,6 +102,11 @@ def masked_reconstruction_fwd(
         backend, pred, target, mask_rows, mask, loss, beta, normalize_target, eps, per_element,
         need_dp, need_dy, need_dm and (mask_rows is not None or mask is not None),
     )
+
+
+masked_reconstruction_fwd = torch.library.custom_op(
+    "mmfast::masked_reconstruction_fwd", _masked_reconstruction_fwd, mutates_args=()
+)
 
 
 # shapes of the forward op's five outputs ((0,) when absent)
@@ -232,4 +237,6 @@ def _backward(ctx, grad_loss, grad_msum, _gdp, _gdy, _gdm):
     )
 
 
-masked_reconstruction_fwd.register_autograd(_backward, setup_context=_setup_context)
+run_masked_reconstruction_fwd = OpRunner(
+    masked_reconstruction_fwd, _masked_reconstruction_fwd, setup_context=_setup_context, backward=_backward
+)

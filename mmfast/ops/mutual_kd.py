@@ -11,13 +11,13 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._eager_path import OpRunner
 from mmfast.ops._grad_scaling import may_scale_in_place, plain_eager, scale_
 from mmfast.reference import mutual_kd as reference
 from mmfast.reference.routed_kd import compute_dtype
 
 
-@torch.library.custom_op("mmfast::mutual_kd_fwd", mutates_args=())
-def mutual_kd_fwd(
+def _mutual_kd_fwd(
     logits: Tensor, temperature: float, scale: float, need_grad: bool, consume_grads: bool = False
 ) -> tuple[Tensor, Tensor]:
     """(loss [N], grad [M, N, C]) for logits [M, N, C]; grad is empty when not requested.
@@ -31,6 +31,9 @@ def mutual_kd_fwd(
     from mmfast.triton import mutual_kd as triton_mutual_kd
 
     return triton_mutual_kd.mutual_kd_rows(logits, temperature, scale, need_grad)
+
+
+mutual_kd_fwd = torch.library.custom_op("mmfast::mutual_kd_fwd", _mutual_kd_fwd, mutates_args=())
 
 
 @mutual_kd_fwd.register_fake
@@ -78,4 +81,4 @@ def _backward(ctx, grad_loss, _ggrad):
     return bwd(grad_loss, grad), None, None, None, None
 
 
-mutual_kd_fwd.register_autograd(_backward, setup_context=_setup_context)
+run_mutual_kd_fwd = OpRunner(mutual_kd_fwd, _mutual_kd_fwd, setup_context=_setup_context, backward=_backward)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._eager_path import OpRunner
 from mmfast.ops._grad_scaling import may_scale_in_place, plain_eager, scale_
 from mmfast.reference import routed_kd as reference
 from mmfast.reference.routed_kd import compute_dtype
@@ -53,8 +54,7 @@ def _run_backend(backend: str, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     raise AssertionError(backend)
 
 
-@torch.library.custom_op("mmfast::routed_kd_fwd", mutates_args=())
-def routed_kd_fwd(
+def _routed_kd_fwd(
     x: Tensor,
     z: Tensor,
     weights: Tensor,
@@ -77,6 +77,9 @@ def routed_kd_fwd(
         backend, x, z, weights, indices, mask, temperature, mix, divergence, beta, scale,
         need_dx, need_dw, need_dz,
     )
+
+
+routed_kd_fwd = torch.library.custom_op("mmfast::routed_kd_fwd", _routed_kd_fwd, mutates_args=())
 
 
 @routed_kd_fwd.register_fake
@@ -156,4 +159,4 @@ def _backward(ctx, grad_loss, _gdx, _gdw, _gdz):
     )
 
 
-routed_kd_fwd.register_autograd(_backward, setup_context=_setup_context)
+run_routed_kd_fwd = OpRunner(routed_kd_fwd, _routed_kd_fwd, setup_context=_setup_context, backward=_backward)

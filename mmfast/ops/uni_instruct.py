@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend, _native
+from mmfast.ops._eager_path import OpRunner
 from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
 from mmfast.reference import uni_instruct as reference
 from mmfast.reference.routed_kd import compute_dtype
@@ -37,8 +38,7 @@ def _unpack(grads: int) -> tuple[bool, bool, bool, bool]:
     return bool(grads & GRAD_DX), bool(grads & GRAD_DA), bool(grads & GRAD_DB), bool(grads & CONSUME_GRADS)
 
 
-@torch.library.custom_op("mmfast::uni_instruct_fwd", mutates_args=())
-def uni_instruct_fwd(
+def _uni_instruct_fwd(
     x: Tensor,
     a: Tensor,
     b: Tensor,
@@ -65,6 +65,9 @@ def uni_instruct_fwd(
     from mmfast.triton import uni_instruct as triton_uni_instruct
 
     return triton_uni_instruct.uni_instruct_rows(*args)
+
+
+uni_instruct_fwd = torch.library.custom_op("mmfast::uni_instruct_fwd", _uni_instruct_fwd, mutates_args=())
 
 
 @uni_instruct_fwd.register_fake
@@ -119,4 +122,4 @@ def _backward(ctx, grad_loss, _gdx, _gda, _gdb):
     return (*out,) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
-uni_instruct_fwd.register_autograd(_backward, setup_context=_setup_context)
+run_uni_instruct_fwd = OpRunner(uni_instruct_fwd, _uni_instruct_fwd, setup_context=_setup_context, backward=_backward)
