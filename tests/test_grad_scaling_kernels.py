@@ -161,3 +161,29 @@ def test_ops_in_place_backward(backend, device, dtype):
             (loss * factor).backward()
             torch.testing.assert_close(x.grad, kept, rtol=0, atol=0)
             x.grad = None
+
+
+def test_cpu_all_ones():
+    """The CPU check reads an expanded scalar's one value, else compares every element; other devices: False."""
+    assert _grad_scaling.cpu_all_ones(torch.tensor(1.0).expand(7, 1))
+    assert not _grad_scaling.cpu_all_ones(torch.tensor(0.5).expand(7, 1))
+    assert not _grad_scaling.cpu_all_ones(torch.tensor(float("nan")).expand(3))
+    assert _grad_scaling.cpu_all_ones(torch.ones(4, 1))
+    assert not _grad_scaling.cpu_all_ones(torch.tensor([1.0, 1.0, 2.0]))
+    assert not _grad_scaling.cpu_all_ones(torch.ones(3, device="meta"))
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, float("nan")])
+@pytest.mark.parametrize("all_ones", [None, "known"])
+def test_cpu_scale_rows(value, all_ones):
+    """On a CPU a large gradient scaled by all ones is returned as it is (the same buffer, no pass); any other factor,
+    and a small gradient, are multiplied in place; ``all_ones`` found by the caller gives the same."""
+    g = torch.Generator().manual_seed(3)
+    for rows, cols in ((5, 4096), (5, 30)):  # above and below the size where the check pays
+        grad = torch.randn(rows, cols, generator=g)
+        factor = torch.tensor(value).expand(rows)
+        expected = grad * factor[:, None]
+        known = _grad_scaling.cpu_all_ones(factor) if all_ones == "known" else None
+        out = _grad_scaling.scale_rows_(grad, factor, known)
+        assert out.data_ptr() == grad.data_ptr()
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)

@@ -142,19 +142,33 @@ def _scale_unless_one_(backend: str, grad: Tensor, factor: Tensor) -> bool:
     return all(scale_piece(piece, value, layout) for piece, layout in pieces)
 
 
-def scale_(grad: Tensor, factor: Tensor) -> Tensor:
+def cpu_all_ones(factor: Tensor) -> bool:
+    """Whether every element of ``factor`` is 1, on a CPU (False on other devices, which
+    :func:`scale_` does not ask). One value broadcast (what ``loss.backward()`` on a sum or mean passes down)
+    is read once: two small ops, which matter after a kernel has swept the caches (each op then costs
+    5-20 us on the project's CPU host), rather than a compare and a reduction over the factor."""
+    if factor.device.type != "cpu":
+        return False
+    one = _one_value(factor)
+    if one is not None:
+        return one.item() == 1.0
+    return bool((factor == 1).all())
+
+
+def scale_(grad: Tensor, factor: Tensor, all_ones: bool | None = None) -> Tensor:
     """grad *= factor (broadcast, same rank), in place (computed in fp32 for bf16/fp16 gradients).
 
     A factor of all ones (the incoming gradient of ``loss.backward()`` on a mean or sum whose scale the
     forward already applied) makes no pass over the gradient:
     - on a CPU, where reading a value costs no device synchronisation, a large buffer is returned as it
-      is (small ones are multiplied: cheaper than the check);
+      is (small ones are multiplied: cheaper than the check); ``all_ones``, when given, is
+      :func:`cpu_all_ones` of the factor's values, found once for several gradients;
     - on a GPU with the ``triton`` or ``cuda`` backend, a kernel whose blocks skip every stretch of factors
       of 1 (mmfast/triton/grad_scaling.py, csrc/cuda/grad_scaling.cu), with no synchronisation; with the
       ``torch`` backend (or a layout the kernels do not take) torch multiplies.
     """
     if grad.device.type == "cpu":
-        if grad.numel() >= _ONES_CHECK_MIN_NUMEL and bool((factor == 1).all()):
+        if grad.numel() >= _ONES_CHECK_MIN_NUMEL and (cpu_all_ones(factor) if all_ones is None else all_ones):
             return grad
     else:
         backend = _backend.resolve(grad.device, grad.dtype)
@@ -163,6 +177,10 @@ def scale_(grad: Tensor, factor: Tensor) -> Tensor:
     return grad.mul_(factor)
 
 
-def scale_rows_(grad: Tensor, grad_loss: Tensor) -> Tensor:
+def scale_rows_(grad: Tensor, grad_loss: Tensor, all_ones: bool | None = None) -> Tensor:
     """grad[b, :] *= grad_loss[b], in place (see :func:`scale_`)."""
-    return scale_(grad, grad_loss[:, None])
+    if grad.device.type == "cpu" and grad.numel() >= _ONES_CHECK_MIN_NUMEL:
+        all_ones = cpu_all_ones(grad_loss) if all_ones is None else all_ones
+        if all_ones:
+            return grad
+    return scale_(grad, grad_loss[:, None], all_ones)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mmfast import _backend, _native
 from mmfast.ops._eager_path import OpRunner
-from mmfast.ops._grad_scaling import may_scale_in_place, scale_
+from mmfast.ops._grad_scaling import cpu_all_ones, may_scale_in_place, scale_
 from mmfast.reference import masked_reconstruction as reference
 from mmfast.reference.routed_kd import compute_dtype
 
@@ -194,8 +194,9 @@ def _bwd_in_place(grad_loss: Tensor, grad_msum: Tensor, dp: Tensor, dy: Tensor, 
     A, D, S = shape
     per_element = grad_loss.dim() == 3
     g3 = grad_loss if per_element else grad_loss.reshape(A, 1, S)
-    gp = scale_(dp, g3) if _present(dp) else dp
-    gy = scale_(dy, g3) if _present(dy) else dy
+    all_ones = cpu_all_ones(grad_loss) if _present(dp) and _present(dy) else None  # once for both
+    gp = scale_(dp, g3, all_ones) if _present(dp) else dp
+    gy = scale_(dy, g3, all_ones) if _present(dy) else dy
     if not _present(dm):
         gm = dm
     elif row_mask:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mmfast import _backend, _native
 from mmfast.ops._eager_path import OpRunner
-from mmfast.ops._grad_scaling import may_scale_in_place, plain_eager, scale_
+from mmfast.ops._grad_scaling import cpu_all_ones, may_scale_in_place, plain_eager, scale_
 from mmfast.reference import routed_kd as reference
 from mmfast.reference.routed_kd import compute_dtype
 
@@ -106,9 +106,10 @@ def _routed_kd_bwd(grad_loss: Tensor, dx: Tensor, dw: Tensor, dz: Tensor) -> tup
 
 def _routed_kd_bwd_in_place(grad_loss: Tensor, dx: Tensor, dw: Tensor, dz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``_routed_kd_bwd`` scaling the saved dx and dz in place (dw [B, S, K] is summed over S anyway)."""
-    gx = scale_(dx, grad_loss[:, None, :]) if dx.numel() else dx
+    all_ones = cpu_all_ones(grad_loss) if dx.numel() and dz.numel() else None  # once for both
+    gx = scale_(dx, grad_loss[:, None, :], all_ones) if dx.numel() else dx
     gw = (dw * grad_loss[..., None]).sum(1) if dw.numel() else dw.new_empty(0)
-    gz = scale_(dz, grad_loss[None, :, None, :]) if dz.numel() else dz
+    gz = scale_(dz, grad_loss[None, :, None, :], all_ones) if dz.numel() else dz
     return gx, gw, gz
 
 

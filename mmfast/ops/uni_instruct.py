@@ -14,7 +14,7 @@ from torch import Tensor
 
 from mmfast import _backend, _native
 from mmfast.ops._eager_path import OpRunner
-from mmfast.ops._grad_scaling import may_scale_in_place, scale_rows_
+from mmfast.ops._grad_scaling import cpu_all_ones, may_scale_in_place, scale_rows_
 from mmfast.reference import uni_instruct as reference
 from mmfast.reference.routed_kd import compute_dtype
 
@@ -110,6 +110,7 @@ def _backward(ctx, grad_loss, _gdx, _gda, _gdb):
         return (None,) * len(ctx.needs_input_grad)
     grads = ctx.saved_tensors
     in_place = ctx.consume_grads and may_scale_in_place(grad_loss, *grads)
+    all_ones = cpu_all_ones(grad_loss) if in_place else None  # found once for the three gradients
     out = []
     for i, (name, need, g) in enumerate(zip(("x", "a", "b"), ctx.need, grads, strict=True)):
         if ctx.needs_input_grad[i] and not need:
@@ -118,7 +119,7 @@ def _backward(ctx, grad_loss, _gdx, _gda, _gdb):
         if not need:
             out.append(None)
         else:
-            out.append(scale_rows_(g, grad_loss) if in_place else uni_instruct_bwd(grad_loss, g))
+            out.append(scale_rows_(g, grad_loss, all_ones) if in_place else uni_instruct_bwd(grad_loss, g))
     return (*out,) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
