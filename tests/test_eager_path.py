@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 import torch
+from _utils import backend_params
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -105,9 +106,9 @@ def _graph_node_names(t: torch.Tensor) -> set[str]:
     return names
 
 
-def _run(case, direct: bool, grad_out: float, retain: bool = False):
+def _run(case, device, dtype, direct: bool, grad_out: float, retain: bool = False):
     fn, inputs = CASES[case]()
-    leaves = [t.clone().requires_grad_() for t in inputs]
+    leaves = [t.to(device, dtype).requires_grad_() for t in inputs]
     with _direct_path(direct):
         loss = fn(*leaves)
         loss.backward(torch.full_like(loss, grad_out), retain_graph=retain)
@@ -116,16 +117,17 @@ def _run(case, direct: bool, grad_out: float, retain: bool = False):
     return loss, [t.grad for t in leaves], _graph_node_names(loss)
 
 
-@pytest.mark.parametrize("retain", [False, True], ids=["free-graph", "retain-graph"])
-@pytest.mark.parametrize("grad_out", [1.0, 0.75])
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("grad_out,retain", [(1.0, False), (0.75, True)],
+                         ids=["ones-free-graph", "scaled-retain-graph"])
+@pytest.mark.parametrize("backend,device,dtype", backend_params())
 @pytest.mark.parametrize("case", list(CASES))
-def test_direct_path_matches_the_op(case, backend, grad_out, retain):
-    """Same loss and gradients, bit for bit, with the direct path and through torch.library; the graph
-    shows which path ran."""
+def test_direct_path_matches_the_op(case, backend, device, dtype, grad_out, retain):
+    """Same loss and gradients, bit for bit, with the direct path and through torch.library, on every backend
+    (an incoming gradient of ones with the graph freed: the saved gradients are returned or scaled in place;
+    another one with the graph kept, twice); the graph shows which path ran."""
     with mmfast.use_backend(backend):
-        loss_d, grads_d, nodes_d = _run(case, True, grad_out, retain)
-        loss_o, grads_o, nodes_o = _run(case, False, grad_out, retain)
+        loss_d, grads_d, nodes_d = _run(case, device, dtype, True, grad_out, retain)
+        loss_o, grads_o, nodes_o = _run(case, device, dtype, False, grad_out, retain)
     assert torch.equal(loss_d, loss_o)
     for gd, go in zip(grads_d, grads_o, strict=True):
         assert gd is not None and torch.equal(gd, go)
