@@ -10,7 +10,8 @@
 # compile, mmfast-triton, exp-floor, copy); then the installed build's tests, then the CUDA backend's bench
 # (mmfast-cuda against compile and copy, again side by side), then the CUDA kernels' row teams, split mode,
 # cluster mode and sweep orders each against the other choice (benchmarks/row_teams.py, into gpu_check.log), then
-# the Triton kernels' streamed rows in each sweep order (step l2, into gpu_check.log).
+# the Triton kernels' streamed rows in each sweep order (step l2, into gpu_check.log), then the host time per
+# call at tiny sizes with and without the direct eager path (step overhead, into gpu_check.log).
 # Writes at most 8 files under $OUT: gpu_check.log (steps, build and CLI output), env.txt, tests.txt,
 # cli.json, cli.md (the Triton bench tables), cli.png (step times split into forward and backward, peak
 # memory), cli_cuda.json, cli_cuda.md; the optional steps (GPU_CHECK_STEPS=...,ptxas,sweep,tiles,bench,report)
@@ -34,7 +35,7 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
 # default: no pytest-benchmark pass (bench,report: the same cases as the CLI, twice the time); ptxas: CI prints it;
 # sweep: benchmarks/class_sweep.py (routed KD over C = 10..256k, mutual KD over C = 10..32k, ~3 min);
 # tiles: benchmarks/triton_tiles.py (launch-tuning sweep of the Triton softmax kernels, tiles.md / tiles.json)
-STEPS=",${GPU_CHECK_STEPS:-env,build,cli,import,tests,clicuda,climd,teams,l2},"
+STEPS=",${GPU_CHECK_STEPS:-env,build,cli,import,tests,clicuda,climd,teams,l2,overhead},"
 TESTS=${GPU_CHECK_TESTS:-$REPO/tests}
 # only the tests that exercise the GPU backends (test ids and file names name them); "" runs all of them
 TESTS_K=${GPU_CHECK_TESTS_K-cuda or triton or gpu}
@@ -216,6 +217,15 @@ fi
 # default), without the hints, and every pass forward (benchmarks/triton_tiles.py --sweeps, into gpu_check.log):
 # whether each keeps its place is the measurement's to say
 run_step l2 "${GPU_CHECK_L2_CAP:-150}" "$LOG" "cd $RUN_DIR && $PY $REPO/benchmarks/triton_tiles.py --sweeps"
+
+# (g4) host time per call at tiny sizes (what a small model's step pays): each loss on the GPU backends against
+# its eager reference, with and without the direct eager path (benchmarks/overhead.py, into gpu_check.log)
+OVERHEAD_BACKENDS="triton"
+((BUILD_OK)) && OVERHEAD_BACKENDS+=" cuda"
+run_step overhead "${GPU_CHECK_OVERHEAD_CAP:-90}" "$LOG" "
+  cd $RUN_DIR && rc=0 && for backend in $OVERHEAD_BACKENDS; do
+    $PY $REPO/benchmarks/overhead.py --device cuda --backend \$backend --calls 200 || rc=1
+  done; exit \$rc"
 
 # (h) routed- and mutual-KD throughput against C at a fixed N*C (no cliff from C = 10 to 256k); optional
 # step "sweep"

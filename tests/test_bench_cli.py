@@ -461,7 +461,7 @@ def test_gpu_check_script_runs_its_steps_in_order_and_keeps_going(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = proc.stdout[proc.stdout.index("=== summary"):]
     steps = [line.split()[0] for line in summary.splitlines()[1:] if line and not line.startswith("tests:")]
-    assert steps == ["env", "build", "cli", "ptxas", "tests", "clicuda", "climd", "teams", "l2", "sweep",
+    assert steps == ["env", "build", "cli", "ptxas", "tests", "clicuda", "climd", "teams", "l2", "overhead", "sweep",
                      "tiles", "bench"], summary
     assert re.search(r"^cli +FAILED rc=1", summary, re.M), summary  # mutual_kd has no --quick case
     assert re.search(r"^climd +ok", summary, re.M) and re.search(r"^clicuda +SKIPPED \(no build\)", summary, re.M)
@@ -492,3 +492,23 @@ def test_measure_group_times_providers_in_blocks(monkeypatch):
     assert [r.rounds for r in rows] == [5, 5]
     warm, a, b = bench.BLOCK_WARMUP_ROUNDS, ["eager"], ["mmfast-cpu"]
     assert log == a + b + (a * (warm + 3) + b * (warm + 3) + a * (warm + 2) + b * (warm + 2))
+
+
+def test_overhead_script(capsys):
+    """benchmarks/overhead.py times each loss against its eager reference and, in the same run, through the
+    torch.library path (the direct eager path switched off, and back on afterwards)."""
+    from mmfast.ops import _eager_path
+
+    script = _load_script("overhead")
+    threads = torch.get_num_threads()  # main sets 1 thread
+    try:
+        script.main(["--ops", "fdistill,masked_reconstruction_rowmask", "--backend", "torch", "--calls", "2",
+                     "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert ("| op (torch) | shape | fwd us | eager fwd us | fwd ratio | fwd+bwd us | eager fwd+bwd us "
+            "| fwd+bwd ratio | op path fwd+bwd us |") in out
+    rows = [line for line in out.splitlines() if line.startswith(("| fdistill ", "| masked_reconstruction_rowmask "))]
+    assert len(rows) == 2 and all(float(cell) > 0 for row in rows for cell in row.strip("|").split("|")[2:])
+    assert _eager_path.set_enabled(True) is True
