@@ -216,3 +216,18 @@ def test_set_enabled_returns_the_previous_setting():
         assert _eager_path.set_enabled(False) is False
     finally:
         _eager_path.set_enabled(True)
+
+
+@pytest.mark.parametrize("case", ["routed_kd", "uni_instruct", "masked_reconstruction"])
+def test_create_graph_matches_the_op(case):
+    """``create_graph=True`` (the backward runs with grad mode on, so it takes the backward ops): the same
+    first-order gradients on both paths, and the same answer to whether they are differentiable."""
+    results = []
+    for direct in (True, False):
+        fn, inputs = CASES[case]()
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with _direct_path(direct):
+            grads = torch.autograd.grad(fn(*leaves), leaves, create_graph=True)
+        results.append(grads)
+    for gd, go in zip(*results, strict=True):
+        assert torch.equal(gd, go) and gd.requires_grad == go.requires_grad
