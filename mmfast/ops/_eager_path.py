@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch._library.custom_ops import CustomOpDef
 
 _dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _torch_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", None)
@@ -57,15 +60,16 @@ class OpRunner:
     ``setup_context`` as its autograd formula (``op.register_autograd``). Calls take every argument
     positionally; trailing ones with defaults may be left out."""
 
-    def __init__(self, op, impl: Callable[..., Any], *, setup_context: Callable, backward: Callable) -> None:
+    def __init__(
+        self, op: CustomOpDef, impl: Callable[..., Any], *, setup_context: Callable, backward: Callable
+    ) -> None:
         op.register_autograd(backward, setup_context=setup_context)
         self.op = op
         self._impl = impl
         defaults = [p.default for p in inspect.signature(impl).parameters.values()]
         self._num_args = len(defaults)
         # the trailing arguments a call may leave out: those after the last one without a default
-        required = max((i + 1 for i, d in enumerate(defaults) if d is inspect.Parameter.empty), default=0)
-        self._min_args = required
+        self._min_args = max((i + 1 for i, d in enumerate(defaults) if d is inspect.Parameter.empty), default=0)
         self._defaults = tuple(defaults)
 
         def forward(ctx, *args):
