@@ -71,7 +71,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 LOSS_BASELINES = ("eager", "compile")
 L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100 50 MB, H200 60 MB)
 LARGE_ENV = "MMFAST_BENCH_LARGE"
-# measure_group: a provider's rounds in a row, the first BLOCK_WARMUP_ROUNDS untimed
+# measure_group: a provider's rounds in a row, after BLOCK_WARMUP_ROUNDS untimed ones (on a CPU)
 BLOCK_ROUNDS, BLOCK_WARMUP_ROUNDS = 8, 2
 
 
@@ -732,7 +732,7 @@ def measure_group(
 
     Every provider is warmed up first; the timed rounds then alternate between providers in blocks of
     ``block_rounds`` (:data:`BLOCK_ROUNDS`), so that a change in background load (a shared CPU) affects all of
-    them alike and the ratios stay meaningful. Each block starts with :data:`BLOCK_WARMUP_ROUNDS` untimed
+    them alike and the ratios stay meaningful. On a CPU each block starts with :data:`BLOCK_WARMUP_ROUNDS` untimed
     rounds: every timed round follows rounds of the same provider, as in a training loop. (Alternating single
     rounds timed each provider in the caches the other one left. On this project's CPU host, whose last-level
     cache takes several passes to hold a re-read buffer again, mmfast's Uni-Instruct step at B=32 took 2.7 ms
@@ -782,10 +782,12 @@ def measure_group(
         else:
             times[key].append(_time_round(step))
 
+    # a GPU round starts from a flushed L2 whatever ran before it: no untimed rounds there
+    block_warmup = BLOCK_WARMUP_ROUNDS if device.type == "cpu" else 0
     while pending := [k for k in steps if len(times[k]) < rounds[k]]:
         for key in pending:
             try:
-                for _ in range(BLOCK_WARMUP_ROUNDS):  # untimed: the provider's data back in the caches
+                for _ in range(block_warmup):  # untimed: the provider's data back in the caches
                     _time_round(steps[key])
                 for _ in range(min(block_rounds, rounds[key] - len(times[key]))):
                     timed_round(key)

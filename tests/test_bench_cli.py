@@ -474,9 +474,11 @@ def test_gpu_check_script_runs_its_steps_in_order_and_keeps_going(tmp_path):
     assert "--provider eager --provider mmfast-torch" in log and "no benchmark matches" in log
 
 
-def test_measure_group_times_providers_in_blocks(monkeypatch):
-    """Providers alternate in blocks: BLOCK_WARMUP_ROUNDS untimed rounds, then up to BLOCK_ROUNDS timed ones, so every
-    timed round follows a round of the same provider; each provider gets exactly its planned rounds."""
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_measure_group_times_providers_in_blocks(monkeypatch, device):
+    """Providers alternate in blocks: on a CPU BLOCK_WARMUP_ROUNDS untimed rounds, then up to BLOCK_ROUNDS timed
+    ones, so every timed round follows a round of the same provider; elsewhere (a GPU round starts from a flushed
+    L2; "meta" stands in for it here) no untimed rounds. Each provider gets exactly its planned rounds."""
     from mmfast import bench
 
     log = []
@@ -487,10 +489,10 @@ def test_measure_group_times_providers_in_blocks(monkeypatch):
 
     monkeypatch.setattr(bench, "make_step", make_step)
     case = bench.SUITES["routed_kd"][0]
-    rows = bench.measure_group(case, torch.float32, ["eager", "mmfast-cpu"], torch.device("cpu"), budget_s=0.0,
+    rows = bench.measure_group(case, torch.float32, ["eager", "mmfast-cpu"], torch.device(device), budget_s=0.0,
                                warmup_rounds=1, min_rounds=5, block_rounds=3)
     assert [r.rounds for r in rows] == [5, 5]
-    warm, a, b = bench.BLOCK_WARMUP_ROUNDS, ["eager"], ["mmfast-cpu"]
+    warm, a, b = (bench.BLOCK_WARMUP_ROUNDS if device == "cpu" else 0), ["eager"], ["mmfast-cpu"]
     assert log == a + b + (a * (warm + 3) + b * (warm + 3) + a * (warm + 2) + b * (warm + 2))
 
 
