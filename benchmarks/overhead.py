@@ -148,11 +148,8 @@ def run(ops: list[str], backend: str, calls: int, repeats: int) -> list[dict]:
         ours, eager, leaves = make()
         with mmfast.use_backend(backend):
             o_f, o_fb = (best_us(s, calls, repeats) for s in _steps(ours, leaves))
-            previous = _eager_path.set_enabled(False)
-            try:
+            with _eager_path.direct_path(False):
                 op_fb = best_us(_steps(ours, leaves)[1], calls, repeats)
-            finally:
-                _eager_path.set_enabled(previous)
         e_f, e_fb = (best_us(s, calls, repeats) for s in _steps(eager, leaves))
         rows.append(dict(op=name, shape=shape, fwd=o_f, eager_fwd=e_f, fwd_bwd=o_fb, eager_fwd_bwd=e_fb,
                          op_path_fwd_bwd=op_fb))

@@ -8,8 +8,6 @@ tensors, the path switched off) must get it.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from _utils import backend_params
@@ -85,15 +83,6 @@ CASES = {f.__name__.strip("_"): f for f in (_routed_kd, _routed_kd_sparse_masked
                                              _masked_reconstruction_rows)}
 
 
-@contextlib.contextmanager
-def _direct_path(enabled: bool):
-    previous = _eager_path.set_enabled(enabled)
-    try:
-        yield
-    finally:
-        _eager_path.set_enabled(previous)
-
-
 def _graph_node_names(t: torch.Tensor) -> set[str]:
     names, stack, seen = set(), [t.grad_fn], set()
     while stack:
@@ -109,7 +98,7 @@ def _graph_node_names(t: torch.Tensor) -> set[str]:
 def _run(case, device, dtype, direct: bool, grad_out: float, retain: bool = False):
     fn, inputs = CASES[case]()
     leaves = [t.to(device, dtype).requires_grad_() for t in inputs]
-    with _direct_path(direct):
+    with _eager_path.direct_path(direct):
         loss = fn(*leaves)
         loss.backward(torch.full_like(loss, grad_out), retain_graph=retain)
         if retain:  # a second backward over the kept graph: the saved gradients were not scaled in place
@@ -202,7 +191,7 @@ def test_no_grad_and_defaults():
         loss, dx = fdistill_ops.run_fdistill_fwd(*args)
     assert loss.grad_fn is None and dx.grad_fn is None
     for direct in (True, False):
-        with _direct_path(direct):
+        with _eager_path.direct_path(direct):
             short = fdistill_ops.run_fdistill_fwd(*args)
             full = fdistill_ops.run_fdistill_fwd(*args, False)
         assert all(torch.equal(s, f) for s, f in zip(short, full, strict=True))
@@ -226,7 +215,7 @@ def test_create_graph_matches_the_op(case):
     for direct in (True, False):
         fn, inputs = CASES[case]()
         leaves = [t.clone().requires_grad_() for t in inputs]
-        with _direct_path(direct):
+        with _eager_path.direct_path(direct):
             grads = torch.autograd.grad(fn(*leaves), leaves, create_graph=True)
         results.append(grads)
     for gd, go in zip(*results, strict=True):

@@ -11,8 +11,9 @@ difference (see :func:`plain_eager_call`), and calls the op otherwise: torch.com
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,18 +40,36 @@ def set_enabled(enabled: bool) -> bool:
     return previous
 
 
-def plain_eager_call(args: tuple[Any, ...]) -> bool:
-    """True when a call with ``args`` may skip the custom op: the direct path is enabled, nothing is being
-    compiled or traced, no torch-function or dispatch mode and no functorch transform is active, and
-    every tensor argument is a plain, non-meta ``Tensor``."""
+@contextlib.contextmanager
+def direct_path(enabled: bool) -> Iterator[None]:
+    """:func:`set_enabled` inside a ``with`` block; the setting before it comes back after."""
+    previous = set_enabled(enabled)
+    try:
+        yield
+    finally:
+        set_enabled(previous)
+
+
+def untraced() -> bool:
+    """True when nothing is being compiled or traced and no torch-function or dispatch mode and no functorch
+    transform is active: what calls a custom op's Python implementation directly (a forward here, a backward
+    op in mmfast/ops/_grad_scaling.py) must know before it skips the op."""
     return (
-        _enabled
-        and _PROBES
+        _PROBES
         and not torch.compiler.is_compiling()
         and _dispatch_stack_len() == 0
         and not _torch_function_mode_on()
         and not _functorch_active()
         and _tracing_state() is None
+    )
+
+
+def plain_eager_call(args: tuple[Any, ...]) -> bool:
+    """True when a call with ``args`` may skip the custom op: the direct path is enabled, :func:`untraced`,
+    and every tensor argument is a plain, non-meta ``Tensor``."""
+    return (
+        _enabled
+        and untraced()
         and all(type(a) is Tensor and not a.is_meta for a in args if isinstance(a, Tensor))
     )
 

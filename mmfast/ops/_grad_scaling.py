@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from mmfast import _backend
+from mmfast.ops._eager_path import untraced
 
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
 # below this many elements, multiplying by the factor costs less than checking it for all ones
 # (x * 1 == x exactly, so both give the same values)
@@ -30,17 +30,11 @@ _ONES_CHECK_MIN_NUMEL = 4096
 
 
 def plain_eager(*saved: Tensor) -> bool:
-    """True in an eager backward on plain tensors: no compile, tracing or dispatch mode, no
-    ``create_graph`` (grad mode off), every tensor of ``saved`` a plain ``Tensor``. A backward may then
-    call its backward op's Python implementation directly, skipping the custom-op dispatch (same
-    result: the op runs that function on the same tensors)."""
-    return (
-        _dispatch_stack_len is not None
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and _dispatch_stack_len() == 0
-        and all(type(t) is Tensor for t in saved)
-    )
+    """True in an eager backward on plain tensors: nothing compiled or traced and no mode active
+    (:func:`mmfast.ops._eager_path.untraced`), no ``create_graph`` (grad mode off), every tensor of ``saved`` a
+    plain ``Tensor``. A backward may then call its backward op's Python implementation directly, skipping the
+    custom-op dispatch (same result: the op runs that function on the same tensors)."""
+    return not torch.is_grad_enabled() and untraced() and all(type(t) is Tensor for t in saved)
 
 
 def may_scale_in_place(*saved: Tensor) -> bool:
