@@ -8,6 +8,7 @@ error at that precision. NaN and inf positions must match exactly.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -245,6 +246,126 @@ def test_routed_underflowing_probabilities(mix, div, dtype):
         unit = 0.25 if name in ("loss", "dw") else 0.25 / 0.5  # scale, scale / tau
         tol = 8 * torch.finfo(torch.float32).eps * condition * max(t[finite].abs().amax().item(), unit)
         assert err <= tol, f"{name}: error {err:.3g} > {tol:.3g}"
+
+
+# Rows of at least 64 classes with unit stride take each row's max in the exp sweep of the row loaded before it
+# (csrc/cpu/row_ops.h, RowSequence): a teacher's during the row before it, a row's student during the previous
+# row's last teacher (or model) when one thread computes both rows. A max taken from the wrong row would still give
+# a softmax up to rounding, unless rows differ in scale by more than exp's range: then it overflows or underflows.
+OFFSETS = (0.0, 900.0, -700.0, 350.0, -1000.0, 60.0)
+
+
+def offset_rows(t: torch.Tensor, row_dim: int) -> torch.Tensor:
+    """t with row i (along row_dim) shifted by OFFSETS[i % 6] (+ 13 per repetition), each tensor its own."""
+    shape = [1] * t.dim()
+    shape[row_dim] = t.shape[row_dim]
+    offsets = torch.tensor([OFFSETS[i % 6] + 13.0 * (i // 6) for i in range(t.shape[row_dim])], dtype=t.dtype)
+    return t + offsets.reshape(shape)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """The kernels' thread count (torch's): with 40 rows and 1 or 2 threads, each thread's chunks hold several rows
+    (parallel_rows: rows / (threads * 8) per chunk), so that rows follow each other in one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+AHEAD_MIX_DIV = [(m, d) for m, d in MIX_DIV if m != 1]  # mix logits sums its teachers' logits: no row sequence
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("mix,div", AHEAD_MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in AHEAD_MIX_DIV])
+def test_routed_rows_far_apart_in_scale(mix, div, sparse):
+    """Student and teacher rows each shifted by up to +-2000 (tau = 2): every row's max is its own, with masked
+    rows between them (never read ahead) and rows that follow each other in one thread."""
+    x, z, w, idx = make_inputs(B=40, C=97, E=4, K=3, sparse=sparse, dtype=torch.float32, seed=41 + mix)
+    x = offset_rows(x, 0)
+    z = offset_rows(offset_rows(z, 1), 0)  # each teacher's row: its row's offset plus its teacher's
+    mask = torch.ones(40, 1, dtype=torch.bool)
+    mask[[3, 4, 9, 38]] = False  # a masked row after an unmasked one, two in a row, one before the last row
+    for threads, m in itertools.product((1, 2), (None, mask)):
+        with torch_threads(threads):
+            ref, got = check_routed(x, z, w, idx, m, mix=mix, div=div)
+        assert all(torch.isfinite(t).all() for t in got), "a row's max was taken from another row"
+
+
+@pytest.mark.parametrize("mix", range(3))
+def test_routed_masked_rows_are_not_read_ahead(mix):
+    """The row after a row is read ahead only when it is not masked: masked rows full of NaN leave every
+    output finite (the reference never reads them either)."""
+    x, z, w, idx = make_inputs(B=40, C=130, E=3, sparse=True, K=2, dtype=torch.float32, seed=7)
+    mask = (torch.arange(40) % 3 != 1).reshape(40, 1)
+    mask[20:23] = False
+    x[~mask[:, 0]] = float("nan")
+    z[:, ~mask[:, 0]] = float("nan")
+    for threads in (1, 2):
+        with torch_threads(threads):
+            ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=0)
+        assert all(torch.isfinite(t).all() for t in got)
+
+
+@pytest.mark.parametrize("mix,div", [(0, 0), (2, 1), (2, 2), (0, 3)])
+def test_routed_dense_logits_channels_last_rows_far_apart(mix, div):
+    """Channels-last dense logits: a row (b, s) has unit class stride, and the next row is pixel s + 1."""
+    g = torch.Generator().manual_seed(mix * 4 + div)
+    B, C, H, W, E = 2, 80, 4, 5, 3
+    x = offset_rows(torch.randn(B, H * W, C, generator=g), 1).transpose(1, 2)
+    z = offset_rows(torch.randn(E, B, H * W, C, generator=g), 2).transpose(2, 3)
+    assert x.stride(1) == 1 and z.stride(2) == 1
+    _, _, w, idx = make_inputs(B=B, E=E, dtype=torch.float32)
+    mask = torch.ones(B, H * W, dtype=torch.bool)
+    mask[0, 2] = mask[1, 1] = mask[1, 7] = False
+    with torch_threads(1):
+        ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=div)
+    assert all(torch.isfinite(t).all() for t in got)
+
+
+# exp of a softmax's shifted logits (csrc/cpu/vec_math.h, exp_nonpos) gives 0 below the smallest normal float,
+# exp(t) < 2^-126 for t < -87.34, as the GPU kernels' fast exp does; the reference keeps those subnormals.
+@pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
+def test_routed_probabilities_below_the_normal_range(mix, div):
+    """Shifted logits in [-104, -87] (the subnormal band), beyond it, exactly -inf and at the max: values and
+    gradients stay within fp32 rounding of the float64 truth, and the zero / inf / NaN pattern is the reference's."""
+    g = torch.Generator().manual_seed(mix * 4 + div)
+    B, C, E = 4, 96, 2
+    band = -torch.linspace(86.0, 106.0, C, dtype=torch.float64)
+    x = (band + torch.randn(B, C, generator=g, dtype=torch.float64) * 0.5).float()
+    z = (band.flip(0) + torch.randn(E, B, C, generator=g, dtype=torch.float64) * 0.5).float()
+    x[:, 0] = z[:, :, 0] = 0.0  # the row max: every other entry's probability is below 2^-126 .. 2^-150
+    x[1, 5] = z[:, 1, 5] = float("-inf")
+    x, z = x.unsqueeze(-1), z.unsqueeze(-1)
+    w = torch.rand(B, E, generator=g)
+    ref, got = check_routed(x, z, w, tau=1.0, mix=mix, div=div)
+    truth = ref_routed(x.double(), z.double(), w.double(), None, None, 1.0, mix, div, 0.3, 1.0, True, True, True)
+    for name, r, k, t in zip(OUTPUTS, ref, got, truth, strict=True):
+        assert torch.equal(torch.isfinite(k), torch.isfinite(r)), name
+        finite = torch.isfinite(t)
+        err = (k.double() - t).abs()[finite].amax().item()
+        assert err <= 64 * torch.finfo(torch.float32).eps * max(t[finite].abs().amax().item(), 1.0), name
+
+
+def test_mutual_probabilities_below_the_normal_range():
+    g = torch.Generator().manual_seed(5)
+    band = -torch.linspace(86.0, 106.0, 96)
+    logits = band + torch.randn(3, 4, 96, generator=g) * 0.5
+    logits[:, :, 0] = 0.0
+    logits[:, 2, 7] = float("-inf")
+    check_mutual(logits, tau=1.0)
+
+
+def test_mutual_rows_far_apart_in_scale():
+    """Each model's row shifted by up to +-2000 (tau = 2), rows of 100 classes: every row's max is its own."""
+    g = torch.Generator().manual_seed(11)
+    logits = offset_rows(offset_rows(torch.randn(3, 40, 100, generator=g), 1), 0)
+    for threads in (1, 2):
+        with torch_threads(threads):
+            ref, got = check_mutual(logits)
+        assert all(torch.isfinite(t).all() for t in got)
 
 
 @pytest.mark.parametrize("mix", range(3))

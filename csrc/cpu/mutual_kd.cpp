@@ -18,8 +18,9 @@ namespace mmfast {
 namespace cpu {
 namespace {
 
-// Scratch per thread, leading_dim(C) apart: log p_i and p_i for each model, T, S; then the M
-// scalars R_i.
+// Scratch per thread, leading_dim(C) apart: two buffers per model (the row path: shifted logits and
+// their exps; the tile path: log p_i and p_i), T, S; then the M scalars R_i and (row path) the M
+// models' softmax statistics.
 int64_t mutual_buffers(int64_t M) { return 2 * M + 2; }
 
 // Rows n .. n + kTileRows - 1 as a row tile (row_tiles.h): the row loop's steps, one row per lane.
@@ -99,42 +100,66 @@ MMFAST_MULTIVERSION void mutual_rows(const MutualKDParams& p, bool tiles, int64_
   if (tiles) {
     for (; n + kTileRows<F> <= end; n += kTileRows<F>) mutual_tile<T>(p, n, workspace);
   }
+  // Per row: one exp sweep per model (each row's max taken in the sweep of the row before it:
+  // RowSequence), keeping the shifted logits v_i and exp(v_i); log p_i = v_i - log_sum_i and
+  // p_i = exp(v_i) inv_sum_i are formed where they are used, with the same operations (so the same
+  // bits) as a normalised copy would hold. The first R pass also forms T and S.
+  RowSequence<T> sequence;
+  SoftmaxStats<F>* stats = reinterpret_cast<SoftmaxStats<F>*>(R + M);
   for (; n < end; ++n) {
-    std::fill(sum_logp, sum_logp + Cw, F(0));
-    std::fill(sum_p, sum_p + Cw, F(0));
     for (int64_t i = 0; i < M; ++i) {
-      F* __restrict lp = workspace + 2 * i * ld;
-      F* __restrict pi = lp + ld;
+      F* __restrict v = workspace + 2 * i * ld;
+      F* __restrict e = v + ld;
       const T* row = logits + i * p.s_m + n * p.s_n;
-      const SoftmaxStats<F> t = Cw == C ? load_softmax(row, p.s_c, C, inv_tau, lp, pi)
-                                        : load_softmax_padded(row, p.s_c, C, Cw, inv_tau, lp, pi);
+      const T* next = i + 1 < M ? row + p.s_m : n + 1 < end ? logits + (n + 1) * p.s_n : nullptr;
+      stats[i] = Cw == C ? sequence.load(row, p.s_c, C, inv_tau, v, e, next, p.s_c)
+                         : load_softmax_padded(row, p.s_c, C, Cw, inv_tau, v, e);
+    }
+    // T = sum_i log p_i, S = sum_i p_i (in model order), with R_0
+    {
+      const F* __restrict v0 = workspace;
+      const F* __restrict e0 = v0 + ld;
+      const F l0 = stats[0].log_sum, s0 = stats[0].inv_sum;
 #pragma omp simd
       for (int64_t c = 0; c < Cw; ++c) {
-        lp[c] -= t.log_sum;
-        pi[c] *= t.inv_sum;
-        sum_logp[c] += lp[c];
-        sum_p[c] += pi[c];
+        sum_logp[c] = v0[c] - l0;
+        sum_p[c] = e0[c] * s0;
+      }
+      for (int64_t i = 1; i < M; ++i) {
+        const F* __restrict v = workspace + 2 * i * ld;
+        const F* __restrict e = v + ld;
+        const F li = stats[i].log_sum, si = stats[i].inv_sum;
+#pragma omp simd
+        for (int64_t c = 0; c < Cw; ++c) {
+          sum_logp[c] += v[c] - li;
+          sum_p[c] += e[c] * si;
+        }
       }
     }
     double total = 0;
     for (int64_t i = 0; i < M; ++i) {
-      const F* __restrict lp = workspace + 2 * i * ld;
-      const F* __restrict pi = lp + ld;
+      const F* __restrict v = workspace + 2 * i * ld;
+      const F* __restrict e = v + ld;
+      const F li = stats[i].log_sum, si = stats[i].inv_sum;
       double r = 0;
 #pragma omp simd reduction(+ : r)
-      for (int64_t c = 0; c < Cw; ++c)
-        r += zero_where_zero(pi[c], pi[c] * (Mf * lp[c] - sum_logp[c]));
+      for (int64_t c = 0; c < Cw; ++c) {
+        const F pi = e[c] * si;
+        r += zero_where_zero(pi, pi * (Mf * (v[c] - li) - sum_logp[c]));
+      }
       R[i] = F(r);
       total += r;
     }
     loss[n] = F(p.scale) * F(total);
     for (int64_t i = 0; grad != nullptr && i < M; ++i) {
-      const F* __restrict lp = workspace + 2 * i * ld;
-      const F* __restrict pi = lp + ld;
+      const F* __restrict v = workspace + 2 * i * ld;
+      const F* __restrict e = v + ld;
+      const F li = stats[i].log_sum, si = stats[i].inv_sum;
       const F r = R[i];
       store_row(grad + (i * p.N + n) * C, 1, C, false, [=](int64_t c) MMFAST_INLINE_LAMBDA {
-        const F own = zero_where_zero(pi[c], pi[c] * (Mf * lp[c] - sum_logp[c] - r));
-        return (Mf * pi[c] - sum_p[c] + own) * g;
+        const F pi = e[c] * si;
+        const F own = zero_where_zero(pi, pi * (Mf * (v[c] - li) - sum_logp[c] - r));
+        return (Mf * pi - sum_p[c] + own) * g;
       });
     }
   }
@@ -144,7 +169,7 @@ template <typename T>
 void run_mutual(const MutualKDParams& p, int num_threads) {
   using F = compute_t<T>;
   const int threads = resolve_threads(num_threads, p.N);
-  const int64_t rows = mutual_buffers(p.M) * Workspace<F>::leading_dim(p.C) + p.M;
+  const int64_t rows = mutual_buffers(p.M) * Workspace<F>::leading_dim(p.C) + 3 * p.M;
   // tiles up to 27 classes (one EPYC, 2 threads, fp32, M = 3, N*C = 2^20: 1.4x faster than rows at
   // C = 24, 0.9x at C = 32); read once: the workspace is sized for it
   const bool tiles = tile_rows(p.C, 27);

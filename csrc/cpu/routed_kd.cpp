@@ -8,7 +8,9 @@
 //   dL/du = A - q sum(A),   dL/dv = B - P sum(B)   (v = z / tau),
 // so a row needs the softmax statistics of the student and of each selected teacher once: every
 // row is gathered into a per-thread buffer, exp(v - max) is stored once and reused for the loss
-// and the gradient, and log-probabilities are v - lse (no log per element).
+// and the gradient, and log-probabilities are v - lse (no log per element). A row's max is taken in the
+// exp sweep of the row before it (RowSequence in row_ops.h: student, then each distinct teacher, then the
+// next row's student when this thread computes it and it is not masked).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -153,10 +155,12 @@ class RoutedRow : RoutedOperands<T> {
         wsum_(workspace + int64_t{num_buffers(p.mix, p.K)} * ld_),
         dval_(wsum_ + p.K) {}
 
-  MMFAST_INLINE void set_row(int64_t n) {
+  // Row n; next (or -1): the row this thread computes after it, if it will be read (not masked).
+  MMFAST_INLINE void set_row(int64_t n, int64_t next) {
     n_ = n;
     b_ = n / p_.S;
     s_ = n % p_.S;
+    next_x_ = next < 0 ? nullptr : x_row(next / p_.S, next % p_.S);
   }
 
   // Resolves the row's slots: teacher_[k], first_[k] (the first slot routed to the same teacher;
@@ -203,7 +207,11 @@ class RoutedRow : RoutedOperands<T> {
       fill_row(dz_row(e), p_.S, C_, F(0));
   }
 
-  MMFAST_INLINE void load_student() { q_ = load(x_ + b_ * p_.sx_b + s_ * p_.sx_s, p_.sx_c, u_, eq_); }
+  // The student's softmax; mix loss and probs load the first slot's teacher next (its max is taken ahead).
+  MMFAST_INLINE void load_student(bool teacher_next) {
+    q_ = teacher_next && K_ > 0 ? load(x_row(b_, s_), p_.sx_c, u_, eq_, z_row(teacher_[0]), p_.sz_c)
+                      : load(x_row(b_, s_), p_.sx_c, u_, eq_);
+  }
 
   // mix "loss": L = sum_k w_k D(p_k || q); A = sum_k w_k A_k, dw_k = D_k,
   // dL/dv_k = w_k (B_k - p_k sum(B_k)).
@@ -215,7 +223,7 @@ class RoutedRow : RoutedOperands<T> {
     for (int64_t k = 0; k < K_; ++k) {
       if (first_[k] != k) continue;
       const F wk = wsum_[k];
-      const SoftmaxStats<F> t = load(z_row(teacher_[k]), p_.sz_c, v, e);
+      const SoftmaxStats<F> t = load_slot(k, v, e);
       if (dz_ == nullptr) {
         dval_[k] = accumulate_teacher(std::false_type{}, wk, t, v, e, b);
         continue;
@@ -276,7 +284,7 @@ class RoutedRow : RoutedOperands<T> {
       if (first_[k] != k) continue;
       F* lp = slot_logp(k);
       F* pk = slot_prob(k);
-      const SoftmaxStats<F> t = load_softmax(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, lp, pk);
+      const SoftmaxStats<F> t = load_slot(k, lp, pk);  // mix probs: rows are not padded
       const F wk = wsum_[k];
 #pragma omp simd
       for (int64_t c = 0; c < C_; ++c) {
@@ -322,13 +330,23 @@ class RoutedRow : RoutedOperands<T> {
   // (mix loss and logits) are padded to Cw_ = leading_dim(C) elements with logit -inf, probability 0.
   // Every divergence piece of such an entry is 0 (its terms are masked where P or q is 0), so the
   // sums and the loops over Cw_ (whole vectors, no scalar remainder) give the unpadded row's values.
-  MMFAST_INLINE SoftmaxStats<F> load(const T* src, int64_t stride, F* v, F* e) const {
-    if (Cw_ == C_) return load_softmax(src, stride, C_, inv_tau_, v, e);
+  // `next`: the row loaded after this one (RowSequence).
+  MMFAST_INLINE SoftmaxStats<F> load(const T* src, int64_t stride, F* v, F* e, const T* next = nullptr,
+                                     int64_t next_stride = 0) {
+    if (Cw_ == C_) return rows_.load(src, stride, C_, inv_tau_, v, e, next, next_stride);
     return load_softmax_padded(src, stride, C_, Cw_, inv_tau_, v, e);
+  }
+  // The teacher of slot k (a first slot); next: the next first slot's teacher, else the next row's student.
+  MMFAST_INLINE SoftmaxStats<F> load_slot(int64_t k, F* v, F* e) {
+    int64_t j = k + 1;
+    while (j < K_ && first_[j] != j) ++j;
+    if (j < K_) return load(z_row(teacher_[k]), p_.sz_c, v, e, z_row(teacher_[j]), p_.sz_c);
+    return load(z_row(teacher_[k]), p_.sz_c, v, e, next_x_, p_.sx_c);
   }
   MMFAST_INLINE F* slot_logp(int64_t k) const { return buffer(5 + 2 * int(k)); }
   MMFAST_INLINE F* slot_prob(int64_t k) const { return buffer(6 + 2 * int(k)); }
 
+  MMFAST_INLINE const T* x_row(int64_t b, int64_t s) const { return x_ + b * p_.sx_b + s * p_.sx_s; }
   MMFAST_INLINE const T* z_row(int64_t e) const {
     return z_ + e * p_.sz_e + b_ * p_.sz_b + s_ * p_.sz_s;
   }
@@ -441,6 +459,8 @@ class RoutedRow : RoutedOperands<T> {
   F* wsum_;
   F* dval_;  // per slot: D_k (mix loss) or <p_k, G> (mix probs)
   int64_t n_ = 0, b_ = 0, s_ = 0;
+  const T* next_x_ = nullptr;  // the student row of the next row, when it will be read
+  RowSequence<T> rows_;
   SoftmaxStats<F> q_{};
 };
 
@@ -761,8 +781,8 @@ template <typename T, int MIX, int DIV>
 MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_t begin, int64_t end,
                                      compute_t<T>* workspace, int64_t* slot_ints) {
   RoutedRow<T, DIV> row(p, workspace, slot_ints);
-  const auto one_row = [&](int64_t n) MMFAST_INLINE_LAMBDA {
-    row.set_row(n);
+  const auto one_row = [&](int64_t n, int64_t stop) MMFAST_INLINE_LAMBDA {
+    row.set_row(n, n + 1 < stop && (p.mask == nullptr || p.mask[n + 1] != 0) ? n + 1 : -1);
     if (!row.route()) {  // a bad index wins over the mask, as in the reference
       row.write_bad_row();
       return;
@@ -771,7 +791,7 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_
       row.write_masked_row();
       return;
     }
-    row.load_student();
+    row.load_student(MIX != kMixLogits);
     if constexpr (MIX == kMixLoss) {
       row.mix_loss();
     } else if constexpr (MIX == kMixLogits) {
@@ -799,7 +819,7 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_
       n += R;
       continue;
     }
-    for (const int64_t stop = whole_tile ? n + R : end; n < stop; ++n) one_row(n);
+    for (const int64_t stop = whole_tile ? n + R : end; n < stop; ++n) one_row(n, stop);
   }
 }
 

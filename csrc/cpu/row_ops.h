@@ -103,11 +103,46 @@ MMFAST_INLINE SoftmaxStats<F> shift_exp(F* __restrict v, F m, int64_t C, F* __re
 #pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < C; ++c) {
     const F t = v[c] - m;
-    const F ex = exp_approx(t);
+    const F ex = exp_nonpos(t);
     v[c] = t;
     e[c] = ex;
     sum += ex;
   }
+  return softmax_stats<F>(sum);
+}
+
+// The softmax statistics of the unit-stride row src[c] * scale whose max m is known: v[c] = shifted
+// logits, e[c] = their exp. With `next` (a unit-stride row of the same length, also scaled by `scale`),
+// the same sweep also returns next's max in *next_max: the row loaded after this one then needs no max
+// pass of its own, and its first read from memory overlaps this row's arithmetic.
+template <typename T, typename F = compute_t<T>>
+MMFAST_INLINE SoftmaxStats<F> exp_row(const T* __restrict src, int64_t C, F scale, F m, F* __restrict v,
+                                      F* __restrict e, const T* __restrict next = nullptr,
+                                      F* __restrict next_max = nullptr) {
+  double sum = 0;
+  if (next == nullptr) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < C; ++c) {
+      const F t = to_compute(src[c]) * scale - m;
+      const F ex = exp_nonpos(t);
+      v[c] = t;
+      e[c] = ex;
+      sum += ex;
+    }
+    return softmax_stats<F>(sum);
+  }
+  F mn = -kInf<F>;
+#pragma omp simd reduction(+ : sum) reduction(max : mn)
+  for (int64_t c = 0; c < C; ++c) {
+    const F t = to_compute(src[c]) * scale - m;
+    const F ex = exp_nonpos(t);
+    v[c] = t;
+    e[c] = ex;
+    sum += ex;
+    const F y = to_compute(next[c]) * scale;
+    mn = y > mn ? y : mn;
+  }
+  *next_max = mn;
   return softmax_stats<F>(sum);
 }
 
@@ -126,18 +161,32 @@ MMFAST_INLINE SoftmaxStats<F> load_softmax(const T* __restrict src, int64_t stri
     }
     return shift_exp(v, m, C, e);
   }
-  const F m = row_max(src, C, scale);
-  double sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < C; ++c) {
-    const F t = to_compute(src[c]) * scale - m;
-    const F ex = exp_approx(t);
-    v[c] = t;
-    e[c] = ex;
-    sum += ex;
-  }
-  return softmax_stats<F>(sum);
+  return exp_row(src, C, scale, row_max(src, C, scale), v, e);
 }
+
+// load_softmax of a sequence of rows of the same length and scale, each row's max taken in the sweep
+// of the row before it where both have unit stride (exp_row). load(src, stride, ..., next, next_stride)
+// says which row comes next (nullptr: none known); a row whose max was not taken ahead gets its own pass.
+template <typename T, typename F = compute_t<T>>
+class RowSequence {
+ public:
+  MMFAST_INLINE SoftmaxStats<F> load(const T* src, int64_t stride, int64_t C, F scale, F* v, F* e,
+                                     const T* next = nullptr, int64_t next_stride = 0) {
+    const bool known = ahead_ == src && src != nullptr;
+    ahead_ = nullptr;
+    if (stride != 1) return load_softmax(src, stride, C, scale, v, e);
+    const F m = known ? ahead_max_ : row_max(src, C, scale);
+    if (next == nullptr || next_stride != 1) return exp_row(src, C, scale, m, v, e);
+    ahead_ = next;
+    return exp_row(src, C, scale, m, v, e, next, &ahead_max_);
+  }
+  // forget the row taken ahead (e.g. when the next row turned out not to be loaded)
+  MMFAST_INLINE void reset() { ahead_ = nullptr; }
+
+ private:
+  const T* ahead_ = nullptr;
+  F ahead_max_ = 0;
+};
 
 // load_softmax of a short row into buffers padded to Cw >= C elements: v[C, Cw) = -inf and
 // e[C, Cw) = 0, so that loops over Cw (a multiple of the vector width) run no scalar remainder and

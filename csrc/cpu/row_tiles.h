@@ -47,7 +47,7 @@ MMFAST_INLINE TileStats<F> shift_exp_tile(F* __restrict v, int64_t C, F* __restr
 #pragma omp simd
     for (int r = 0; r < R; ++r) {
       const F t = v[c * R + r] - m[r];
-      const F ex = exp_approx(t);
+      const F ex = exp_nonpos(t);
       v[c * R + r] = t;
       e[c * R + r] = ex;
       sum[r] += ex;

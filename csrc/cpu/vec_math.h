@@ -80,6 +80,34 @@ MMFAST_INLINE float exp_approx(float x) {
   return bit_cast<float>(bit_cast<uint32_t>(u) | (nan_mask & 0x7fc00000u));
 }
 
+// exp(t) for t <= 0 (NaN and -inf included): a softmax's shifted logits t = v - max(v). Results below
+// the smallest normal float (t < -87.34, exp(t) < 2^-126) are 0, as in the GPU kernels (fast-math exp
+// flushes subnormals): one scaling by 2^q instead of two, no clamp, and no subnormal arithmetic (which
+// costs a microcode assist per result on x86). Elsewhere the same operations, so the same bits, as
+// exp_approx. A NaN flows through the arithmetic; -inf gives 0.
+MMFAST_INLINE float exp_nonpos(float t) {
+  constexpr float kLog2e = 1.442695040888963407f;
+  constexpr float kLn2Hi = 0.693145751953125f;
+  constexpr float kLn2Lo = 1.428606765330187045e-06f;
+  constexpr float kRound = 12582912.0f;
+  constexpr float kMinNormalArg = -87.3365447505531f;  // log(2^-126)
+  const float shifted = t * kLog2e + kRound;
+  const uint32_t q = bit_cast<uint32_t>(shifted) - bit_cast<uint32_t>(kRound);
+  const float qf = shifted - kRound;
+  float s = qf * -kLn2Hi + t;
+  s = qf * -kLn2Lo + s;
+  float u = 0.000198527617612853646278381f;
+  u = u * s + 0.00139304355252534151077271f;
+  u = u * s + 0.00833336077630519866943359f;
+  u = u * s + 0.0416664853692054748535156f;
+  u = u * s + 0.166666671633720397949219f;
+  u = u * s + 0.5f;
+  u = (s * s) * u + s + 1.0f;
+  // a bit mask rather than a select (see zero_where_zero); false for a NaN t
+  const uint32_t keep = 0u - static_cast<uint32_t>(!(t < kMinNormalArg));
+  return bit_cast<float>(bit_cast<uint32_t>(u * pow2i(q)) & keep);
+}
+
 // e ln 2 + log(1 + f) for f in [sqrt(1/2) - 1, sqrt(2) - 1]: the Cephes logf polynomial, with
 // ln 2 split in two so that e ln 2 adds without rounding error.
 MMFAST_INLINE float log1p_reduced(float f, float e) {
@@ -133,6 +161,7 @@ MMFAST_INLINE double zero_where_zero(double weight, double value) {
 }
 
 MMFAST_INLINE double exp_approx(double x) { return std::exp(x); }
+MMFAST_INLINE double exp_nonpos(double t) { return std::exp(t); }
 MMFAST_INLINE double log_approx(double x) { return std::log(x); }
 MMFAST_INLINE double log1p_unit(double t) { return std::log1p(t); }
 
