@@ -209,8 +209,8 @@ class RoutedRow : RoutedOperands<T> {
 
   // The student's softmax; mix loss and probs load the first slot's teacher next (its max is taken ahead).
   MMFAST_INLINE void load_student(bool teacher_next) {
-    q_ = teacher_next && K_ > 0 ? load(x_row(b_, s_), p_.sx_c, u_, eq_, z_row(teacher_[0]), p_.sz_c)
-                      : load(x_row(b_, s_), p_.sx_c, u_, eq_);
+    const T* next = teacher_next && K_ > 0 ? z_row(teacher_[0]) : nullptr;
+    q_ = load(x_row(b_, s_), p_.sx_c, u_, eq_, next, p_.sz_c);
   }
 
   // mix "loss": L = sum_k w_k D(p_k || q); A = sum_k w_k A_k, dw_k = D_k,
@@ -223,7 +223,7 @@ class RoutedRow : RoutedOperands<T> {
     for (int64_t k = 0; k < K_; ++k) {
       if (first_[k] != k) continue;
       const F wk = wsum_[k];
-      const SoftmaxStats<F> t = load_slot(k, v, e);
+      const SoftmaxStats<F> t = load_slot<true>(k, v, e);
       if (dz_ == nullptr) {
         dval_[k] = accumulate_teacher(std::false_type{}, wk, t, v, e, b);
         continue;
@@ -284,7 +284,7 @@ class RoutedRow : RoutedOperands<T> {
       if (first_[k] != k) continue;
       F* lp = slot_logp(k);
       F* pk = slot_prob(k);
-      const SoftmaxStats<F> t = load_slot(k, lp, pk);  // mix probs: rows are not padded
+      const SoftmaxStats<F> t = load_slot<false>(k, lp, pk);  // mix probs: rows are not padded
       const F wk = wsum_[k];
 #pragma omp simd
       for (int64_t c = 0; c < C_; ++c) {
@@ -337,11 +337,16 @@ class RoutedRow : RoutedOperands<T> {
     return load_softmax_padded(src, stride, C_, Cw_, inv_tau_, v, e);
   }
   // The teacher of slot k (a first slot); next: the next first slot's teacher, else the next row's student.
+  // kPadded: as load() (mix loss); else the row is never padded (mix probs).
+  template <bool kPadded>
   MMFAST_INLINE SoftmaxStats<F> load_slot(int64_t k, F* v, F* e) {
     int64_t j = k + 1;
     while (j < K_ && first_[j] != j) ++j;
-    if (j < K_) return load(z_row(teacher_[k]), p_.sz_c, v, e, z_row(teacher_[j]), p_.sz_c);
-    return load(z_row(teacher_[k]), p_.sz_c, v, e, next_x_, p_.sx_c);
+    const bool teacher = j < K_;
+    const T* next = teacher ? z_row(teacher_[j]) : next_x_;
+    const int64_t next_stride = teacher ? p_.sz_c : p_.sx_c;
+    if constexpr (kPadded) return load(z_row(teacher_[k]), p_.sz_c, v, e, next, next_stride);
+    return rows_.load(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, v, e, next, next_stride);
   }
   MMFAST_INLINE F* slot_logp(int64_t k) const { return buffer(5 + 2 * int(k)); }
   MMFAST_INLINE F* slot_prob(int64_t k) const { return buffer(6 + 2 * int(k)); }

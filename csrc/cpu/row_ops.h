@@ -112,25 +112,14 @@ MMFAST_INLINE SoftmaxStats<F> shift_exp(F* __restrict v, F m, int64_t C, F* __re
 }
 
 // The softmax statistics of the unit-stride row src[c] * scale whose max m is known: v[c] = shifted
-// logits, e[c] = their exp. With `next` (a unit-stride row of the same length, also scaled by `scale`),
-// the same sweep also returns next's max in *next_max: the row loaded after this one then needs no max
-// pass of its own, and its first read from memory overlaps this row's arithmetic.
+// logits, e[c] = their exp. The same sweep returns in *next_max the max of `next`, a unit-stride row of the
+// same length, also scaled by `scale`: the row loaded after this one then needs no max pass of its own, and
+// its first read from memory overlaps this row's arithmetic. (Callers without a next row pass src: one
+// loop for both cases keeps the kernels' code, and their compile time, smaller.)
 template <typename T, typename F = compute_t<T>>
 MMFAST_INLINE SoftmaxStats<F> exp_row(const T* __restrict src, int64_t C, F scale, F m, F* __restrict v,
-                                      F* __restrict e, const T* __restrict next = nullptr,
-                                      F* __restrict next_max = nullptr) {
+                                      F* __restrict e, const T* __restrict next, F* __restrict next_max) {
   double sum = 0;
-  if (next == nullptr) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < C; ++c) {
-      const F t = to_compute(src[c]) * scale - m;
-      const F ex = exp_nonpos(t);
-      v[c] = t;
-      e[c] = ex;
-      sum += ex;
-    }
-    return softmax_stats<F>(sum);
-  }
   F mn = -kInf<F>;
 #pragma omp simd reduction(+ : sum) reduction(max : mn)
   for (int64_t c = 0; c < C; ++c) {
@@ -146,27 +135,10 @@ MMFAST_INLINE SoftmaxStats<F> exp_row(const T* __restrict src, int64_t C, F scal
   return softmax_stats<F>(sum);
 }
 
-// The same for the row src[c * stride] * scale. A unit-stride row is read twice (its max, then
-// again from cache); a strided row is gathered once into v.
-template <typename T, typename F = compute_t<T>>
-MMFAST_INLINE SoftmaxStats<F> load_softmax(const T* __restrict src, int64_t stride, int64_t C,
-                                           F scale, F* __restrict v, F* __restrict e) {
-  if (stride != 1) {
-    F m = -kInf<F>;
-#pragma omp simd reduction(max : m)
-    for (int64_t c = 0; c < C; ++c) {
-      const F x = to_compute(src[c * stride]) * scale;
-      v[c] = x;
-      m = x > m ? x : m;
-    }
-    return shift_exp(v, m, C, e);
-  }
-  return exp_row(src, C, scale, row_max(src, C, scale), v, e);
-}
-
-// load_softmax of a sequence of rows of the same length and scale, each row's max taken in the sweep
+// The softmax statistics of a sequence of rows of the same length and scale, each row's max taken in the sweep
 // of the row before it where both have unit stride (exp_row). load(src, stride, ..., next, next_stride)
 // says which row comes next (nullptr: none known); a row whose max was not taken ahead gets its own pass.
+// A strided row is gathered once into v (its max on the way), then exponentiated from v.
 template <typename T, typename F = compute_t<T>>
 class RowSequence {
  public:
@@ -174,21 +146,29 @@ class RowSequence {
                                      const T* next = nullptr, int64_t next_stride = 0) {
     const bool known = ahead_ == src && src != nullptr;
     ahead_ = nullptr;
-    if (stride != 1) return load_softmax(src, stride, C, scale, v, e);
+    if (stride != 1) {
+      F m = -kInf<F>;
+#pragma omp simd reduction(max : m)
+      for (int64_t c = 0; c < C; ++c) {
+        const F x = to_compute(src[c * stride]) * scale;
+        v[c] = x;
+        m = x > m ? x : m;
+      }
+      return shift_exp(v, m, C, e);
+    }
     const F m = known ? ahead_max_ : row_max(src, C, scale);
-    if (next == nullptr || next_stride != 1) return exp_row(src, C, scale, m, v, e);
-    ahead_ = next;
-    return exp_row(src, C, scale, m, v, e, next, &ahead_max_);
+    const bool ahead = next != nullptr && next_stride == 1;
+    const SoftmaxStats<F> stats = exp_row(src, C, scale, m, v, e, ahead ? next : src, &ahead_max_);
+    ahead_ = ahead ? next : nullptr;
+    return stats;
   }
-  // forget the row taken ahead (e.g. when the next row turned out not to be loaded)
-  MMFAST_INLINE void reset() { ahead_ = nullptr; }
 
  private:
   const T* ahead_ = nullptr;
   F ahead_max_ = 0;
 };
 
-// load_softmax of a short row into buffers padded to Cw >= C elements: v[C, Cw) = -inf and
+// The softmax statistics of a short row in buffers padded to Cw >= C elements: v[C, Cw) = -inf and
 // e[C, Cw) = 0, so that loops over Cw (a multiple of the vector width) run no scalar remainder and
 // give the same sums (exp(-inf) = 0). The row is gathered first, then max and exp run over Cw.
 template <typename T, typename F = compute_t<T>>

@@ -81,10 +81,10 @@ MMFAST_INLINE float exp_approx(float x) {
 }
 
 // exp(t) for t <= 0 (NaN and -inf included): a softmax's shifted logits t = v - max(v). Results below
-// the smallest normal float (t < -87.34, exp(t) < 2^-126) are 0, as in the GPU kernels (fast-math exp
-// flushes subnormals): one scaling by 2^q instead of two, no clamp, and no subnormal arithmetic (which
-// costs a microcode assist per result on x86). Elsewhere the same operations, so the same bits, as
-// exp_approx. A NaN flows through the arithmetic; -inf gives 0.
+// the smallest normal float (t < -87.34, exp(t) < 2^-126) are 0, as the CUDA kernels' fast-math exp2f
+// flushes them: one scaling by 2^q instead of two, no clamp, and no subnormal arithmetic (which costs a
+// microcode assist per result on x86). Elsewhere the same operations, so the same bits, as exp_approx
+// (whose two scalings by powers of 2 are exact there). A NaN flows through the arithmetic; -inf gives 0.
 MMFAST_INLINE float exp_nonpos(float t) {
   constexpr float kLog2e = 1.442695040888963407f;
   constexpr float kLn2Hi = 0.693145751953125f;
