@@ -452,6 +452,31 @@ def test_routed_row_tiles_dense_logits(layout, mix, div, sparse):
     check_both_paths(x, z, w, idx, mask, mix=mix, div=div)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("mix,div", [(0, 0), (1, 1), (2, 2), (0, 3), (2, 0)])
+def test_routed_row_tiles_nchw_whole_tiles(mix, div, sparse, dtype):
+    """NCHW dense logits with 48 pixels per sample: every tile holds 16 (8 in float64) neighbouring pixels of one
+    sample, so each class is loaded and its gradients (dx, dw, and dz, added into with sparse routing) stored as
+    whole vectors (row_tiles.h, consecutive_lanes); a masked pixel sends its tile to the row path."""
+    g = torch.Generator().manual_seed(mix * 4 + div)
+    B, C, H, W, E = 2, 9, 4, 12, 3
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64).flatten(2).to(dtype)
+    z = torch.randn(E, B, C, H, W, generator=g, dtype=torch.float64).flatten(3).to(dtype)
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    _, _, w, idx = make_inputs(B=B, E=E, sparse=sparse, dtype=wdtype)
+    mask = torch.ones(B, H * W, dtype=torch.bool)
+    mask[1, 20] = False
+    for m in (None, mask):
+        if dtype == torch.bfloat16:
+            with _native.cpu_row_tile_max_classes(ALWAYS_TILE):
+                ref, got = run_routed(x, z, w, idx, m, mix=mix, div=div)
+            truth = ref_routed(x.double(), z.double(), w.double(), idx, m, 2.0, mix, div, 0.3, 4.0, True, True, True)
+            assert_no_worse_than_reference(got, ref, truth, dtype, OUTPUTS)
+        else:
+            check_both_paths(x, z, w, idx, m, mix=mix, div=div)
+
+
 @pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
 def test_routed_row_tiles_nan_inf_and_underflow(mix, div):
     """A NaN, inf or underflowing entry affects its own lane only, as in the row path."""

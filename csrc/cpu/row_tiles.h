@@ -62,6 +62,21 @@ MMFAST_INLINE TileStats<F> shift_exp_tile(F* __restrict v, int64_t C, F* __restr
   return s;
 }
 
+// True when the R lanes' element offsets are consecutive (off[r] == off[0] + r): the tile's rows are
+// neighbouring pixels of dense logits [B, C, S] (class stride S), so each class of the tile is one
+// contiguous run of R elements, loaded and stored as whole vectors instead of gathered and scattered.
+// Each class is then its own stream through memory (C streams per tensor, S elements apart: more than the
+// hardware prefetchers follow), so the loads and stores prefetch their class's run that many tiles ahead
+// (19 classes, 128 x 256 pixels, E = 4, one Xeon, 2 threads: 29-31 ms without, 21-22 ms with).
+constexpr int kTilePrefetchLoads = 2;
+constexpr int kTilePrefetchStores = 4;
+template <int R>
+MMFAST_INLINE bool consecutive_lanes(const int64_t* off) {
+  bool consecutive = true;
+  for (int r = 1; r < R; ++r) consecutive = consecutive && off[r] == off[0] + r;
+  return consecutive;
+}
+
 // v[c][r] = src[off[r] + c * stride] * scale, then shift_exp_tile.
 template <typename T, typename F = compute_t<T>>
 MMFAST_INLINE TileStats<F> load_softmax_tile(const T* __restrict src, const int64_t* __restrict off,
@@ -72,6 +87,13 @@ MMFAST_INLINE TileStats<F> load_softmax_tile(const T* __restrict src, const int6
     for (int r = 0; r < R; ++r) {
       const T* __restrict row = src + off[r];
       for (int64_t c = 0; c < C; ++c) v[c * R + r] = to_compute(row[c]) * scale;
+    }
+  } else if (consecutive_lanes<R>(off)) {
+    const T* __restrict base = src + off[0];
+    for (int64_t c = 0; c < C; ++c) {
+      prefetch_at<0>(base, c * stride + kTilePrefetchLoads * R);
+#pragma omp simd
+      for (int r = 0; r < R; ++r) v[c * R + r] = to_compute(base[c * stride + r]) * scale;
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
@@ -117,6 +139,21 @@ template <typename T, typename Value>
 MMFAST_INLINE void store_tile(T* __restrict dst, const int64_t* __restrict off, int64_t stride, int64_t C,
                               bool accumulate, Value&& value) {
   constexpr int R = kTileRows<compute_t<T>>;
+  if (stride != 1 && consecutive_lanes<R>(off)) {  // whole vectors (see consecutive_lanes)
+    T* __restrict base = dst + off[0];
+    for (int64_t c = 0; c < C; ++c) {
+      T* __restrict run = base + c * stride;
+      prefetch_at<1>(run, kTilePrefetchStores * R);
+      if (accumulate) {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) run[r] = from_compute<T>(to_compute(run[r]) + value(c * R + r, r));
+      } else {
+#pragma omp simd
+        for (int r = 0; r < R; ++r) run[r] = from_compute<T>(value(c * R + r, r));
+      }
+    }
+    return;
+  }
   with_stride(stride, [&](auto s) MMFAST_INLINE_LAMBDA {
     for (int64_t c = 0; c < C; ++c) {
       if (accumulate) {

@@ -17,9 +17,11 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define MMFAST_INLINE inline __attribute__((always_inline))
 #define MMFAST_INLINE_LAMBDA __attribute__((always_inline))
+#define MMFAST_PREFETCH(address, rw) __builtin_prefetch((address), (rw))
 #else
 #define MMFAST_INLINE inline
 #define MMFAST_INLINE_LAMBDA
+#define MMFAST_PREFETCH(address, rw) ((void)(address))
 #endif
 
 // One clone per ISA level (x86-64-v4 = AVX-512, v3 = AVX2 + FMA), chosen once at load time through
@@ -41,6 +43,15 @@ MMFAST_INLINE To bit_cast(From v) {
   To r;
   std::memcpy(&r, &v, sizeof(To));
   return r;
+}
+
+// A hint to fetch the cache line `elements` elements after p (kWrite: to write it). A prefetch never
+// faults, so the address may lie past the end of p's array: it is formed as an integer, not by pointer
+// arithmetic.
+template <int kWrite, typename T>
+MMFAST_INLINE void prefetch_at(const T* p, int64_t elements) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(elements * int64_t{sizeof(T)});
+  MMFAST_PREFETCH(reinterpret_cast<const void*>(address), kWrite);
 }
 
 // 2^q for an integer q in [-126, 127] (held as two's complement), built from the exponent bits.
