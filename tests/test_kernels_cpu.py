@@ -8,11 +8,11 @@ error at that precision. NaN and inf positions must match exactly.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
 import torch
+from _utils import torch_threads
 
 from mmfast import _native
 from mmfast.reference.mutual_kd import mutual_kd_rows as ref_mutual
@@ -252,6 +252,8 @@ def test_routed_underflowing_probabilities(mix, div, dtype):
 # (csrc/cpu/row_ops.h, RowSequence): a teacher's during the row before it, a row's student during the previous
 # row's last teacher (or model) when one thread computes both rows. A max taken from the wrong row would still give
 # a softmax up to rounding, unless rows differ in scale by more than exp's range: then it overflows or underflows.
+# The tests run 40 rows on 1 and 2 threads: each thread's chunks then hold several rows (parallel_rows: rows / (threads
+# * 8) per chunk), so that rows follow each other in one thread.
 OFFSETS = (0.0, 900.0, -700.0, 350.0, -1000.0, 60.0)
 
 
@@ -261,18 +263,6 @@ def offset_rows(t: torch.Tensor, row_dim: int) -> torch.Tensor:
     shape[row_dim] = t.shape[row_dim]
     offsets = torch.tensor([OFFSETS[i % 6] + 13.0 * (i // 6) for i in range(t.shape[row_dim])], dtype=t.dtype)
     return t + offsets.reshape(shape)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """The kernels' thread count (torch's): with 40 rows and 1 or 2 threads, each thread's chunks hold several rows
-    (parallel_rows: rows / (threads * 8) per chunk), so that rows follow each other in one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 AHEAD_MIX_DIV = [(m, d) for m, d in MIX_DIV if m != 1]  # mix logits sums its teachers' logits: no row sequence

@@ -57,27 +57,22 @@ MMFAST_INLINE void prefetch_at(const T* p, int64_t elements) {
 // 2^q for an integer q in [-126, 127] (held as two's complement), built from the exponent bits.
 MMFAST_INLINE float pow2i(uint32_t q) { return bit_cast<float>((q + 127u) << 23); }
 
-// exp(x) = 2^q exp(s), q = round(x / ln 2), s = x - q ln 2 in [-ln2/2, ln2/2] (Cody-Waite split
-// of ln 2), exp(s) by Sleef's xexpf polynomial. |x| is clamped to 104, beyond which exp is 0 or
-// +inf in float; 2^q is applied in two halves, so underflow (to subnormals and to exactly 0,
-// e.g. exp(-inf) = 0) and overflow (to +inf) come out of the last product with one rounding.
-// All integer arithmetic on the bit patterns, no compare-and-select on x: the optimizer has no
-// branch to specialize (which would stop the vectorizer), and no float -> int conversion:
-// q is read from the mantissa of x / ln 2 + 1.5 * 2^23. A NaN x gives a NaN.
-MMFAST_INLINE float exp_approx(float x) {
+// exp(x) = 2^q exp(s) for |x| <= 104: q = round(x / ln 2) (read from the mantissa of x / ln 2 + 1.5 * 2^23,
+// no float -> int conversion) and exp(s), s = x - q ln 2 in [-ln2/2, ln2/2] (Cody-Waite split of ln 2), by
+// Sleef's xexpf polynomial. A NaN x gives a NaN u.
+struct ExpParts {
+  float u;     // exp(s)
+  uint32_t q;  // q as two's complement
+};
+MMFAST_INLINE ExpParts exp_parts(float x) {
   constexpr float kLog2e = 1.442695040888963407f;
   constexpr float kLn2Hi = 0.693145751953125f;
   constexpr float kLn2Lo = 1.428606765330187045e-06f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  constexpr uint32_t kLimitBits = 0x42d00000u;  // 104.0f
-  const uint32_t bits = bit_cast<uint32_t>(x);
-  const uint32_t magnitude = bits & 0x7fffffffu;
-  const uint32_t nan_mask = 0u - static_cast<uint32_t>(magnitude > 0x7f800000u);
-  const float xc = bit_cast<float>(std::min(magnitude, kLimitBits) | (bits & 0x80000000u));
-  const float shifted = xc * kLog2e + kRound;
+  const float shifted = x * kLog2e + kRound;
   const uint32_t q = bit_cast<uint32_t>(shifted) - bit_cast<uint32_t>(kRound);
   const float qf = shifted - kRound;
-  float s = qf * -kLn2Hi + xc;
+  float s = qf * -kLn2Hi + x;
   s = qf * -kLn2Lo + s;
   float u = 0.000198527617612853646278381f;
   u = u * s + 0.00139304355252534151077271f;
@@ -86,8 +81,22 @@ MMFAST_INLINE float exp_approx(float x) {
   u = u * s + 0.166666671633720397949219f;
   u = u * s + 0.5f;
   u = (s * s) * u + s + 1.0f;
-  const uint32_t q_half = static_cast<uint32_t>(static_cast<int32_t>(q) >> 1);
-  u = u * pow2i(q_half) * pow2i(q - q_half);
+  return {u, q};
+}
+
+// exp(x): |x| is clamped to 104, beyond which exp is 0 or +inf in float; 2^q is applied in two halves, so
+// underflow (to subnormals and to exactly 0, e.g. exp(-inf) = 0) and overflow (to +inf) come out of the last
+// product with one rounding. All integer arithmetic on the bit patterns, no compare-and-select on x: the
+// optimizer has no branch to specialize (which would stop the vectorizer). A NaN x gives a NaN.
+MMFAST_INLINE float exp_approx(float x) {
+  constexpr uint32_t kLimitBits = 0x42d00000u;  // 104.0f
+  const uint32_t bits = bit_cast<uint32_t>(x);
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  const uint32_t nan_mask = 0u - static_cast<uint32_t>(magnitude > 0x7f800000u);
+  const float xc = bit_cast<float>(std::min(magnitude, kLimitBits) | (bits & 0x80000000u));
+  const ExpParts e = exp_parts(xc);
+  const uint32_t q_half = static_cast<uint32_t>(static_cast<int32_t>(e.q) >> 1);
+  const float u = e.u * pow2i(q_half) * pow2i(e.q - q_half);
   return bit_cast<float>(bit_cast<uint32_t>(u) | (nan_mask & 0x7fc00000u));
 }
 
@@ -97,26 +106,11 @@ MMFAST_INLINE float exp_approx(float x) {
 // microcode assist per result on x86). Elsewhere the same operations, so the same bits, as exp_approx
 // (whose two scalings by powers of 2 are exact there). A NaN flows through the arithmetic; -inf gives 0.
 MMFAST_INLINE float exp_nonpos(float t) {
-  constexpr float kLog2e = 1.442695040888963407f;
-  constexpr float kLn2Hi = 0.693145751953125f;
-  constexpr float kLn2Lo = 1.428606765330187045e-06f;
-  constexpr float kRound = 12582912.0f;
   constexpr float kMinNormalArg = -87.3365447505531f;  // log(2^-126)
-  const float shifted = t * kLog2e + kRound;
-  const uint32_t q = bit_cast<uint32_t>(shifted) - bit_cast<uint32_t>(kRound);
-  const float qf = shifted - kRound;
-  float s = qf * -kLn2Hi + t;
-  s = qf * -kLn2Lo + s;
-  float u = 0.000198527617612853646278381f;
-  u = u * s + 0.00139304355252534151077271f;
-  u = u * s + 0.00833336077630519866943359f;
-  u = u * s + 0.0416664853692054748535156f;
-  u = u * s + 0.166666671633720397949219f;
-  u = u * s + 0.5f;
-  u = (s * s) * u + s + 1.0f;
+  const ExpParts e = exp_parts(t);
   // a bit mask rather than a select (see zero_where_zero); false for a NaN t
   const uint32_t keep = 0u - static_cast<uint32_t>(!(t < kMinNormalArg));
-  return bit_cast<float>(bit_cast<uint32_t>(u * pow2i(q)) & keep);
+  return bit_cast<float>(bit_cast<uint32_t>(e.u * pow2i(e.q)) & keep);
 }
 
 // e ln 2 + log(1 + f) for f in [sqrt(1/2) - 1, sqrt(2) - 1]: the Cephes logf polynomial, with
