@@ -8,6 +8,8 @@ import zlib
 import pytest
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmfast
 
@@ -281,3 +283,27 @@ def check_in_place_backward(loss_fn, leaves, factor: float, module, attr: str, m
         if f is not None:
             torch.testing.assert_close(s, f, rtol=0, atol=0)
             torch.testing.assert_close(t, f, rtol=0, atol=0)
+
+
+class RecordingDispatchMode(TorchDispatchMode):
+    """A dispatch mode that records every op it sees (``calls``: the ``OpOverload`` objects) and runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class RecordingFunctionMode(TorchFunctionMode):
+    """A torch-function mode that records every function it sees (``calls``) and runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))

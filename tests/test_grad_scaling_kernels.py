@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _utils import backend_params
+from _utils import RecordingDispatchMode, backend_params
 
 import mmfast
 from mmfast.ops import _grad_scaling
@@ -192,20 +192,10 @@ def test_cpu_scale_rows(value, all_ones):
 def test_cpu_ones_make_no_pass():
     """A large CPU gradient scaled by an expanded 1 (``loss.backward()`` on a sum) meets no multiplication, and its
     check reads one value (no compare over the factor); a small one is multiplied."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     for cols, multiplied in ((4096, False), (30, True)):
         grad, factor = torch.randn(5, cols), torch.tensor(1.0).expand(5)
-        with Ops() as seen:
+        with RecordingDispatchMode() as mode:
             _grad_scaling.scale_rows_(grad, factor)
-        assert ("mul_" in seen.names) == multiplied, seen.names
-        assert "eq" not in seen.names, seen.names
+        names = [f.overloadpacket.__name__ for f in mode.calls]
+        assert ("mul_" in names) == multiplied, names
+        assert "eq" not in names, names
