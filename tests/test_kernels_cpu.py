@@ -56,6 +56,9 @@ def assert_no_worse_than_reference(got, ref, truth, dtype, names):
     error at ``dtype`` plus one ulp of the output's scale."""
     for name, g, r, t in zip(names, got, ref, truth, strict=True):
         assert g.dtype == r.dtype and g.shape == r.shape, name
+        if t.numel() == 0:  # an output not requested
+            assert g.numel() == 0, name
+            continue
         err_ref = (r.double() - t).abs().amax().item()
         err_got = (g.double() - t).abs().amax().item()
         tol = torch.finfo(dtype).eps * t.abs().amax().item()
@@ -98,6 +101,9 @@ def make_inputs(B=5, C=37, E=3, S=1, K=None, sparse=False, dtype=torch.float64, 
 
 
 MIX_DIV = list(itertools.product(range(3), range(4)))
+# the gradients requested: (dx, dw, dz); without dz (frozen teachers) mix "loss" with KL takes its own path
+ALL_GRADS = (True, True, True)
+NO_DZ = (True, True, False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -268,9 +274,10 @@ def offset_rows(t: torch.Tensor, row_dim: int) -> torch.Tensor:
 AHEAD_MIX_DIV = [(m, d) for m, d in MIX_DIV if m != 1]  # mix logits sums its teachers' logits: no row sequence
 
 
+@pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("mix,div", AHEAD_MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in AHEAD_MIX_DIV])
-def test_routed_rows_far_apart_in_scale(mix, div, sparse):
+def test_routed_rows_far_apart_in_scale(mix, div, sparse, needs):
     """Student and teacher rows each shifted by up to +-2000 (tau = 2): every row's max is its own, with masked
     rows between them (never read ahead) and rows that follow each other in one thread."""
     x, z, w, idx = make_inputs(B=40, C=97, E=4, K=3, sparse=sparse, dtype=torch.float32, seed=41 + mix)
@@ -280,12 +287,13 @@ def test_routed_rows_far_apart_in_scale(mix, div, sparse):
     mask[[3, 4, 9, 38]] = False  # a masked row after an unmasked one, two in a row, one before the last row
     for threads, m in itertools.product((1, 2), (None, mask)):
         with torch_threads(threads):
-            ref, got = check_routed(x, z, w, idx, m, mix=mix, div=div)
+            ref, got = check_routed(x, z, w, idx, m, mix=mix, div=div, needs=needs)
         assert all(torch.isfinite(t).all() for t in got), "a row's max was taken from another row"
 
 
+@pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
 @pytest.mark.parametrize("mix", range(3))
-def test_routed_masked_rows_are_not_read_ahead(mix):
+def test_routed_masked_rows_are_not_read_ahead(mix, needs):
     """The row after a row is read ahead only when it is not masked: masked rows full of NaN leave every
     output finite (the reference never reads them either)."""
     x, z, w, idx = make_inputs(B=40, C=130, E=3, sparse=True, K=2, dtype=torch.float32, seed=7)
@@ -295,12 +303,13 @@ def test_routed_masked_rows_are_not_read_ahead(mix):
     z[:, ~mask[:, 0]] = float("nan")
     for threads in (1, 2):
         with torch_threads(threads):
-            ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=0)
+            ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=0, needs=needs)
         assert all(torch.isfinite(t).all() for t in got)
 
 
+@pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
 @pytest.mark.parametrize("mix,div", [(0, 0), (2, 1), (2, 2), (0, 3)])
-def test_routed_dense_logits_channels_last_rows_far_apart(mix, div):
+def test_routed_dense_logits_channels_last_rows_far_apart(mix, div, needs):
     """Channels-last dense logits: a row (b, s) has unit class stride, and the next row is pixel s + 1."""
     g = torch.Generator().manual_seed(mix * 4 + div)
     B, C, H, W, E = 2, 80, 4, 5, 3
@@ -311,14 +320,77 @@ def test_routed_dense_logits_channels_last_rows_far_apart(mix, div):
     mask = torch.ones(B, H * W, dtype=torch.bool)
     mask[0, 2] = mask[1, 1] = mask[1, 7] = False
     with torch_threads(1):
-        ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=div)
+        ref, got = check_routed(x, z, w, idx, mask, mix=mix, div=div, needs=needs)
     assert all(torch.isfinite(t).all() for t in got)
+
+
+# Mix "loss" with KL and no teacher gradient (frozen teachers, the common case) reads each teacher row in one sweep
+# that keeps its exp row and sums (csrc/cpu/routed_kd.cpp, mix_loss_kl): rows of at least 64 classes whose teacher
+# rows have unit class stride. Its sums run over blocks of 1024 classes; dx combines up to four exp rows per pass.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "E,K,sparse",
+    [(1, None, False), (2, None, False), (3, None, False), (4, None, False), (6, None, False), (5, 5, True),
+     (4, 3, True)],
+    ids=["E1", "E2", "E3", "E4", "E6", "top5-of-5", "top3-of-4"],
+)
+@pytest.mark.parametrize("C", [64, 1000, 2500])
+def test_routed_kl_single_sweep(C, E, K, sparse, dtype):
+    x, z, w, idx = make_inputs(B=7, C=C, E=E, K=K, sparse=sparse, dtype=dtype, seed=C + E)
+    mask = torch.tensor([True, True, False, True, True, False, True]).reshape(7, 1)
+    for m, needs, tau in ((None, NO_DZ, 2.0), (mask, NO_DZ, 0.5), (None, (True, False, False), 4.0),
+                          (None, (False, True, False), 1.0), (None, (False, False, False), 2.0)):
+        check_routed(x, z, w, idx, m, tau=tau, needs=needs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_routed_kl_single_sweep_nan_inf_and_underflow(threads):
+    """NaN, -inf (P == 0, q == 0, both) and probabilities that underflow in rows of the single-sweep path: the
+    reference's NaN / inf pattern exactly and its finite values."""
+    x, z, w, idx = make_inputs(B=8, C=80, E=3, sparse=True, K=2, dtype=torch.float32, seed=13)
+    x[0, 3, 0] = float("nan")
+    z[:, 1, 5, 0] = float("nan")
+    x[2, :4, 0] = float("-inf")  # q == 0 where P > 0: an infinite divergence
+    z[:, 3, 2:6, 0] = float("-inf")  # P == 0: 0 log 0 terms are 0
+    x[4, 7, 0] = float("-inf")
+    z[:, 4, 7, 0] = float("-inf")  # both zero at the same class
+    z[:, 5, 10:, 0] = float("-inf")  # P == 0 from class 10 on, q == 0 from class 40 on: finite
+    x[5, 40:, 0] = float("-inf")
+    x[6] *= 60.0  # most probabilities of rows 6 and 7 underflow
+    z[:, 7] *= 60.0
+    with torch_threads(threads):
+        ref, got = check_routed(x, z, w, idx, tau=1.0, scale=1.0, needs=NO_DZ)
+    loss = got[0].flatten()
+    assert torch.isnan(loss[[0, 1]]).all() and torch.isinf(loss[2]) and torch.isfinite(loss[3:]).all()
+
+
+def test_routed_kl_single_sweep_one_hot_rows_give_zero_gradient():
+    """Student and teachers all one-hot at the same class (every other probability underflows): the loss and
+    dx are exactly 0, as the sums cancel exactly (q W - sum_k (w_k / Z_k) e_k with Z_k = 1)."""
+    B, C, E = 3, 100, 4
+    x = torch.full((B, C, 1), -200.0)
+    z = torch.full((E, B, C, 1), -200.0)
+    for b in range(B):
+        x[b, 7 * b] = 0.0
+        z[:, b, 7 * b] = 0.0
+    w = torch.rand(B, E, generator=torch.Generator().manual_seed(0))
+    ref, got = check_routed(x, z, w, tau=1.0, scale=1.0, needs=NO_DZ)
+    assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
+def test_routed_kl_single_sweep_low_precision(dtype):
+    x, z, w, idx = make_inputs(B=8, C=301, E=3, dtype=dtype, seed=5, spread=2.0)
+    ref, got = run_routed(x, z, w, idx, needs=NO_DZ)
+    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, 0, 0, 0.3, 4.0, *NO_DZ)
+    assert_no_worse_than_reference(got, ref, truth, dtype, OUTPUTS)
 
 
 # exp of a softmax's shifted logits (csrc/cpu/vec_math.h, exp_nonpos) gives 0 below the smallest normal float,
 # exp(t) < 2^-126 for t < -87.34, as the GPU kernels' fast exp does; the reference keeps those subnormals.
+@pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
 @pytest.mark.parametrize("mix,div", MIX_DIV, ids=[f"mix{m}-div{d}" for m, d in MIX_DIV])
-def test_routed_probabilities_below_the_normal_range(mix, div):
+def test_routed_probabilities_below_the_normal_range(mix, div, needs):
     """Shifted logits in [-104, -87] (the subnormal band), beyond it, exactly -inf and at the max: values and
     gradients stay within fp32 rounding of the float64 truth, and the zero / inf / NaN pattern is the reference's."""
     g = torch.Generator().manual_seed(mix * 4 + div)
@@ -330,10 +402,12 @@ def test_routed_probabilities_below_the_normal_range(mix, div):
     x[1, 5] = z[:, 1, 5] = float("-inf")
     x, z = x.unsqueeze(-1), z.unsqueeze(-1)
     w = torch.rand(B, E, generator=g)
-    ref, got = check_routed(x, z, w, tau=1.0, mix=mix, div=div)
-    truth = ref_routed(x.double(), z.double(), w.double(), None, None, 1.0, mix, div, 0.3, 1.0, True, True, True)
+    ref, got = check_routed(x, z, w, tau=1.0, mix=mix, div=div, needs=needs)
+    truth = ref_routed(x.double(), z.double(), w.double(), None, None, 1.0, mix, div, 0.3, 1.0, *needs)
     for name, r, k, t in zip(OUTPUTS, ref, got, truth, strict=True):
         assert torch.equal(torch.isfinite(k), torch.isfinite(r)), name
+        if t.numel() == 0:  # an output not requested
+            continue
         finite = torch.isfinite(t)
         err = (k.double() - t).abs()[finite].amax().item()
         assert err <= 64 * torch.finfo(torch.float32).eps * max(t[finite].abs().amax().item(), 1.0), name

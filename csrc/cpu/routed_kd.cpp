@@ -80,6 +80,44 @@ MMFAST_INLINE F prob_times_grad(F pk, F lpk, F G, F lP, F lq) {
   }
 }
 
+// Classes per block of the teacher sweep's float sums (each block's sums are added to doubles).
+constexpr int64_t kSweepBlock = 1024;
+
+struct KLSums {
+  double Z, S;
+};
+
+// One sweep over a unit-stride teacher row src for KL(p || q), p = softmax(v), v = src * scale - m (m the
+// row's max): stores e[c] = exp(v[c]) and returns Z = sum e and S = sum over e != 0 of e (v - u), u the
+// student's shifted logits, so that KL = S / Z - log Z + log Z_q (p sums to one; log p - log q =
+// v - u - log Z + log Z_q). The max of the unit-stride row `next` (same length and scale) in *next_max.
+// Float sums over blocks of kSweepBlock classes, each added to a double (as exp_row's double sum, to
+// ~1e-7 relative).
+template <typename T, typename F = compute_t<T>>
+MMFAST_INLINE KLSums kl_teacher_row(const T* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
+                                    F* __restrict e, const T* __restrict next, F* __restrict next_max) {
+  double Z = 0, S = 0;
+  F mn = -kInf<F>;
+  for (int64_t c0 = 0; c0 < C; c0 += kSweepBlock) {
+    const int64_t c1 = std::min(C, c0 + kSweepBlock);
+    F zb = 0, sb = 0;
+#pragma omp simd reduction(+ : zb, sb) reduction(max : mn)
+    for (int64_t c = c0; c < c1; ++c) {
+      const F v = to_compute(src[c]) * scale - m;
+      const F ex = exp_nonpos(v);
+      e[c] = ex;
+      zb += ex;
+      sb += zero_where_zero(ex, ex * (v - u[c]));
+      const F y = to_compute(next[c]);
+      mn = y > mn ? y : mn;
+    }
+    Z += zb;
+    S += sb;
+  }
+  *next_max = mn * scale;  // = max of next[c] * scale (scale > 0, rounding is monotonic)
+  return {Z, S};
+}
+
 // Mix probs: lP = log P for the n mixture probabilities P = sum_k w_k p_k. log(P) equals
 // logsumexp_k(log w_k + log p_k) wherever P is a normal float; elsewhere (underflow, NaN, inf) take the
 // log-space value logp_at(i), as the reference, and P = exp of it.
@@ -140,7 +178,12 @@ class RoutedRow : RoutedOperands<T> {
   // Scratch buffers per thread (leading_dim(C) apart): shifted student logits u, exp(u), A, then
   // the mix's own buffers from index kFirstMixBuffer on; after them 2 scalars per routing slot.
   static constexpr int kFirstMixBuffer = 3;
-  static int num_buffers(int mix, int64_t K) { return mix == kMixProbs ? 5 + 2 * int(K) : 6; }
+  // (mix loss with KL and no teacher gradient, mix_loss_kl: u, exp(u), then one exp row per distinct slot.)
+  static int num_buffers(int mix, int64_t K) {
+    return mix == kMixProbs ? 5 + 2 * int(K) : mix == kMixLoss ? std::max(6, 2 + int(K)) : 6;
+  }
+  // Scalars per routing slot after the buffers.
+  static constexpr int kSlotScalars = 3;
 
   MMFAST_INLINE RoutedRow(const RoutedKDParams& p, F* workspace, int64_t* slot_ints)
       : Ops(p),
@@ -153,7 +196,8 @@ class RoutedRow : RoutedOperands<T> {
         teacher_(slot_ints),
         first_(slot_ints + p.K),
         wsum_(workspace + int64_t{num_buffers(p.mix, p.K)} * ld_),
-        dval_(wsum_ + p.K) {}
+        dval_(wsum_ + p.K),
+        coef_(dval_ + p.K) {}
 
   // Row n; next (or -1): the row this thread computes after it, if it will be read (not masked).
   MMFAST_INLINE void set_row(int64_t n, int64_t next) {
@@ -216,6 +260,9 @@ class RoutedRow : RoutedOperands<T> {
   // mix "loss": L = sum_k w_k D(p_k || q); A = sum_k w_k A_k, dw_k = D_k,
   // dL/dv_k = w_k (B_k - p_k sum(B_k)).
   MMFAST_INLINE void mix_loss() {
+    if constexpr (DIV == kKL) {
+      if (dz_ == nullptr && Cw_ == C_ && p_.sz_c == 1) return mix_loss_kl();
+    }
     F* v = buffer(kFirstMixBuffer);
     F* e = buffer(kFirstMixBuffer + 1);
     F* b = buffer(kFirstMixBuffer + 2);
@@ -244,6 +291,85 @@ class RoutedRow : RoutedOperands<T> {
     }
     loss_[n_] = scale_ * loss;
     write_dx();
+  }
+
+  // mix "loss" with KL and no teacher gradient (the common case: frozen teachers): each distinct teacher
+  // row is read in one sweep (kl_teacher_row), which keeps its exp row e_k and gives D_k, and one pass
+  // after them writes dx = scale / tau (q W - sum_k (w_k / Z_k) e_k), W = sum_k w_k (A = -sum_k w_k p_k,
+  // sum(A) = -W). Fewer passes over the row buffers than the general path, which forms every
+  // divergence piece in a pass of its own per teacher.
+  MMFAST_INLINE void mix_loss_kl() {
+    const double log_zq = q_.log_sum;
+    F W = 0;
+    int nd = 0;  // distinct slots
+    for (int64_t k = 0; k < K_; ++k) {
+      if (first_[k] != k) continue;
+      F* e = buffer(2 + nd);
+      const T* src = z_row(teacher_[k]);
+      int64_t j = k + 1;  // the next distinct slot's teacher, else the next row's student
+      while (j < K_ && first_[j] != j) ++j;
+      const T* next = j < K_ ? z_row(teacher_[j]) : next_x_;
+      const int64_t next_stride = j < K_ ? p_.sz_c : p_.sx_c;
+      const KLSums sums = rows_.sweep(src, C_, inv_tau_, next, next_stride,
+                                      [&](F m, const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
+                                        return kl_teacher_row(src, C_, inv_tau_, m, u_, e, ahead, ahead_max);
+                                      });
+      dval_[k] = F(sums.S / sums.Z - std::log(sums.Z) + log_zq);
+      const F wk = wsum_[k];
+      coef_[nd++] = wk * F(1 / sums.Z);
+      W += wk;
+    }
+    F loss = 0;
+    for (int64_t k = 0; k < K_; ++k) {
+      const F d = dval_[first_[k]];
+      loss += w_[b_ * K_ + k] * d;
+      if (dw_ != nullptr) dw_[n_ * K_ + k] = scale_ * d;
+    }
+    loss_[n_] = scale_ * loss;
+    if (dx_ == nullptr) return;
+    if (nd > 4) {  // sum_j coef_j e_j into e_0 first (the pass below takes up to four rows)
+      F* __restrict e0 = buffer(2);
+      const F c0 = coef_[0];
+#pragma omp simd
+      for (int64_t c = 0; c < C_; ++c) e0[c] *= c0;
+      for (int j = 1; j < nd; ++j) {
+        const F* __restrict ej = buffer(2 + j);
+        const F cj = coef_[j];
+#pragma omp simd
+        for (int64_t c = 0; c < C_; ++c) e0[c] += cj * ej[c];
+      }
+      coef_[0] = 1;
+      nd = 1;
+    }
+    switch (nd) {
+      case 1:
+        return write_dx_kl(W, std::integral_constant<int, 1>{});
+      case 2:
+        return write_dx_kl(W, std::integral_constant<int, 2>{});
+      case 3:
+        return write_dx_kl(W, std::integral_constant<int, 3>{});
+      default:
+        return write_dx_kl(W, std::integral_constant<int, 4>{});
+    }
+  }
+
+  // dx = scale / tau (q W - sum_j coef_j e_j) over the ND exp rows e_j = buffer(2 + j) (mix_loss_kl).
+  template <int ND>
+  MMFAST_INLINE void write_dx_kl(F W, std::integral_constant<int, ND>) {
+    const F* __restrict eq = eq_;
+    const F* __restrict e[4];
+    F coef[4];
+    for (int j = 0; j < ND; ++j) {
+      e[j] = buffer(2 + j);
+      coef[j] = coef_[j];
+    }
+    const F qw = q_.inv_sum * W;
+    const F g = grad_scale_;
+    store_row(dx_row(), p_.S, C_, false, [&](int64_t c) MMFAST_INLINE_LAMBDA {
+      F pbar = coef[0] * e[0][c];
+      for (int j = 1; j < ND; ++j) pbar += coef[j] * e[j][c];
+      return (eq[c] * qw - pbar) * g;
+    });
   }
 
   // mix "logits": vbar = sum_k w_k v_k, L = D(softmax(vbar) || q);
@@ -463,6 +589,7 @@ class RoutedRow : RoutedOperands<T> {
   int64_t* first_;
   F* wsum_;
   F* dval_;  // per slot: D_k (mix loss) or <p_k, G> (mix probs)
+  F* coef_;  // mix_loss_kl: w_k / Z_k of the j-th distinct slot
   int64_t n_ = 0, b_ = 0, s_ = 0;
   const T* next_x_ = nullptr;  // the student row of the next row, when it will be read
   RowSequence<T> rows_;
@@ -869,7 +996,7 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
   const int threads = resolve_threads(num_threads, rows);
   const int64_t buffers = RoutedRow<T, kKL>::num_buffers(p.mix, p.K);
   const bool tiles = use_tiles(p);  // read once: the workspace is sized for it
-  const int64_t per_thread = std::max(buffers * Workspace<F>::leading_dim(p.C) + 2 * p.K,
+  const int64_t per_thread = std::max(buffers * Workspace<F>::leading_dim(p.C) + RoutedRow<T, kKL>::kSlotScalars * p.K,
                                       tiles ? RoutedTile<T, kKL>::workspace_elements(p.mix, p.C, p.K) : 0);
   Workspace<F> workspace(threads, per_thread);
   std::vector<int64_t> slot_ints(static_cast<std::size_t>(threads) * 2 * p.K);

@@ -33,17 +33,17 @@ MMFAST_INLINE auto with_stride(int64_t stride, Body&& body) {
   return stride == 1 ? body(std::integral_constant<int64_t, 1>{}) : body(stride);
 }
 
-// max_c src[c] * scale. A NaN element may be skipped by the max, but it still poisons the exp sum
+// max_c src[c] * scale (scale > 0). A NaN element may be skipped by the max, but it still poisons the exp sum
 // of its row (as in torch).
 template <typename T, typename F = compute_t<T>>
 MMFAST_INLINE F row_max(const T* __restrict src, int64_t C, F scale) {
   F m = -kInf<F>;
 #pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < C; ++c) {
-    const F v = to_compute(src[c]) * scale;
+    const F v = to_compute(src[c]);
     m = v > m ? v : m;
   }
-  return m;
+  return m * scale;  // = max_c src[c] * scale: scale > 0 and rounding is monotonic
 }
 
 // dst[c] (+)= weight * src[c * stride] * scale (assigns when !accumulate); returns max_c dst[c].
@@ -128,10 +128,10 @@ MMFAST_INLINE SoftmaxStats<F> exp_row(const T* __restrict src, int64_t C, F scal
     v[c] = t;
     e[c] = ex;
     sum += ex;
-    const F y = to_compute(next[c]) * scale;
+    const F y = to_compute(next[c]);
     mn = y > mn ? y : mn;
   }
-  *next_max = mn;
+  *next_max = mn * scale;  // as row_max
   return softmax_stats<F>(sum);
 }
 
@@ -144,9 +144,8 @@ class RowSequence {
  public:
   MMFAST_INLINE SoftmaxStats<F> load(const T* src, int64_t stride, int64_t C, F scale, F* v, F* e,
                                      const T* next = nullptr, int64_t next_stride = 0) {
-    const bool known = ahead_ == src && src != nullptr;
-    ahead_ = nullptr;
     if (stride != 1) {
+      ahead_ = nullptr;
       F m = -kInf<F>;
 #pragma omp simd reduction(max : m)
       for (int64_t c = 0; c < C; ++c) {
@@ -156,11 +155,22 @@ class RowSequence {
       }
       return shift_exp(v, m, C, e);
     }
-    const F m = known ? ahead_max_ : row_max(src, C, scale);
+    return sweep(src, C, scale, next, next_stride, [&](F m, const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
+      return exp_row(src, C, scale, m, v, e, ahead, ahead_max);
+    });
+  }
+
+  // A unit-stride row src of the sequence, swept by the caller's body(m, ahead, ahead_max): m is the row's max
+  // (taken ahead, else in a pass of its own), and the sweep must also store in *ahead_max the max of the
+  // unit-stride row `ahead` (next where it has unit stride, else src) scaled by `scale`, as exp_row does.
+  // Returns what body returns.
+  template <typename Body>
+  MMFAST_INLINE auto sweep(const T* src, int64_t C, F scale, const T* next, int64_t next_stride, Body&& body) {
+    const F m = ahead_ == src && src != nullptr ? ahead_max_ : row_max(src, C, scale);
     const bool ahead = next != nullptr && next_stride == 1;
-    const SoftmaxStats<F> stats = exp_row(src, C, scale, m, v, e, ahead ? next : src, &ahead_max_);
+    const auto result = body(m, ahead ? next : src, &ahead_max_);
     ahead_ = ahead ? next : nullptr;
-    return stats;
+    return result;
   }
 
  private:
