@@ -80,9 +80,6 @@ MMFAST_INLINE F prob_times_grad(F pk, F lpk, F G, F lP, F lq) {
   }
 }
 
-// Classes per block of the teacher sweep's float sums (each block's sums are added to doubles).
-constexpr int64_t kSweepBlock = 1024;
-
 struct KLSums {
   double Z, S;
 };
@@ -91,8 +88,7 @@ struct KLSums {
 // row's max): stores e[c] = exp(v[c]) and returns Z = sum e and S = sum over e != 0 of e (v - u), u the
 // student's shifted logits, so that KL = S / Z - log Z + log Z_q (p sums to one; log p - log q =
 // v - u - log Z + log Z_q). The max of the unit-stride row `next` (same length and scale) in *next_max.
-// Float sums over blocks of kSweepBlock classes, each added to a double (as exp_row's double sum, to
-// ~1e-7 relative).
+// Float sums over blocks of kSweepBlock classes, each added to a double (as exp_row).
 template <typename T, typename F = compute_t<T>>
 MMFAST_INLINE KLSums kl_teacher_row(const T* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
                                     F* __restrict e, const T* __restrict next, F* __restrict next_max) {
@@ -357,17 +353,21 @@ class RoutedRow : RoutedOperands<T> {
   template <int ND>
   MMFAST_INLINE void write_dx_kl(F W, std::integral_constant<int, ND>) {
     const F* __restrict eq = eq_;
-    const F* __restrict e[4];
-    F coef[4];
-    for (int j = 0; j < ND; ++j) {
-      e[j] = buffer(2 + j);
-      coef[j] = coef_[j];
-    }
+    // named rows and coefficients (an array of them stays in memory, reloaded per vector); unused ones repeat
+    // row 0 and are never read
+    const F* __restrict e0 = buffer(2);
+    const F* __restrict e1 = buffer(ND > 1 ? 3 : 2);
+    const F* __restrict e2 = buffer(ND > 2 ? 4 : 2);
+    const F* __restrict e3 = buffer(ND > 3 ? 5 : 2);
+    const F c0 = coef_[0], c1 = ND > 1 ? coef_[1] : F(0), c2 = ND > 2 ? coef_[2] : F(0),
+            c3 = ND > 3 ? coef_[3] : F(0);
     const F qw = q_.inv_sum * W;
     const F g = grad_scale_;
-    store_row(dx_row(), p_.S, C_, false, [&](int64_t c) MMFAST_INLINE_LAMBDA {
-      F pbar = coef[0] * e[0][c];
-      for (int j = 1; j < ND; ++j) pbar += coef[j] * e[j][c];
+    store_row(dx_row(), p_.S, C_, false, [=](int64_t c) MMFAST_INLINE_LAMBDA {
+      F pbar = c0 * e0[c];
+      if constexpr (ND > 1) pbar += c1 * e1[c];
+      if constexpr (ND > 2) pbar += c2 * e2[c];
+      if constexpr (ND > 3) pbar += c3 * e3[c];
       return (eq[c] * qw - pbar) * g;
     });
   }
