@@ -422,10 +422,11 @@ def test_mutual_probabilities_below_the_normal_range():
     check_mutual(logits, tau=1.0)
 
 
-def test_mutual_rows_far_apart_in_scale():
+@pytest.mark.parametrize("M", [2, 3, 4, 5])
+def test_mutual_rows_far_apart_in_scale(M):
     """Each model's row shifted by up to +-2000 (tau = 2), rows of 100 classes: every row's max is its own."""
     g = torch.Generator().manual_seed(11)
-    logits = offset_rows(offset_rows(torch.randn(3, 40, 100, generator=g), 1), 0)
+    logits = offset_rows(offset_rows(torch.randn(M, 40, 100, generator=g), 1), 0)
     for threads in (1, 2):
         with torch_threads(threads):
             ref, got = check_mutual(logits)
@@ -658,14 +659,46 @@ def test_mutual_strides_and_edge_values():
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
-@pytest.mark.parametrize("N,C", [(16, 257), (48, 21)], ids=["rows", "tiles"])
-def test_mutual_low_precision(dtype, N, C):
+@pytest.mark.parametrize("M,N,C", [(3, 16, 257), (2, 16, 257), (4, 16, 257), (3, 48, 21)],
+                         ids=["rows", "rows-M2", "rows-M4", "tiles"])
+def test_mutual_low_precision(dtype, M, N, C):
     g = torch.Generator().manual_seed(29)
-    logits = (torch.randn(3, N, C, generator=g, dtype=torch.float64) * 2).to(dtype)
+    logits = (torch.randn(M, N, C, generator=g, dtype=torch.float64) * 2).to(dtype)
     ref = ref_mutual(logits, 2.0, 4.0, True)
     got = _native.mutual_kd_rows("cpu", logits, 2.0, 4.0, True)
     truth = ref_mutual(logits.double(), 2.0, 4.0, True)
     assert_no_worse_than_reference(got, ref, truth, dtype, ("loss", "grad"))
+
+
+# Rows of 2 to 4 models with at least 64 classes of unit stride take a path of their own (csrc/cpu/mutual_kd.cpp,
+# mutual_row_fixed): the last model's sweep also forms every R_i, and one pass writes all the models' gradients.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("C", [64, 1000, 2500])
+def test_mutual_fixed_model_counts(C, M, dtype):
+    g = torch.Generator().manual_seed(M * 10 + C)
+    logits = (torch.randn(M, 9, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+    for tau in (0.5, 4.0):
+        check_mutual(logits, tau=tau)
+    check_mutual(logits, need_grad=False)
+    strided = (torch.randn(M, 9, 2 * C, generator=g, dtype=torch.float64) * 3).to(dtype)[..., ::2]
+    check_mutual(strided)  # class stride 2: the general row loop
+
+
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_mutual_fixed_edge_values(M):
+    """NaN, -inf in every model (p == 0 everywhere there), in one model only (an infinite divergence), and rows
+    whose probabilities mostly underflow: the reference's NaN / inf pattern exactly and its finite values."""
+    g = torch.Generator().manual_seed(M)
+    logits = torch.randn(M, 6, 80, generator=g)
+    logits[0, 0, 2] = float("nan")
+    logits[:, 1, :3] = float("-inf")
+    logits[M - 1, 2, 4] = float("-inf")
+    logits[:, 3, 40:] = float("-inf")
+    logits[:, 4] *= 60.0
+    ref, got = check_mutual(logits, tau=1.0)
+    loss = got[0]
+    assert torch.isnan(loss[0]) and torch.isinf(loss[2]) and torch.isfinite(loss[[1, 3, 4, 5]]).all()
 
 
 def check_mutual_both_paths(logits, **kwargs):
