@@ -325,8 +325,9 @@ def test_routed_dense_logits_channels_last_rows_far_apart(mix, div, needs):
 
 
 # Mix "loss" with KL and no teacher gradient (frozen teachers, the common case) reads each teacher row in one sweep
-# that keeps its exp row and sums (csrc/cpu/routed_kd.cpp, mix_loss_kl): rows of at least 64 classes whose teacher
-# rows have unit class stride. Its sums run over blocks of 1024 classes; dx combines up to four exp rows per pass.
+# that keeps its exp row and sums (csrc/cpu/routed_kd.cpp, mix_loss_kl): rows the row loop does not pad (64 classes
+# or more, or a multiple of 16 below that: the rows after the last whole row tile) whose teacher rows have unit
+# class stride. Its sums run over blocks of 1024 classes; dx combines up to four exp rows per pass.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(
     "E,K,sparse",
@@ -334,7 +335,7 @@ def test_routed_dense_logits_channels_last_rows_far_apart(mix, div, needs):
      (4, 3, True)],
     ids=["E1", "E2", "E3", "E4", "E6", "top5-of-5", "top3-of-4"],
 )
-@pytest.mark.parametrize("C", [64, 1000, 2500])
+@pytest.mark.parametrize("C", [32, 64, 1000, 2500])
 def test_routed_kl_single_sweep(C, E, K, sparse, dtype):
     x, z, w, idx = make_inputs(B=7, C=C, E=E, K=K, sparse=sparse, dtype=dtype, seed=C + E)
     mask = torch.tensor([True, True, False, True, True, False, True]).reshape(7, 1)
@@ -670,11 +671,12 @@ def test_mutual_low_precision(dtype, M, N, C):
     assert_no_worse_than_reference(got, ref, truth, dtype, ("loss", "grad"))
 
 
-# Rows of 2 to 4 models with at least 64 classes of unit stride take a path of their own (csrc/cpu/mutual_kd.cpp,
-# mutual_row_fixed): the last model's sweep also forms every R_i, and one pass writes all the models' gradients.
+# Unpadded rows (64 classes or more, or a multiple of 16 outside row tiles) of 2 to 4 models with unit class stride
+# take a path of their own (csrc/cpu/mutual_kd.cpp, mutual_row_fixed): the last model's sweep also forms every R_i,
+# and one pass writes all the models' gradients.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("C", [64, 1000, 2500])
+@pytest.mark.parametrize("C", [32, 64, 1000, 2500])
 def test_mutual_fixed_model_counts(C, M, dtype):
     g = torch.Generator().manual_seed(M * 10 + C)
     logits = (torch.randn(M, 9, C, generator=g, dtype=torch.float64) * 3).to(dtype)

@@ -186,7 +186,7 @@ MMFAST_INLINE double mutual_last_sweep(const T* __restrict src, int64_t C, F sca
   return Z;
 }
 
-// Rows of kM = 2..4 models, at least 64 classes with unit stride: the first kM - 1 models' exp sweeps
+// Rows of kM = 2..4 models, unpadded (see mutual_rows) with unit class stride: the first kM - 1 models' exp sweeps
 // (RowSequence), the last model's sweep that also gives every R_i (mutual_last_sweep), and one pass that
 // writes all kM gradient rows. Fewer passes over the row buffers than the general loop in mutual_rows.
 template <int kM, typename T>

@@ -172,9 +172,9 @@ class RoutedRow : RoutedOperands<T> {
 
  public:
   // Scratch buffers per thread (leading_dim(C) apart): shifted student logits u, exp(u), A, then
-  // the mix's own buffers from index kFirstMixBuffer on; after them 2 scalars per routing slot.
+  // the mix's own buffers from index kFirstMixBuffer on; after them kSlotScalars scalars per routing slot.
   static constexpr int kFirstMixBuffer = 3;
-  // (mix loss with KL and no teacher gradient, mix_loss_kl: u, exp(u), then one exp row per distinct slot.)
+  // (Mix loss with KL and no teacher gradient, mix_loss_kl: u, exp(u), then one exp row per distinct slot.)
   static int num_buffers(int mix, int64_t K) {
     return mix == kMixProbs ? 5 + 2 * int(K) : mix == kMixLoss ? std::max(6, 2 + int(K)) : 6;
   }
@@ -289,8 +289,8 @@ class RoutedRow : RoutedOperands<T> {
     write_dx();
   }
 
-  // mix "loss" with KL and no teacher gradient (the common case: frozen teachers): each distinct teacher
-  // row is read in one sweep (kl_teacher_row), which keeps its exp row e_k and gives D_k, and one pass
+  // mix "loss" with KL and no teacher gradient (the common case: frozen teachers), rows that are not padded and
+  // teachers of unit class stride: each distinct teacher row is read in one sweep (kl_teacher_row), which keeps its exp row e_k and gives D_k, and one pass
   // after them writes dx = scale / tau (q W - sum_k (w_k / Z_k) e_k), W = sum_k w_k (A = -sum_k w_k p_k,
   // sum(A) = -W). Fewer passes over the row buffers than the general path, which forms every
   // divergence piece in a pass of its own per teacher.
