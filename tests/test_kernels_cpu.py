@@ -324,10 +324,10 @@ def test_routed_dense_logits_channels_last_rows_far_apart(mix, div, needs):
     assert all(torch.isfinite(t).all() for t in got)
 
 
-# Mix "loss" with KL and no teacher gradient (frozen teachers, the common case) reads each teacher row in one sweep
-# that keeps its exp row and sums (csrc/cpu/routed_kd.cpp, mix_loss_kl): rows the row loop does not pad (64 classes
-# or more, or a multiple of 16 below that: the rows after the last whole row tile) whose teacher rows have unit
-# class stride. Its sums run over blocks of 1024 classes; dx combines up to four exp rows per pass.
+# Mix "loss" with KL reads each teacher row in one sweep that keeps its exp row and sums (csrc/cpu/routed_kd.cpp,
+# mix_loss_kl): rows the row loop does not pad (64 classes or more, or a multiple of 16 below that: the rows after
+# the last whole row tile) whose teacher rows have unit class stride. Its sums run over blocks of 1024 classes; dx
+# combines up to four exp rows per pass; with teacher gradients (dz) the sweep also keeps the shifted logits.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(
     "E,K,sparse",
@@ -340,12 +340,14 @@ def test_routed_kl_single_sweep(C, E, K, sparse, dtype):
     x, z, w, idx = make_inputs(B=7, C=C, E=E, K=K, sparse=sparse, dtype=dtype, seed=C + E)
     mask = torch.tensor([True, True, False, True, True, False, True]).reshape(7, 1)
     for m, needs, tau in ((None, NO_DZ, 2.0), (mask, NO_DZ, 0.5), (None, (True, False, False), 4.0),
-                          (None, (False, True, False), 1.0), (None, (False, False, False), 2.0)):
+                          (None, (False, True, False), 1.0), (None, (False, False, False), 2.0),
+                          (None, ALL_GRADS, 2.0), (mask, ALL_GRADS, 0.5), (None, (False, False, True), 1.0)):
         check_routed(x, z, w, idx, m, tau=tau, needs=needs)
 
 
+@pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_routed_kl_single_sweep_nan_inf_and_underflow(threads):
+def test_routed_kl_single_sweep_nan_inf_and_underflow(threads, needs):
     """NaN, -inf (P == 0, q == 0, both) and probabilities that underflow in rows of the single-sweep path: the
     reference's NaN / inf pattern exactly and its finite values."""
     x, z, w, idx = make_inputs(B=8, C=80, E=3, sparse=True, K=2, dtype=torch.float32, seed=13)
@@ -360,14 +362,16 @@ def test_routed_kl_single_sweep_nan_inf_and_underflow(threads):
     x[6] *= 60.0  # most probabilities of rows 6 and 7 underflow
     z[:, 7] *= 60.0
     with torch_threads(threads):
-        ref, got = check_routed(x, z, w, idx, tau=1.0, scale=1.0, needs=NO_DZ)
+        ref, got = check_routed(x, z, w, idx, tau=1.0, scale=1.0, needs=needs)
     loss = got[0].flatten()
     assert torch.isnan(loss[[0, 1]]).all() and torch.isinf(loss[2]) and torch.isfinite(loss[3:]).all()
 
 
-def test_routed_kl_single_sweep_one_hot_rows_give_zero_gradient():
-    """Student and teachers all one-hot at the same class (every other probability underflows): the loss and
-    dx are exactly 0, as the sums cancel exactly (q W - sum_k (w_k / Z_k) e_k with Z_k = 1)."""
+@pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
+def test_routed_kl_single_sweep_one_hot_rows_give_zero_gradient(needs):
+    """Student and teachers all one-hot at the same class (every other probability underflows): the loss, dx
+    and dz are exactly 0, as the sums cancel exactly (q W - sum_k (w_k / Z_k) e_k with Z_k = 1; B_k - p_k (D_k + 1)
+    with B_k = p_k = 1 and D_k = 0)."""
     B, C, E = 3, 100, 4
     x = torch.full((B, C, 1), -200.0)
     z = torch.full((E, B, C, 1), -200.0)
@@ -375,15 +379,18 @@ def test_routed_kl_single_sweep_one_hot_rows_give_zero_gradient():
         x[b, 7 * b] = 0.0
         z[:, b, 7 * b] = 0.0
     w = torch.rand(B, E, generator=torch.Generator().manual_seed(0))
-    ref, got = check_routed(x, z, w, tau=1.0, scale=1.0, needs=NO_DZ)
-    assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(got[1], torch.zeros_like(got[1]))
+    ref, got = check_routed(x, z, w, tau=1.0, scale=1.0, needs=needs)
+    for name, t in zip(OUTPUTS, got, strict=True):
+        if name != "dw":  # dw_k = D_k = 0 too, but it is checked against the reference only
+            assert torch.equal(t, torch.zeros_like(t)), name
 
 
+@pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
-def test_routed_kl_single_sweep_low_precision(dtype):
+def test_routed_kl_single_sweep_low_precision(dtype, needs):
     x, z, w, idx = make_inputs(B=8, C=301, E=3, dtype=dtype, seed=5, spread=2.0)
-    ref, got = run_routed(x, z, w, idx, needs=NO_DZ)
-    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, 0, 0, 0.3, 4.0, *NO_DZ)
+    ref, got = run_routed(x, z, w, idx, needs=needs)
+    truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, 0, 0, 0.3, 4.0, *needs)
     assert_no_worse_than_reference(got, ref, truth, dtype, OUTPUTS)
 
 

@@ -85,23 +85,28 @@ struct KLSums {
 };
 
 // One sweep over a unit-stride teacher row src for KL(p || q), p = softmax(v), v = src * scale - m (m the
-// row's max): stores e[c] = exp(v[c]) and returns Z = sum e and S = sum over e != 0 of e (v - u), u the
-// student's shifted logits, so that KL = S / Z - log Z + log Z_q (p sums to one; log p - log q =
+// row's max): stores e[c] = exp(v[c]) (kStoreV: and v[c]) and returns Z = sum e and S = sum over e != 0 of
+// e (v - u), u the student's shifted logits, so that KL = S / Z - log Z + log Z_q (p sums to one; log p - log q =
 // v - u - log Z + log Z_q). The max of the unit-stride row `next` (same length and scale) in *next_max.
-// Float sums over blocks of kSweepBlock classes, each added to a double (as exp_row).
-template <typename T, typename F = compute_t<T>>
+// Float sums over blocks of kSweepBlock classes (a quarter of that with kStoreV), each added to a double (row_ops.h).
+template <bool kStoreV, typename T, typename F = compute_t<T>>
 MMFAST_INLINE KLSums kl_teacher_row(const T* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
-                                    F* __restrict e, const T* __restrict next, F* __restrict next_max) {
+                                    F* __restrict e, F* __restrict vout, const T* __restrict next,
+                                    F* __restrict next_max) {
+  // dz cancels against D (B - p (D + 1)): shorter blocks with it (a scalar build summing 1024 terms in a row missed
+  // the tests' fp32 bound for dz by 7%)
+  constexpr int64_t kBlock = kStoreV ? kSweepBlock / 4 : kSweepBlock;
   double Z = 0, S = 0;
   F mn = -kInf<F>;
-  for (int64_t c0 = 0; c0 < C; c0 += kSweepBlock) {
-    const int64_t c1 = std::min(C, c0 + kSweepBlock);
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t c1 = std::min(C, c0 + kBlock);
     F zb = 0, sb = 0;
 #pragma omp simd reduction(+ : zb, sb) reduction(max : mn)
     for (int64_t c = c0; c < c1; ++c) {
       const F v = to_compute(src[c]) * scale - m;
       const F ex = exp_nonpos(v);
       e[c] = ex;
+      if constexpr (kStoreV) vout[c] = v;
       zb += ex;
       sb += zero_where_zero(ex, ex * (v - u[c]));
       const F y = to_compute(next[c]);
@@ -174,9 +179,9 @@ class RoutedRow : RoutedOperands<T> {
   // Scratch buffers per thread (leading_dim(C) apart): shifted student logits u, exp(u), A, then
   // the mix's own buffers from index kFirstMixBuffer on; after them kSlotScalars scalars per routing slot.
   static constexpr int kFirstMixBuffer = 3;
-  // (Mix loss with KL and no teacher gradient, mix_loss_kl: u, exp(u), then one exp row per distinct slot.)
+  // (Mix loss with KL, mix_loss_kl: u, exp(u), one exp row per distinct slot, then a teacher's shifted logits.)
   static int num_buffers(int mix, int64_t K) {
-    return mix == kMixProbs ? 5 + 2 * int(K) : mix == kMixLoss ? std::max(6, 2 + int(K)) : 6;
+    return mix == kMixProbs ? 5 + 2 * int(K) : mix == kMixLoss ? std::max(6, 3 + int(K)) : 6;
   }
   // Scalars per routing slot after the buffers.
   static constexpr int kSlotScalars = 3;
@@ -257,7 +262,7 @@ class RoutedRow : RoutedOperands<T> {
   // dL/dv_k = w_k (B_k - p_k sum(B_k)).
   MMFAST_INLINE void mix_loss() {
     if constexpr (DIV == kKL) {
-      if (dz_ == nullptr && Cw_ == C_ && p_.sz_c == 1) return mix_loss_kl();
+      if (Cw_ == C_ && p_.sz_c == 1) return dz_ == nullptr ? mix_loss_kl<false>() : mix_loss_kl<true>();
     }
     F* v = buffer(kFirstMixBuffer);
     F* e = buffer(kFirstMixBuffer + 1);
@@ -289,11 +294,14 @@ class RoutedRow : RoutedOperands<T> {
     write_dx();
   }
 
-  // mix "loss" with KL and no teacher gradient (the common case: frozen teachers), rows that are not padded and
-  // teachers of unit class stride: each distinct teacher row is read in one sweep (kl_teacher_row), which keeps its exp row e_k and gives D_k, and one pass
-  // after them writes dx = scale / tau (q W - sum_k (w_k / Z_k) e_k), W = sum_k w_k (A = -sum_k w_k p_k,
-  // sum(A) = -W). Fewer passes over the row buffers than the general path, which forms every
-  // divergence piece in a pass of its own per teacher.
+  // mix "loss" with KL, rows that are not padded and teachers of unit class stride: each distinct teacher row is
+  // read in one sweep (kl_teacher_row), which keeps its exp row e_k and gives D_k, and one pass after them writes
+  // dx = scale / tau (q W - sum_k (w_k / Z_k) e_k), W = sum_k w_k (A = -sum_k w_k p_k, sum(A) = -W). Fewer
+  // passes over the row buffers than the general path, which forms every divergence piece in a pass of its own
+  // per teacher. kWithDz (teachers that need a gradient): the sweep also keeps the shifted logits v_k, and one
+  // pass after it writes dz_k = scale / tau w_k (B_k - p_k sum(B_k)), B_k = p_k (log p_k - log q) + p_k,
+  // sum(B_k) = D_k + 1, as the general path with the same pieces.
+  template <bool kWithDz>
   MMFAST_INLINE void mix_loss_kl() {
     const double log_zq = q_.log_sum;
     F W = 0;
@@ -306,14 +314,19 @@ class RoutedRow : RoutedOperands<T> {
       while (j < K_ && first_[j] != j) ++j;
       const T* next = j < K_ ? z_row(teacher_[j]) : next_x_;
       const int64_t next_stride = j < K_ ? p_.sz_c : p_.sx_c;
+      F* v = buffer(2 + int(K_));  // kWithDz: this teacher's shifted logits, until its dz is written
       const KLSums sums = rows_.sweep(src, C_, inv_tau_, next, next_stride,
                                       [&](F m, const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
-                                        return kl_teacher_row(src, C_, inv_tau_, m, u_, e, ahead, ahead_max);
+                                        return kl_teacher_row<kWithDz>(src, C_, inv_tau_, m, u_, e, v, ahead,
+                                                                       ahead_max);
                                       });
-      dval_[k] = F(sums.S / sums.Z - std::log(sums.Z) + log_zq);
+      const double d = sums.S / sums.Z - std::log(sums.Z) + log_zq;
+      dval_[k] = F(d);
       const F wk = wsum_[k];
-      coef_[nd++] = wk * F(1 / sums.Z);
+      const F inv_z = F(1 / sums.Z);
+      coef_[nd++] = wk * inv_z;
       W += wk;
+      if constexpr (kWithDz) write_dz_kl(k, e, v, F(std::log(sums.Z)), inv_z, F(d));
     }
     F loss = 0;
     for (int64_t k = 0; k < K_; ++k) {
@@ -347,6 +360,19 @@ class RoutedRow : RoutedOperands<T> {
       default:
         return write_dx_kl(W, std::integral_constant<int, 4>{});
     }
+  }
+
+  // dz of slot k's teacher (mix_loss_kl): its exps e, shifted logits v, log Z, 1 / Z and D_k.
+  MMFAST_INLINE void write_dz_kl(int64_t k, const F* __restrict e, const F* __restrict v, F log_z, F inv_z, F d) {
+    const F* __restrict u = u_;
+    const F log_zq = q_.log_sum;
+    const F sum_b = d + F(1);
+    const F gk = grad_scale_ * wsum_[k];
+    store_row(dz_row(teacher_[k]), p_.S, C_, p_.idx != nullptr, [=](int64_t c) MMFAST_INLINE_LAMBDA {
+      const F P = e[c] * inv_z;
+      const F b = zero_where_zero(P, P * ((v[c] - log_z) - (u[c] - log_zq))) + P;
+      return gk * (b - P * sum_b);
+    });
   }
 
   // dx = scale / tau (q W - sum_j coef_j e_j) over the ND exp rows e_j = buffer(2 + j) (mix_loss_kl).
