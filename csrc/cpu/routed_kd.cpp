@@ -284,13 +284,7 @@ class RoutedRow : RoutedOperands<T> {
                   return gk * (b[c] - (e[c] * t.inv_sum) * sum_b);
                 });
     }
-    F loss = 0;
-    for (int64_t k = 0; k < K_; ++k) {
-      const F d = dval_[first_[k]];
-      loss += w_[b_ * K_ + k] * d;
-      if (dw_ != nullptr) dw_[n_ * K_ + k] = scale_ * d;
-    }
-    loss_[n_] = scale_ * loss;
+    write_loss_and_dw();
     write_dx();
   }
 
@@ -310,12 +304,9 @@ class RoutedRow : RoutedOperands<T> {
       if (first_[k] != k) continue;
       F* e = buffer(2 + nd);
       const T* src = z_row(teacher_[k]);
-      int64_t j = k + 1;  // the next distinct slot's teacher, else the next row's student
-      while (j < K_ && first_[j] != j) ++j;
-      const T* next = j < K_ ? z_row(teacher_[j]) : next_x_;
-      const int64_t next_stride = j < K_ ? p_.sz_c : p_.sx_c;
+      const RowAfter next = row_after_slot(k);
       F* v = buffer(2 + int(K_));  // kWithDz: this teacher's shifted logits, until its dz is written
-      const KLSums sums = rows_.sweep(src, C_, inv_tau_, next, next_stride,
+      const KLSums sums = rows_.sweep(src, C_, inv_tau_, next.row, next.stride,
                                       [&](F m, const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
                                         return kl_teacher_row<kWithDz>(src, C_, inv_tau_, m, u_, e, v, ahead,
                                                                        ahead_max);
@@ -328,13 +319,7 @@ class RoutedRow : RoutedOperands<T> {
       W += wk;
       if constexpr (kWithDz) write_dz_kl(k, e, v, F(std::log(sums.Z)), inv_z, F(d));
     }
-    F loss = 0;
-    for (int64_t k = 0; k < K_; ++k) {
-      const F d = dval_[first_[k]];
-      loss += w_[b_ * K_ + k] * d;
-      if (dw_ != nullptr) dw_[n_ * K_ + k] = scale_ * d;
-    }
-    loss_[n_] = scale_ * loss;
+    write_loss_and_dw();
     if (dx_ == nullptr) return;
     if (nd > 4) {  // sum_j coef_j e_j into e_0 first (the pass below takes up to four rows)
       F* __restrict e0 = buffer(2);
@@ -492,13 +477,30 @@ class RoutedRow : RoutedOperands<T> {
   // kPadded: as load() (mix loss); else the row is never padded (mix probs).
   template <bool kPadded>
   MMFAST_INLINE SoftmaxStats<F> load_slot(int64_t k, F* v, F* e) {
+    const RowAfter next = row_after_slot(k);
+    if constexpr (kPadded) return load(z_row(teacher_[k]), p_.sz_c, v, e, next.row, next.stride);
+    return rows_.load(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, v, e, next.row, next.stride);
+  }
+  // The row read after slot k's teacher (RowSequence): the next distinct slot's teacher, else the next row's
+  // student (nullptr when none will be read).
+  struct RowAfter {
+    const T* row;
+    int64_t stride;
+  };
+  MMFAST_INLINE RowAfter row_after_slot(int64_t k) const {
     int64_t j = k + 1;
     while (j < K_ && first_[j] != j) ++j;
-    const bool teacher = j < K_;
-    const T* next = teacher ? z_row(teacher_[j]) : next_x_;
-    const int64_t next_stride = teacher ? p_.sz_c : p_.sx_c;
-    if constexpr (kPadded) return load(z_row(teacher_[k]), p_.sz_c, v, e, next, next_stride);
-    return rows_.load(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, v, e, next, next_stride);
+    return j < K_ ? RowAfter{z_row(teacher_[j]), p_.sz_c} : RowAfter{next_x_, p_.sx_c};
+  }
+  // The row's loss and dw from the distinct slots' divergences dval_ (mix loss).
+  MMFAST_INLINE void write_loss_and_dw() {
+    F loss = 0;
+    for (int64_t k = 0; k < K_; ++k) {
+      const F d = dval_[first_[k]];
+      loss += w_[b_ * K_ + k] * d;
+      if (dw_ != nullptr) dw_[n_ * K_ + k] = scale_ * d;
+    }
+    loss_[n_] = scale_ * loss;
   }
   MMFAST_INLINE F* slot_logp(int64_t k) const { return buffer(5 + 2 * int(k)); }
   MMFAST_INLINE F* slot_prob(int64_t k) const { return buffer(6 + 2 * int(k)); }
