@@ -128,15 +128,12 @@ MMFAST_INLINE void grad_pass(int64_t C, F* const* v, F* const* e, const F* log_z
   }
 }
 
-// Classes per block of the last model's float sums (each block's sums added to doubles): fewer than a teacher
-// sweep's (kSweepBlock), as mutual KD's gradients cancel more (exp_row).
-constexpr int64_t kMutualSweepBlock = 256;
-
 // The last model's sweep of a row of kM models (kM >= 2; the first kM - 1 swept into v[i], e[i] as exp_row does):
 // v, e of the last model from src (max m) and, with V = sum_j v_j, the sums Y_i = sum over e_i != 0 of
 // e_i (kM v_i - V) for every model, so that R_i = Y_i / Z_i - kM log Z_i + sum_j log Z_j
 // (log p_i = v_i - log Z_i: kM log p_i - T = kM v_i - V - kM log Z_i + sum_j log Z_j, and p_i sums to one).
-// Returns the last model's Z; Y[i] += the sums. The max of `next` in *next_max (as exp_row).
+// Returns the last model's Z; Y[i] += the sums, in float over blocks of kCancellingSweepBlock classes (row_ops.h).
+// The max of `next` in *next_max (as exp_row).
 template <int kM, typename T, typename F = compute_t<T>>
 MMFAST_INLINE double mutual_last_sweep(const T* __restrict src, int64_t C, F scale, F m, F* const* v, F* const* e,
                                        const T* __restrict next, F* __restrict next_max, double* Y) {
@@ -151,8 +148,8 @@ MMFAST_INLINE double mutual_last_sweep(const T* __restrict src, int64_t C, F sca
   const F Mf = F(kM);
   double Z = 0;
   F mn = -kInf<F>;
-  for (int64_t c0 = 0; c0 < C; c0 += kMutualSweepBlock) {
-    const int64_t c1 = std::min(C, c0 + kMutualSweepBlock);
+  for (int64_t c0 = 0; c0 < C; c0 += kCancellingSweepBlock) {
+    const int64_t c1 = std::min(C, c0 + kCancellingSweepBlock);
     F z = 0, y0 = 0, y1 = 0, y2 = 0, y3 = 0;
 #pragma omp simd reduction(+ : z, y0, y1, y2, y3) reduction(max : mn)
     for (int64_t c = c0; c < c1; ++c) {

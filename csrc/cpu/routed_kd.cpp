@@ -88,14 +88,13 @@ struct KLSums {
 // row's max): stores e[c] = exp(v[c]) (kStoreV: and v[c]) and returns Z = sum e and S = sum over e != 0 of
 // e (v - u), u the student's shifted logits, so that KL = S / Z - log Z + log Z_q (p sums to one; log p - log q =
 // v - u - log Z + log Z_q). The max of the unit-stride row `next` (same length and scale) in *next_max.
-// Float sums over blocks of kSweepBlock classes (a quarter of that with kStoreV), each added to a double (row_ops.h).
+// Float sums over blocks of kSweepBlock classes (kCancellingSweepBlock with kStoreV), each added to a double (row_ops.h).
 template <bool kStoreV, typename T, typename F = compute_t<T>>
 MMFAST_INLINE KLSums kl_teacher_row(const T* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
                                     F* __restrict e, F* __restrict vout, const T* __restrict next,
                                     F* __restrict next_max) {
-  // dz cancels against D (B - p (D + 1)): shorter blocks with it (a scalar build summing 1024 terms in a row missed
-  // the tests' fp32 bound for dz by 7%)
-  constexpr int64_t kBlock = kStoreV ? kSweepBlock / 4 : kSweepBlock;
+  // dz cancels against D (B - p (D + 1))
+  constexpr int64_t kBlock = kStoreV ? kCancellingSweepBlock : kSweepBlock;
   double Z = 0, S = 0;
   F mn = -kInf<F>;
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
@@ -311,13 +310,14 @@ class RoutedRow : RoutedOperands<T> {
                                         return kl_teacher_row<kWithDz>(src, C_, inv_tau_, m, u_, e, v, ahead,
                                                                        ahead_max);
                                       });
-      const double d = sums.S / sums.Z - std::log(sums.Z) + log_zq;
+      const double log_z = std::log(sums.Z);
+      const double d = sums.S / sums.Z - log_z + log_zq;
       dval_[k] = F(d);
       const F wk = wsum_[k];
       const F inv_z = F(1 / sums.Z);
       coef_[nd++] = wk * inv_z;
       W += wk;
-      if constexpr (kWithDz) write_dz_kl(k, e, v, F(std::log(sums.Z)), inv_z, F(d));
+      if constexpr (kWithDz) write_dz_kl(k, e, v, F(log_z), inv_z, F(d));
     }
     write_loss_and_dw();
     if (dx_ == nullptr) return;

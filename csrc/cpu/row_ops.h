@@ -111,12 +111,13 @@ MMFAST_INLINE SoftmaxStats<F> shift_exp(F* __restrict v, F m, int64_t C, F* __re
   return softmax_stats<F>(sum);
 }
 
-// Classes per block of a teacher sweep's float sums (routed_kd.cpp, kl_teacher_row), each block's sums added to
-// doubles: a vectorized loop sums kSweepBlock / (vector width) terms per lane, and keeps its sums in float (a
-// double sum converts each vector to two). exp_row sums in double: its sums also normalise mutual KD's models,
-// whose gradients cancel more (a scalar build summing 1024 terms in a row missed the tests' fp32 bound by up to
-// 1.6x there).
+// Classes per block of a sweep's float sums (routed_kd.cpp's KL teacher sweep, mutual_kd.cpp's last sweep), each
+// block's sums added to doubles: a vectorized loop sums a block / (vector width) terms per lane, and keeps its sums
+// in float (a double sum converts each vector to two). Gradients that cancel against the sums (routed KD's dz,
+// mutual KD's) take the shorter block: a scalar build summing 1024 terms in a row missed the tests' fp32 bounds
+// there by up to 1.6x. exp_row sums in double (its sums also normalise mutual KD's models).
 constexpr int64_t kSweepBlock = 1024;
+constexpr int64_t kCancellingSweepBlock = 256;
 
 // The softmax statistics of the unit-stride row src[c] * scale whose max m is known: v[c] = shifted
 // logits, e[c] = their exp. The same sweep returns in *next_max the max of `next`, a unit-stride row of the
