@@ -87,10 +87,11 @@ struct KLSums {
 // One sweep over a unit-stride teacher row src for KL(p || q), p = softmax(v), v = src * scale - m (m the
 // row's max): stores e[c] = exp(v[c]) (kStoreV: and v[c]) and returns Z = sum e and S = sum over e != 0 of
 // e (v - u), u the student's shifted logits, so that KL = S / Z - log Z + log Z_q (p sums to one; log p - log q =
-// v - u - log Z + log Z_q). The max of the unit-stride row `next` (same length and scale) in *next_max.
+// v - u - log Z + log Z_q). The max of the unit-stride row `next` (same length and scale) in *next_max. src is a
+// row of the logits (Src = T) or a buffer of mixed logits (Src = F).
 // Float sums over blocks of kSweepBlock classes (kCancellingSweepBlock with kStoreV), each added to a double (row_ops.h).
-template <bool kStoreV, typename T, typename F = compute_t<T>>
-MMFAST_INLINE KLSums kl_teacher_row(const T* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
+template <bool kStoreV, typename Src, typename T, typename F = compute_t<T>>
+MMFAST_INLINE KLSums kl_teacher_row(const Src* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
                                     F* __restrict e, F* __restrict vout, const T* __restrict next,
                                     F* __restrict next_max) {
   // dz cancels against D (B - p (D + 1))
@@ -116,6 +117,51 @@ MMFAST_INLINE KLSums kl_teacher_row(const T* __restrict src, int64_t C, F scale,
   }
   *next_max = mn * scale;  // = max of next[c] * scale (scale > 0, rounding is monotonic)
   return {Z, S};
+}
+
+// Mix logits: vbar[c] = sum_j w_j (rows_j[c] * scale) over ND unit-stride rows, added in order j = 0, 1, .. (the
+// reference's rounding); returns max_c vbar[c]. Named rows and weights (an array of them stays in memory, reloaded per vector); unused
+// ones repeat row 0 and are never read.
+template <int ND, typename T, typename F = compute_t<T>>
+MMFAST_INLINE F mix_rows(const T* const* rows, const F* w, int64_t C, F scale, F* __restrict vbar) {
+  const T* __restrict r0 = rows[0];
+  const T* __restrict r1 = rows[ND > 1 ? 1 : 0];
+  const T* __restrict r2 = rows[ND > 2 ? 2 : 0];
+  const T* __restrict r3 = rows[ND > 3 ? 3 : 0];
+  const F w0 = w[0], w1 = w[ND > 1 ? 1 : 0], w2 = w[ND > 2 ? 2 : 0], w3 = w[ND > 3 ? 3 : 0];
+  F m = -kInf<F>;
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < C; ++c) {
+    F s = w0 * (to_compute(r0[c]) * scale);
+    if constexpr (ND > 1) s += w1 * (to_compute(r1[c]) * scale);
+    if constexpr (ND > 2) s += w2 * (to_compute(r2[c]) * scale);
+    if constexpr (ND > 3) s += w3 * (to_compute(r3[c]) * scale);
+    vbar[c] = s;
+    m = s > m ? s : m;
+  }
+  return m;
+}
+
+// out[j] = sum_c (rows_j[c] * scale) g(c) over ND unit-stride rows in one pass (mix logits' dw), summed in double.
+template <int ND, typename T, typename F, typename G>
+MMFAST_INLINE void dot_rows(const T* const* rows, int64_t C, F scale, G&& g, double* out) {
+  const T* __restrict r0 = rows[0];
+  const T* __restrict r1 = rows[ND > 1 ? 1 : 0];
+  const T* __restrict r2 = rows[ND > 2 ? 2 : 0];
+  const T* __restrict r3 = rows[ND > 3 ? 3 : 0];
+  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t c = 0; c < C; ++c) {
+    const F gc = g(c);
+    a0 += (to_compute(r0[c]) * scale) * gc;
+    if constexpr (ND > 1) a1 += (to_compute(r1[c]) * scale) * gc;
+    if constexpr (ND > 2) a2 += (to_compute(r2[c]) * scale) * gc;
+    if constexpr (ND > 3) a3 += (to_compute(r3[c]) * scale) * gc;
+  }
+  out[0] = a0;
+  if constexpr (ND > 1) out[1] = a1;
+  if constexpr (ND > 2) out[2] = a2;
+  if constexpr (ND > 3) out[3] = a3;
 }
 
 // Mix probs: lP = log P for the n mixture probabilities P = sum_k w_k p_k. log(P) equals
@@ -386,6 +432,9 @@ class RoutedRow : RoutedOperands<T> {
   // mix "logits": vbar = sum_k w_k v_k, L = D(softmax(vbar) || q);
   // with g = B - P sum(B): dw_k = <g, v_k>, dL/dv_k = w_k g.
   MMFAST_INLINE void mix_logits() {
+    if constexpr (DIV == kKL) {
+      if (Cw_ == C_ && p_.sz_c == 1 && K_ > 0) return mix_logits_kl();
+    }
     F* vbar = buffer(kFirstMixBuffer);
     F* e = buffer(kFirstMixBuffer + 1);
     F* g = buffer(kFirstMixBuffer + 2);
@@ -409,6 +458,111 @@ class RoutedRow : RoutedOperands<T> {
                 [&](int64_t c) MMFAST_INLINE_LAMBDA { return gk * g[c]; });
     }
     write_dx();
+  }
+
+  // mix "logits" with KL, rows that are not padded and teachers of unit class stride: vbar = sum_k w_k v_k in one
+  // pass over the slots' teacher rows with its max (mix_teacher_rows), then one sweep (kl_teacher_row) gives
+  // e = exp(vbar - max), Z and S, so D = S / Z - log Z + log Z_q, and takes the next row's student max ahead;
+  // dx = scale / tau (q - P) in one pass (write_dx_kl). Fewer passes over the row buffers than the general path
+  // (which adds the teachers one pass each and forms every divergence piece in a pass of its own). With dw or dz
+  // the sweep also keeps the shifted logits v for the gradient g = B - P sum(B) (write_mixture_grads).
+  MMFAST_INLINE void mix_logits_kl() {
+    F* e = buffer(2);  // the exp row write_dx_kl reads
+    F* vbar = buffer(kFirstMixBuffer);  // then B
+    F* v = buffer(kFirstMixBuffer + 1);
+    const F m = mix_teacher_rows(vbar);
+    const bool with_g = dw_ != nullptr || dz_ != nullptr;
+    const T* fallback = z_row(teacher_[0]);  // read by the sweep when no student row comes next
+    const KLSums sums =
+        rows_.sweep_before(next_x_, p_.sx_c, fallback, [&](const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
+          const KLSums row = with_g ? kl_teacher_row<true>(vbar, C_, F(1), m, u_, e, v, ahead, ahead_max)
+                                    : kl_teacher_row<false>(vbar, C_, F(1), m, u_, e, v, ahead, ahead_max);
+          *ahead_max *= inv_tau_;  // the student's max at its scale (the sweep took it at scale 1, exactly)
+          return row;
+        });
+    const double log_z = std::log(sums.Z);
+    loss_[n_] = scale_ * F(sums.S / sums.Z - log_z + q_.log_sum);
+    const F inv_z = F(1 / sums.Z);
+    if (with_g) write_mixture_grads(e, v, F(log_z), inv_z, vbar);
+    if (dx_ == nullptr) return;
+    coef_[0] = inv_z;
+    write_dx_kl(F(1), std::integral_constant<int, 1>{});
+  }
+
+  // vbar = sum_k w_k v_k over the row's slots in order (unit stride), as the reference and the general path add
+  // them (rows far apart in scale make the mixture's rounding matter): up to four slots in one pass, the rest
+  // added one pass each; returns max_c vbar[c].
+  MMFAST_INLINE F mix_teacher_rows(F* vbar) {
+    const T* rows[4];
+    const F* w = w_ + b_ * K_;
+    const int64_t n = std::min<int64_t>(K_, 4);
+    for (int64_t k = 0; k < n; ++k) rows[k] = z_row(teacher_[k]);
+    F m;
+    switch (n) {
+      case 1:
+        m = mix_rows<1>(rows, w, C_, inv_tau_, vbar);
+        break;
+      case 2:
+        m = mix_rows<2>(rows, w, C_, inv_tau_, vbar);
+        break;
+      case 3:
+        m = mix_rows<3>(rows, w, C_, inv_tau_, vbar);
+        break;
+      default:
+        m = mix_rows<4>(rows, w, C_, inv_tau_, vbar);
+    }
+    for (int64_t k = n; k < K_; ++k) m = axpy_scaled(z_row(teacher_[k]), 1, C_, inv_tau_, w[k], true, vbar);
+    return m;
+  }
+
+  // Mix logits with KL, from the mixture's exps e, shifted logits v, log Z and 1 / Z: B = P (log P - log q) + P
+  // into b_out (the general path's pieces) and g = B - P sum(B) / sum(P), sums of the stored values (sum(P) = 1 up
+  // to rounding): g then sums to 0 up to rounding, whatever the error of Z (a float sum per block), so the dots
+  // with the teachers' logits, whose offset is arbitrary (rows hundreds apart), add no multiple of it;
+  // dw_k = scale <g, v_k> (the slots' teachers, up to four in one pass), dz_k = scale / tau wsum_k g (distinct
+  // slots), g formed on the fly in each pass.
+  MMFAST_INLINE void write_mixture_grads(const F* __restrict e, const F* __restrict v, F log_z, F inv_z,
+                                         F* __restrict b_out) {
+    const F* __restrict u = u_;
+    const F log_zq = q_.log_sum;
+    double sum_b = 0, sum_p = 0;
+#pragma omp simd reduction(+ : sum_b, sum_p)
+    for (int64_t c = 0; c < C_; ++c) {
+      const F P = e[c] * inv_z;
+      const F b = zero_where_zero(P, P * ((v[c] - log_z) - (u[c] - log_zq))) + P;
+      b_out[c] = b;
+      sum_b += b;
+      sum_p += P;
+    }
+    const F ratio = F(sum_b / sum_p);
+    const F* __restrict b = b_out;
+    const auto g = [=](int64_t c) MMFAST_INLINE_LAMBDA { return b[c] - (e[c] * inv_z) * ratio; };
+    for (int64_t k0 = 0; dw_ != nullptr && k0 < K_; k0 += 4) {
+      const T* rows[4];
+      double dots[4];
+      const int64_t n = std::min<int64_t>(K_ - k0, 4);
+      for (int64_t j = 0; j < n; ++j) rows[j] = z_row(teacher_[k0 + j]);
+      switch (n) {
+        case 1:
+          dot_rows<1>(rows, C_, inv_tau_, g, dots);
+          break;
+        case 2:
+          dot_rows<2>(rows, C_, inv_tau_, g, dots);
+          break;
+        case 3:
+          dot_rows<3>(rows, C_, inv_tau_, g, dots);
+          break;
+        default:
+          dot_rows<4>(rows, C_, inv_tau_, g, dots);
+      }
+      for (int64_t j = 0; j < n; ++j) dw_[n_ * K_ + k0 + j] = scale_ * F(dots[j]);
+    }
+    for (int64_t k = 0; dz_ != nullptr && k < K_; ++k) {
+      if (first_[k] != k) continue;
+      const F gk = grad_scale_ * wsum_[k];
+      store_row(dz_row(teacher_[k]), p_.S, C_, p_.idx != nullptr,
+                [=](int64_t c) MMFAST_INLINE_LAMBDA { return gk * g(c); });
+    }
   }
 
   // mix "probs": P = sum_k w_k p_k, L = D(P || q); with G = dD/dP: dw_k = sum(p_k G),

@@ -175,8 +175,19 @@ class RowSequence {
   template <typename Body>
   MMFAST_INLINE auto sweep(const T* src, int64_t C, F scale, const T* next, int64_t next_stride, Body&& body) {
     const F m = ahead_ == src && src != nullptr ? ahead_max_ : row_max(src, C, scale);
+    return sweep_before(next, next_stride, src, [&](const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
+      return body(m, ahead, ahead_max);
+    });
+  }
+
+  // A sweep over something that is not a row of the sequence (a buffer the caller formed), which takes the max of
+  // `next` ahead all the same: body(ahead, ahead_max) must store in *ahead_max the max of the unit-stride row
+  // `ahead` scaled by the sequence's scale; ahead is next where it has unit stride, else `fallback` (any
+  // unit-stride row of the same length, read and discarded: one loop for both cases). Returns what body returns.
+  template <typename Body>
+  MMFAST_INLINE auto sweep_before(const T* next, int64_t next_stride, const T* fallback, Body&& body) {
     const bool ahead = next != nullptr && next_stride == 1;
-    const auto result = body(m, ahead ? next : src, &ahead_max_);
+    const auto result = body(ahead ? next : fallback, &ahead_max_);
     ahead_ = ahead ? next : nullptr;
     return result;
   }
