@@ -104,7 +104,8 @@ class RoutedCase:
     def name(self) -> str:
         routing = f"top-{self.top_k} of {self.E}" if self.top_k else f"E={self.E} dense"
         pixels = f" {self.pixels[0]}x{self.pixels[1]} pixels" if self.pixels else ""
-        return f"routed-kd N={self.N} C={self.C}{pixels} {routing}"
+        mix = f" mix={self.mix}" if self.mix != "loss" else ""
+        return f"routed-kd N={self.N} C={self.C}{pixels} {routing}{mix}"
 
     def label(self, dtype: torch.dtype) -> str:
         return f"{self.name} {DTYPE_NAMES[dtype]}"
@@ -142,6 +143,15 @@ class RoutedCase:
     @staticmethod
     def mmfast_loss() -> Callable[..., Tensor]:
         return mmfast.routed_kd_loss
+
+
+@dataclass(frozen=True)
+class RoutedMixCase(RoutedCase):
+    """Routed KD with the other teacher mixtures (``mix`` "logits" or "probs"): a suite of its own, which the GPU
+    check script leaves out unless asked (GPU_CHECK_CLI_SUITES)."""
+
+    suite: ClassVar[str] = "routed_kd_mixes"
+    description: ClassVar[str] = "routed KD, mix=logits and mix=probs (kl, tau=4; student grad)"
 
 
 @dataclass(frozen=True)
@@ -359,6 +369,7 @@ MUTUAL_CASES = (
 # one entry per op: the suite name -> its cases (the pytest-benchmark fixture is "<suite>_case")
 SUITES: dict[str, tuple[Case, ...]] = {
     "routed_kd": ROUTED_CASES,
+    "routed_kd_mixes": tuple(RoutedMixCase(N=256, C=8192, E=4, mix=mix) for mix in ("logits", "probs")),
     "mutual_kd": MUTUAL_CASES,
     "fdistill": (FDistillCase(B=256, C=3, H=64, W=64), FDistillCase(B=32, C=4, H=128, W=128)),
     "uni_instruct": (UniInstructCase(B=256, C=3, H=64, W=64), UniInstructCase(B=32, C=4, H=128, W=128)),

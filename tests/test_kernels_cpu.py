@@ -358,7 +358,7 @@ def test_routed_dense_logits_channels_last_rows_far_apart(mix, div, needs):
 # combines up to four exp rows per pass; with teacher gradients (dz) the sweep also keeps the shifted logits.
 # Mix "logits" with KL takes the same sweep over its mixed logits (mix_logits_kl), after one pass that adds up to
 # four distinct teachers' rows (more: one pass each); with dw or dz it keeps the shifted logits for g.
-KL_SWEEP_MIXES = pytest.mark.parametrize("mix", [0, 1], ids=["loss", "logits"])
+KL_SWEEP_MIXES = pytest.mark.parametrize("mix", [0, 1, 2], ids=["loss", "logits", "probs"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(
     "E,K,sparse",
@@ -406,7 +406,7 @@ def test_routed_kl_single_sweep_nan_inf_and_underflow(mix, threads, needs):
 
 
 @pytest.mark.parametrize("needs", [ALL_GRADS, NO_DZ], ids=["dz", "no-dz"])
-@KL_SWEEP_MIXES
+@pytest.mark.parametrize("mix", [0, 1], ids=["loss", "logits"])  # mix probs: P = sum_k w_k, 1 only up to rounding
 def test_routed_kl_single_sweep_one_hot_rows_give_zero_gradient(mix, needs):
     """Student and teachers all one-hot at the same class (every other probability underflows; weights that sum to
     one keep the mixed logits one-hot too): the loss, dx and dz are exactly 0, as the sums cancel exactly

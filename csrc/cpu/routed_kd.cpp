@@ -164,6 +164,84 @@ MMFAST_INLINE void dot_rows(const T* const* rows, int64_t C, F scale, G&& g, dou
   if constexpr (ND > 3) out[3] = a3;
 }
 
+// logsumexp_j term(j) over j < n with torch.logsumexp's semantics: NaN when a term is NaN, the max itself when it is
+// infinite (every term -inf: -inf). A term of -inf adds nothing (a slot left out).
+template <typename F, typename Term>
+MMFAST_INLINE F logsumexp_terms(int64_t n, Term&& term) {
+  F hi = -kInf<F>;
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) {
+    const F t = term(j);
+    nan = nan || std::isnan(t);
+    hi = std::max(hi, t);
+  }
+  if (nan) return kNaN<F>;
+  if (std::isinf(hi)) return hi;
+  F sum = 0;
+  for (int64_t j = 0; j < n; ++j) sum += std::exp(term(j) - hi);
+  return hi + std::log(sum);
+}
+
+// Mix probs with KL: P[c] = sum_j coef_j e_j[c] over ND exp rows (coef_j = w_j / Z_j), lP[c] = log P[c]; returns
+// whether some P[c] is not a normal float (mixture_log's log-space cases).
+template <int ND, typename F>
+MMFAST_INLINE bool mix_prob_rows(const F* const* e, const F* coef, int64_t C, F* __restrict P, F* __restrict lP) {
+  const F* __restrict e0 = e[0];
+  const F* __restrict e1 = e[ND > 1 ? 1 : 0];
+  const F* __restrict e2 = e[ND > 2 ? 2 : 0];
+  const F* __restrict e3 = e[ND > 3 ? 3 : 0];
+  const F c0 = coef[0], c1 = coef[ND > 1 ? 1 : 0], c2 = coef[ND > 2 ? 2 : 0], c3 = coef[ND > 3 ? 3 : 0];
+  constexpr F lo = std::numeric_limits<F>::min(), hi = std::numeric_limits<F>::max();
+  int bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t c = 0; c < C; ++c) {
+    F p = c0 * e0[c];
+    if constexpr (ND > 1) p += c1 * e1[c];
+    if constexpr (ND > 2) p += c2 * e2[c];
+    if constexpr (ND > 3) p += c3 * e3[c];
+    P[c] = p;
+    bad += int(p < lo) | int(!(p <= hi));  // not a normal float: below FLT_MIN (0 too), inf or NaN
+  }
+  // a loop of its own: log_approx's special cases in the loop above keep GCC from vectorizing it
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) lP[c] = log_approx(P[c]);
+  return bad != 0;
+}
+
+// Mix probs with KL, from P, log P, the student's shifted logits u and log Z_q: returns D = sum P (log P - log q)
+// (terms where P is 0 are 0); kDots: dots[j] = sum_c p_j[c] G[c] over ND exp rows (p_j = e_j inv_z_j,
+// G = log P - log q + 1). Summed in double, as the general path: a student far from the mixture (log q in the
+// hundreds) makes terms large against their sum, where float block sums lost up to 10x the reference's accuracy.
+template <int ND, bool kDots, typename F>
+MMFAST_INLINE double kl_mixture_sums(const F* __restrict P, const F* __restrict lP, const F* __restrict u, F log_zq,
+                                     const F* const* e, const F* inv_z, int64_t C, double* dots) {
+  const F* __restrict e0 = e[0];
+  const F* __restrict e1 = e[ND > 1 ? 1 : 0];
+  const F* __restrict e2 = e[ND > 2 ? 2 : 0];
+  const F* __restrict e3 = e[ND > 3 ? 3 : 0];
+  const F i0 = inv_z[0], i1 = inv_z[ND > 1 ? 1 : 0], i2 = inv_z[ND > 2 ? 2 : 0], i3 = inv_z[ND > 3 ? 3 : 0];
+  double d = 0, a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : d, a0, a1, a2, a3)
+  for (int64_t c = 0; c < C; ++c) {
+    const F diff = lP[c] - (u[c] - log_zq);
+    d += zero_where_zero(P[c], P[c] * diff);
+    if constexpr (kDots) {
+      const F G = diff + F(1);
+      a0 += (e0[c] * i0) * G;
+      if constexpr (ND > 1) a1 += (e1[c] * i1) * G;
+      if constexpr (ND > 2) a2 += (e2[c] * i2) * G;
+      if constexpr (ND > 3) a3 += (e3[c] * i3) * G;
+    }
+  }
+  if constexpr (kDots) {
+    dots[0] = a0;
+    if constexpr (ND > 1) dots[1] = a1;
+    if constexpr (ND > 2) dots[2] = a2;
+    if constexpr (ND > 3) dots[3] = a3;
+  }
+  return d;
+}
+
 // Mix probs: lP = log P for the n mixture probabilities P = sum_k w_k p_k. log(P) equals
 // logsumexp_k(log w_k + log p_k) wherever P is a normal float; elsewhere (underflow, NaN, inf) take the
 // log-space value logp_at(i), as the reference, and P = exp of it.
@@ -229,7 +307,7 @@ class RoutedRow : RoutedOperands<T> {
     return mix == kMixProbs ? 5 + 2 * int(K) : mix == kMixLoss ? std::max(6, 3 + int(K)) : 6;
   }
   // Scalars per routing slot after the buffers.
-  static constexpr int kSlotScalars = 3;
+  static constexpr int kSlotScalars = 4;
 
   MMFAST_INLINE RoutedRow(const RoutedKDParams& p, F* workspace, int64_t* slot_ints)
       : Ops(p),
@@ -243,7 +321,8 @@ class RoutedRow : RoutedOperands<T> {
         first_(slot_ints + p.K),
         wsum_(workspace + int64_t{num_buffers(p.mix, p.K)} * ld_),
         dval_(wsum_ + p.K),
-        coef_(dval_ + p.K) {}
+        coef_(dval_ + p.K),
+        offset_(coef_ + p.K) {}
 
   // Row n; next (or -1): the row this thread computes after it, if it will be read (not masked).
   MMFAST_INLINE void set_row(int64_t n, int64_t next) {
@@ -565,9 +644,120 @@ class RoutedRow : RoutedOperands<T> {
     }
   }
 
+  // mix "probs" with KL, teachers of unit class stride, at most four distinct ones and no teacher gradient: each
+  // distinct teacher row in one exp sweep (kl_teacher_row; its S is not needed) that keeps its exp row e_j, then one
+  // pass forms P = sum_j (w_j / Z_j) e_j and log P (mix_prob_rows; an entry whose P is not a normal float takes the
+  // log-space value, as mixture_log), one the loss and, for dw, sum_c p_j G (kl_mixture_sums), and one
+  // dx = scale / tau (q W - P) (A = -P, sum(A) = -W). The general path instead keeps each teacher's log p_k and p_k
+  // and forms every divergence piece in passes of their own.
+  MMFAST_INLINE void mix_probs_kl() {
+    F* P = buffer(kFirstMixBuffer);
+    F* lP = buffer(kFirstMixBuffer + 1);
+    const F* e[4];
+    const T* rows[4];
+    F inv_z[4];
+    int64_t slot[4];
+    F W = 0;
+    int nd = 0;
+    for (int64_t k = 0; k < K_; ++k) {
+      if (first_[k] != k) continue;
+      F* ej = slot_prob(nd);
+      const T* src = z_row(teacher_[k]);
+      const RowAfter next = row_after_slot(k);
+      F m = 0;
+      const KLSums sums = rows_.sweep(src, C_, inv_tau_, next.row, next.stride,
+                                      [&](F row_max, const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
+                                        m = row_max;
+                                        return kl_teacher_row<false>(src, C_, inv_tau_, row_max, u_, ej, ej, ahead,
+                                                                     ahead_max);
+                                      });
+      const F wk = wsum_[k];
+      e[nd] = ej;
+      rows[nd] = src;
+      inv_z[nd] = F(1 / sums.Z);
+      coef_[nd] = wk * inv_z[nd];
+      offset_[nd] = F(double(m) + std::log(sums.Z) - std::log(double(wk)));
+      slot[nd++] = k;
+      W += wk;
+    }
+    bool bad;
+    switch (nd) {
+      case 1:
+        bad = mix_prob_rows<1>(e, coef_, C_, P, lP);
+        break;
+      case 2:
+        bad = mix_prob_rows<2>(e, coef_, C_, P, lP);
+        break;
+      case 3:
+        bad = mix_prob_rows<3>(e, coef_, C_, P, lP);
+        break;
+      default:
+        bad = mix_prob_rows<4>(e, coef_, C_, P, lP);
+    }
+    if (bad) {  // as mixture_log: log P in log space where P is not a normal float, and P = exp of it
+      for (int64_t c = 0; c < C_; ++c) {
+        if (P[c] >= std::numeric_limits<F>::min() && P[c] <= std::numeric_limits<F>::max()) continue;
+        lP[c] = logsumexp_terms<F>(nd, [&](int64_t j) MMFAST_INLINE_LAMBDA {
+          return to_compute(rows[j][c]) * inv_tau_ - offset_[j];
+        });
+        P[c] = std::exp(lP[c]);
+      }
+    }
+    double dots[4];
+    const F log_zq = q_.log_sum;
+    double d;
+    switch (nd * 2 + int(dw_ != nullptr)) {
+      case 2:
+        d = kl_mixture_sums<1, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+        break;
+      case 3:
+        d = kl_mixture_sums<1, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+        break;
+      case 4:
+        d = kl_mixture_sums<2, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+        break;
+      case 5:
+        d = kl_mixture_sums<2, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+        break;
+      case 6:
+        d = kl_mixture_sums<3, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+        break;
+      case 7:
+        d = kl_mixture_sums<3, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+        break;
+      case 8:
+        d = kl_mixture_sums<4, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+        break;
+      default:
+        d = kl_mixture_sums<4, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+    }
+    loss_[n_] = scale_ * F(d);
+    if (dw_ != nullptr) {
+      for (int j = 0; j < nd; ++j) dval_[slot[j]] = F(dots[j]);
+      for (int64_t k = 0; k < K_; ++k) dw_[n_ * K_ + k] = scale_ * dval_[first_[k]];
+    }
+    if (dx_ == nullptr) return;
+    const F* __restrict eq = eq_;
+    const F* __restrict Pr = P;
+    const F qw = q_.inv_sum * W;
+    const F g = grad_scale_;
+    store_row(dx_row(), p_.S, C_, false,
+              [=](int64_t c) MMFAST_INLINE_LAMBDA { return (eq[c] * qw - Pr[c]) * g; });
+  }
+
+  // The row's distinct teachers.
+  MMFAST_INLINE int64_t distinct_slots() const {
+    int64_t n = 0;
+    for (int64_t k = 0; k < K_; ++k) n += first_[k] == k;
+    return n;
+  }
+
   // mix "probs": P = sum_k w_k p_k, L = D(P || q); with G = dD/dP: dw_k = sum(p_k G),
   // dL/dv_k = w_k (p_k G - p_k sum(p_k G)).
   MMFAST_INLINE void mix_probs() {
+    if constexpr (DIV == kKL) {
+      if (p_.sz_c == 1 && dz_ == nullptr && distinct_slots() <= 4) return mix_probs_kl();
+    }
     F* pbar = buffer(kFirstMixBuffer);  // P, then G
     F* lpbar = buffer(kFirstMixBuffer + 1);
     std::fill(pbar, pbar + C_, F(0));
@@ -731,21 +921,9 @@ class RoutedRow : RoutedOperands<T> {
 
   // logsumexp_k(log w_k + log p_k[c]) over the row's distinct teachers (torch.logsumexp semantics).
   MMFAST_INLINE F mixture_logp(int64_t c) const {
-    F hi = -kInf<F>;
-    bool nan = false;
-    for (int64_t k = 0; k < K_; ++k) {
-      if (first_[k] != k) continue;
-      const F t = std::log(wsum_[k]) + slot_logp(k)[c];
-      nan = nan || std::isnan(t);
-      hi = std::max(hi, t);
-    }
-    if (nan) return kNaN<F>;
-    if (std::isinf(hi)) return hi;
-    F sum = 0;
-    for (int64_t k = 0; k < K_; ++k) {
-      if (first_[k] == k) sum += std::exp(std::log(wsum_[k]) + slot_logp(k)[c] - hi);
-    }
-    return hi + std::log(sum);
+    return logsumexp_terms<F>(K_, [&](int64_t k) MMFAST_INLINE_LAMBDA {
+      return first_[k] == k ? std::log(wsum_[k]) + slot_logp(k)[c] : -kInf<F>;
+    });
   }
 
   // dx = scale / tau * (A - q sum(A))
@@ -771,7 +949,8 @@ class RoutedRow : RoutedOperands<T> {
   int64_t* first_;
   F* wsum_;
   F* dval_;  // per slot: D_k (mix loss) or <p_k, G> (mix probs)
-  F* coef_;  // mix_loss_kl: w_k / Z_k of the j-th distinct slot
+  F* coef_;  // mix_loss_kl, mix_probs_kl: w_k / Z_k of the j-th distinct slot
+  F* offset_;  // mix_probs_kl: m_k + log Z_k - log w_k of the j-th distinct slot (log w_k p_k = z_k / tau - offset)
   int64_t n_ = 0, b_ = 0, s_ = 0;
   const T* next_x_ = nullptr;  // the student row of the next row, when it will be read
   RowSequence<T> rows_;
@@ -1024,18 +1203,9 @@ class RoutedTile : RoutedOperands<T> {
   // logsumexp_k(log w_k + log p_k) at tile element i = c * R + r (torch.logsumexp semantics).
   MMFAST_INLINE F mixture_logp(int64_t i) const {
     const int r = int(i % R);
-    F hi = -kInf<F>;
-    bool nan = false;
-    for (int64_t k = 0; k < K_; ++k) {
-      const F t = std::log(slot_w_[k * R + r]) + slot_logp(k)[i];
-      nan = nan || std::isnan(t);
-      hi = std::max(hi, t);
-    }
-    if (nan) return kNaN<F>;
-    if (std::isinf(hi)) return hi;
-    F sum = 0;
-    for (int64_t k = 0; k < K_; ++k) sum += std::exp(std::log(slot_w_[k * R + r]) + slot_logp(k)[i] - hi);
-    return hi + std::log(sum);
+    return logsumexp_terms<F>(K_, [&](int64_t k) MMFAST_INLINE_LAMBDA {
+      return std::log(slot_w_[k * R + r]) + slot_logp(k)[i];
+    });
   }
 
   // Slot k of every lane: its weight, its teacher's logits offset and its dz offset.
