@@ -85,11 +85,13 @@ struct KLSums {
 };
 
 // One sweep over a unit-stride teacher row src for KL(p || q), p = softmax(v), v = src * scale - m (m the
-// row's max): stores e[c] = exp(v[c]) (kStoreV: and v[c]) and returns Z = sum e and S = sum over e != 0 of
-// e (v - u), u the student's shifted logits, so that KL = S / Z - log Z + log Z_q (p sums to one; log p - log q =
-// v - u - log Z + log Z_q). The max of the unit-stride row `next` (same length and scale) in *next_max. src is a
-// row of the logits (Src = T) or a buffer of mixed logits (Src = F).
-// Float sums over blocks of kSweepBlock classes (kCancellingSweepBlock with kStoreV), each added to a double (row_ops.h).
+// row's max): stores e[c] = exp(v[c]) (kStoreV: and vout[c] = v[c]) and returns
+// Z = sum e and S = sum over e != 0 of e (v - u), u the student's shifted logits, so that
+// KL = S / Z - log Z + log Z_q (p sums to one; log p - log q = v - u - log Z + log Z_q). The max of the unit-stride
+// row `next` (same length and scale) in *next_max. src is a row of the logits (Src = T) or a buffer of mixed logits
+// (Src = F).
+// Float sums over blocks of kSweepBlock classes (kCancellingSweepBlock with kStoreV), each added to a double
+// (row_ops.h).
 template <bool kStoreV, typename Src, typename T, typename F = compute_t<T>>
 MMFAST_INLINE KLSums kl_teacher_row(const Src* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
                                     F* __restrict e, F* __restrict vout, const T* __restrict next,
@@ -119,9 +121,25 @@ MMFAST_INLINE KLSums kl_teacher_row(const Src* __restrict src, int64_t C, F scal
   return {Z, S};
 }
 
+// body(std::integral_constant<int, N>{}) with N = n for n in 1..3 and 4 otherwise: the passes over several rows
+// take up to four, named, so that their pointers stay in registers.
+template <typename Body>
+MMFAST_INLINE auto with_row_count(int64_t n, Body&& body) {
+  switch (n) {
+    case 1:
+      return body(std::integral_constant<int, 1>{});
+    case 2:
+      return body(std::integral_constant<int, 2>{});
+    case 3:
+      return body(std::integral_constant<int, 3>{});
+    default:
+      return body(std::integral_constant<int, 4>{});
+  }
+}
+
 // Mix logits: vbar[c] = sum_j w_j (rows_j[c] * scale) over ND unit-stride rows, added in order j = 0, 1, .. (the
-// reference's rounding); returns max_c vbar[c]. Named rows and weights (an array of them stays in memory, reloaded per vector); unused
-// ones repeat row 0 and are never read.
+// reference's rounding); returns max_c vbar[c]. Named rows and weights (an array of them stays in memory, reloaded
+// per vector); unused ones repeat row 0 and are never read.
 template <int ND, typename T, typename F = compute_t<T>>
 MMFAST_INLINE F mix_rows(const T* const* rows, const F* w, int64_t C, F scale, F* __restrict vbar) {
   const T* __restrict r0 = rows[0];
@@ -460,16 +478,7 @@ class RoutedRow : RoutedOperands<T> {
       coef_[0] = 1;
       nd = 1;
     }
-    switch (nd) {
-      case 1:
-        return write_dx_kl(W, std::integral_constant<int, 1>{});
-      case 2:
-        return write_dx_kl(W, std::integral_constant<int, 2>{});
-      case 3:
-        return write_dx_kl(W, std::integral_constant<int, 3>{});
-      default:
-        return write_dx_kl(W, std::integral_constant<int, 4>{});
-    }
+    with_row_count(nd, [&](auto n) MMFAST_INLINE_LAMBDA { write_dx_kl(W, n); });
   }
 
   // dz of slot k's teacher (mix_loss_kl): its exps e, shifted logits v, log Z, 1 / Z and D_k.
@@ -576,20 +585,9 @@ class RoutedRow : RoutedOperands<T> {
     const F* w = w_ + b_ * K_;
     const int64_t n = std::min<int64_t>(K_, 4);
     for (int64_t k = 0; k < n; ++k) rows[k] = z_row(teacher_[k]);
-    F m;
-    switch (n) {
-      case 1:
-        m = mix_rows<1>(rows, w, C_, inv_tau_, vbar);
-        break;
-      case 2:
-        m = mix_rows<2>(rows, w, C_, inv_tau_, vbar);
-        break;
-      case 3:
-        m = mix_rows<3>(rows, w, C_, inv_tau_, vbar);
-        break;
-      default:
-        m = mix_rows<4>(rows, w, C_, inv_tau_, vbar);
-    }
+    F m = with_row_count(n, [&](auto nd) MMFAST_INLINE_LAMBDA {
+      return mix_rows<decltype(nd)::value>(rows, w, C_, inv_tau_, vbar);
+    });
     for (int64_t k = n; k < K_; ++k) m = axpy_scaled(z_row(teacher_[k]), 1, C_, inv_tau_, w[k], true, vbar);
     return m;
   }
@@ -621,19 +619,9 @@ class RoutedRow : RoutedOperands<T> {
       double dots[4];
       const int64_t n = std::min<int64_t>(K_ - k0, 4);
       for (int64_t j = 0; j < n; ++j) rows[j] = z_row(teacher_[k0 + j]);
-      switch (n) {
-        case 1:
-          dot_rows<1>(rows, C_, inv_tau_, g, dots);
-          break;
-        case 2:
-          dot_rows<2>(rows, C_, inv_tau_, g, dots);
-          break;
-        case 3:
-          dot_rows<3>(rows, C_, inv_tau_, g, dots);
-          break;
-        default:
-          dot_rows<4>(rows, C_, inv_tau_, g, dots);
-      }
+      with_row_count(n, [&](auto nd) MMFAST_INLINE_LAMBDA {
+        dot_rows<decltype(nd)::value>(rows, C_, inv_tau_, g, dots);
+      });
       for (int64_t j = 0; j < n; ++j) dw_[n_ * K_ + k0 + j] = scale_ * F(dots[j]);
     }
     for (int64_t k = 0; dz_ != nullptr && k < K_; ++k) {
@@ -645,92 +633,51 @@ class RoutedRow : RoutedOperands<T> {
   }
 
   // mix "probs" with KL, teachers of unit class stride, at most four distinct ones and no teacher gradient: each
-  // distinct teacher row in one exp sweep (kl_teacher_row; its S is not needed) that keeps its exp row e_j, then one
-  // pass forms P = sum_j (w_j / Z_j) e_j and log P (mix_prob_rows; an entry whose P is not a normal float takes the
-  // log-space value, as mixture_log), one the loss and, for dw, sum_c p_j G (kl_mixture_sums), and one
-  // dx = scale / tau (q W - P) (A = -P, sum(A) = -W). The general path instead keeps each teacher's log p_k and p_k
-  // and forms every divergence piece in passes of their own.
+  // distinct teacher row in one exp sweep (exp_row) that keeps its shifted logits and exps e_j, then one pass forms
+  // P = sum_j (w_j / Z_j) e_j and log P (mix_prob_rows; an entry whose P is not a normal float takes the log-space
+  // value, as mixture_log), one the loss and, for dw, sum_c p_j G (kl_mixture_sums), and one
+  // dx = scale / tau (q W - P) (A = -P, sum(A) = -W). The general path also forms log p_k and p_k, and every
+  // divergence piece, in passes of their own.
   MMFAST_INLINE void mix_probs_kl() {
     F* P = buffer(kFirstMixBuffer);
     F* lP = buffer(kFirstMixBuffer + 1);
     const F* e[4];
-    const T* rows[4];
+    const F* v[4];
     F inv_z[4];
     int64_t slot[4];
     F W = 0;
     int nd = 0;
     for (int64_t k = 0; k < K_; ++k) {
       if (first_[k] != k) continue;
-      F* ej = slot_prob(nd);
-      const T* src = z_row(teacher_[k]);
-      const RowAfter next = row_after_slot(k);
-      F m = 0;
-      const KLSums sums = rows_.sweep(src, C_, inv_tau_, next.row, next.stride,
-                                      [&](F row_max, const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
-                                        m = row_max;
-                                        return kl_teacher_row<false>(src, C_, inv_tau_, row_max, u_, ej, ej, ahead,
-                                                                     ahead_max);
-                                      });
+      // exp_row: Z summed in double, as a float sum's error in P is scaled by log q in the loss (hundreds for a
+      // student far from the mixture; the scalar build's 1024-term float sums were 10x the reference's error there)
+      const SoftmaxStats<F> t = load_slot<false>(k, slot_logp(nd), slot_prob(nd));
       const F wk = wsum_[k];
-      e[nd] = ej;
-      rows[nd] = src;
-      inv_z[nd] = F(1 / sums.Z);
-      coef_[nd] = wk * inv_z[nd];
-      offset_[nd] = F(double(m) + std::log(sums.Z) - std::log(double(wk)));
+      e[nd] = slot_prob(nd);
+      v[nd] = slot_logp(nd);
+      inv_z[nd] = t.inv_sum;
+      coef_[nd] = wk * t.inv_sum;
+      offset_[nd] = t.log_sum - std::log(wk);
       slot[nd++] = k;
       W += wk;
     }
-    bool bad;
-    switch (nd) {
-      case 1:
-        bad = mix_prob_rows<1>(e, coef_, C_, P, lP);
-        break;
-      case 2:
-        bad = mix_prob_rows<2>(e, coef_, C_, P, lP);
-        break;
-      case 3:
-        bad = mix_prob_rows<3>(e, coef_, C_, P, lP);
-        break;
-      default:
-        bad = mix_prob_rows<4>(e, coef_, C_, P, lP);
-    }
+    const bool bad = with_row_count(nd, [&](auto n) MMFAST_INLINE_LAMBDA {
+      return mix_prob_rows<decltype(n)::value>(e, coef_, C_, P, lP);
+    });
     if (bad) {  // as mixture_log: log P in log space where P is not a normal float, and P = exp of it
       for (int64_t c = 0; c < C_; ++c) {
         if (P[c] >= std::numeric_limits<F>::min() && P[c] <= std::numeric_limits<F>::max()) continue;
-        lP[c] = logsumexp_terms<F>(nd, [&](int64_t j) MMFAST_INLINE_LAMBDA {
-          return to_compute(rows[j][c]) * inv_tau_ - offset_[j];
-        });
+        lP[c] = logsumexp_terms<F>(nd, [&](int64_t j) MMFAST_INLINE_LAMBDA { return v[j][c] - offset_[j]; });
         P[c] = std::exp(lP[c]);
       }
     }
     double dots[4];
     const F log_zq = q_.log_sum;
-    double d;
-    switch (nd * 2 + int(dw_ != nullptr)) {
-      case 2:
-        d = kl_mixture_sums<1, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-        break;
-      case 3:
-        d = kl_mixture_sums<1, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-        break;
-      case 4:
-        d = kl_mixture_sums<2, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-        break;
-      case 5:
-        d = kl_mixture_sums<2, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-        break;
-      case 6:
-        d = kl_mixture_sums<3, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-        break;
-      case 7:
-        d = kl_mixture_sums<3, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-        break;
-      case 8:
-        d = kl_mixture_sums<4, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-        break;
-      default:
-        d = kl_mixture_sums<4, true>(P, lP, u_, log_zq, e, inv_z, C_, dots);
-    }
+    const double d = with_row_count(nd, [&](auto n) MMFAST_INLINE_LAMBDA {
+      constexpr int kRows = decltype(n)::value;
+      return dw_ != nullptr ? kl_mixture_sums<kRows, true>(P, lP, u_, log_zq, e, inv_z, C_, dots)
+                            : kl_mixture_sums<kRows, false>(P, lP, u_, log_zq, e, inv_z, C_, dots);
+    });
     loss_[n_] = scale_ * F(d);
     if (dw_ != nullptr) {
       for (int j = 0; j < nd; ++j) dval_[slot[j]] = F(dots[j]);
@@ -756,7 +703,7 @@ class RoutedRow : RoutedOperands<T> {
   // dL/dv_k = w_k (p_k G - p_k sum(p_k G)).
   MMFAST_INLINE void mix_probs() {
     if constexpr (DIV == kKL) {
-      if (p_.sz_c == 1 && dz_ == nullptr && distinct_slots() <= 4) return mix_probs_kl();
+      if (p_.sz_c == 1 && dz_ == nullptr && K_ > 0 && distinct_slots() <= 4) return mix_probs_kl();
     }
     F* pbar = buffer(kFirstMixBuffer);  // P, then G
     F* lpbar = buffer(kFirstMixBuffer + 1);
@@ -950,7 +897,7 @@ class RoutedRow : RoutedOperands<T> {
   F* wsum_;
   F* dval_;  // per slot: D_k (mix loss) or <p_k, G> (mix probs)
   F* coef_;  // mix_loss_kl, mix_probs_kl: w_k / Z_k of the j-th distinct slot
-  F* offset_;  // mix_probs_kl: m_k + log Z_k - log w_k of the j-th distinct slot (log w_k p_k = z_k / tau - offset)
+  F* offset_;  // mix_probs_kl: log Z_k - log w_k of the j-th distinct slot (log w_k p_k = v_k - offset)
   int64_t n_ = 0, b_ = 0, s_ = 0;
   const T* next_x_ = nullptr;  // the student row of the next row, when it will be read
   RowSequence<T> rows_;
