@@ -357,7 +357,9 @@ def test_routed_dense_logits_channels_last_rows_far_apart(mix, div, needs):
 # the last whole row tile) whose teacher rows have unit class stride. Its sums run over blocks of 1024 classes; dx
 # combines up to four exp rows per pass; with teacher gradients (dz) the sweep also keeps the shifted logits.
 # Mix "logits" with KL takes the same sweep over its mixed logits (mix_logits_kl), after one pass that adds up to
-# four distinct teachers' rows (more: one pass each); with dw or dz it keeps the shifted logits for g.
+# four slots' teacher rows (more: one pass each); with dw or dz it keeps the shifted logits for g. Mix "probs" with
+# KL (mix_probs_kl: no dz, at most four distinct teachers in the row; E6 takes the general path) keeps each
+# teacher's exps and forms P in one pass, log space where P is not a normal float.
 KL_SWEEP_MIXES = pytest.mark.parametrize("mix", [0, 1, 2], ids=["loss", "logits", "probs"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(
