@@ -200,34 +200,26 @@ MMFAST_INLINE F logsumexp_terms(int64_t n, Term&& term) {
   return hi + std::log(sum);
 }
 
-// Mix probs with KL: P[c] = sum_j coef_j e_j[c] over ND exp rows (coef_j = w_j / Z_j), lP[c] = log P[c]; returns
-// whether some P[c] is not a normal float (mixture_log's log-space cases).
+// Mix probs with KL: P[c] = sum_j coef_j e_j[c] over ND exp rows (coef_j = w_j / Z_j).
 template <int ND, typename F>
-MMFAST_INLINE bool mix_prob_rows(const F* const* e, const F* coef, int64_t C, F* __restrict P, F* __restrict lP) {
+MMFAST_INLINE void mix_prob_rows(const F* const* e, const F* coef, int64_t C, F* __restrict P) {
   const F* __restrict e0 = e[0];
   const F* __restrict e1 = e[ND > 1 ? 1 : 0];
   const F* __restrict e2 = e[ND > 2 ? 2 : 0];
   const F* __restrict e3 = e[ND > 3 ? 3 : 0];
   const F c0 = coef[0], c1 = coef[ND > 1 ? 1 : 0], c2 = coef[ND > 2 ? 2 : 0], c3 = coef[ND > 3 ? 3 : 0];
-  constexpr F lo = std::numeric_limits<F>::min(), hi = std::numeric_limits<F>::max();
-  int bad = 0;
-#pragma omp simd reduction(+ : bad)
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     F p = c0 * e0[c];
     if constexpr (ND > 1) p += c1 * e1[c];
     if constexpr (ND > 2) p += c2 * e2[c];
     if constexpr (ND > 3) p += c3 * e3[c];
     P[c] = p;
-    bad += int(p < lo) | int(!(p <= hi));  // not a normal float: below FLT_MIN (0 too), inf or NaN
   }
-  // a loop of its own: log_approx's special cases in the loop above keep GCC from vectorizing it
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) lP[c] = log_approx(P[c]);
-  return bad != 0;
 }
 
 // Mix probs with KL, from P, log P, the student's shifted logits u and log Z_q: returns D = sum P (log P - log q)
-// (terms where P is 0 are 0); kDots: dots[j] = sum_c p_j[c] G[c] over ND exp rows (p_j = e_j inv_z_j,
+// (the KL pieces of divergence_pieces: terms where P is 0 are 0); kDots: dots[j] = sum_c p_j[c] G[c] over ND exp rows (p_j = e_j inv_z_j,
 // G = log P - log q + 1). Summed in double, as the general path: a student far from the mixture (log q in the
 // hundreds) makes terms large against their sum, where float block sums lost up to 10x the reference's accuracy.
 template <int ND, bool kDots, typename F>
@@ -241,14 +233,13 @@ MMFAST_INLINE double kl_mixture_sums(const F* __restrict P, const F* __restrict 
   double d = 0, a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : d, a0, a1, a2, a3)
   for (int64_t c = 0; c < C; ++c) {
-    const F diff = lP[c] - (u[c] - log_zq);
-    d += zero_where_zero(P[c], P[c] * diff);
+    const Pieces<F> pc = divergence_pieces<kKL>(lP[c], u[c] - log_zq, P[c], F(0), JSWeights<F>{});  // q unused
+    d += pc.terms;
     if constexpr (kDots) {
-      const F G = diff + F(1);
-      a0 += (e0[c] * i0) * G;
-      if constexpr (ND > 1) a1 += (e1[c] * i1) * G;
-      if constexpr (ND > 2) a2 += (e2[c] * i2) * G;
-      if constexpr (ND > 3) a3 += (e3[c] * i3) * G;
+      a0 += (e0[c] * i0) * pc.G;
+      if constexpr (ND > 1) a1 += (e1[c] * i1) * pc.G;
+      if constexpr (ND > 2) a2 += (e2[c] * i2) * pc.G;
+      if constexpr (ND > 3) a3 += (e3[c] * i3) * pc.G;
     }
   }
   if constexpr (kDots) {
@@ -265,10 +256,17 @@ MMFAST_INLINE double kl_mixture_sums(const F* __restrict P, const F* __restrict 
 // log-space value logp_at(i), as the reference, and P = exp of it.
 template <typename F, typename LogP>
 MMFAST_INLINE void mixture_log(F* __restrict P, F* __restrict lP, int64_t n, LogP&& logp_at) {
+  constexpr F lo = std::numeric_limits<F>::min(), hi = std::numeric_limits<F>::max();
+  const auto normal = [=](F p) MMFAST_INLINE_LAMBDA { return p >= lo && p <= hi; };
+  // three loops: log_approx's special cases, or a short-circuit test, in the count's loop keep GCC from
+  // vectorizing it; the scalar pass runs only for a row that needs it
+  int bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t i = 0; i < n; ++i) bad += int(P[i] < lo) | int(!(P[i] <= hi));  // !normal, without branches
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) lP[i] = log_approx(P[i]);
-  for (int64_t i = 0; i < n; ++i) {
-    if (P[i] >= std::numeric_limits<F>::min() && P[i] <= std::numeric_limits<F>::max()) continue;
+  for (int64_t i = 0; bad != 0 && i < n; ++i) {
+    if (normal(P[i])) continue;
     lP[i] = logp_at(i);
     P[i] = std::exp(lP[i]);
   }
@@ -325,7 +323,7 @@ class RoutedRow : RoutedOperands<T> {
     return mix == kMixProbs ? 5 + 2 * int(K) : mix == kMixLoss ? std::max(6, 3 + int(K)) : 6;
   }
   // Scalars per routing slot after the buffers.
-  static constexpr int kSlotScalars = 4;
+  static constexpr int kSlotScalars = 3;
 
   MMFAST_INLINE RoutedRow(const RoutedKDParams& p, F* workspace, int64_t* slot_ints)
       : Ops(p),
@@ -339,8 +337,7 @@ class RoutedRow : RoutedOperands<T> {
         first_(slot_ints + p.K),
         wsum_(workspace + int64_t{num_buffers(p.mix, p.K)} * ld_),
         dval_(wsum_ + p.K),
-        coef_(dval_ + p.K),
-        offset_(coef_ + p.K) {}
+        coef_(dval_ + p.K) {}
 
   // Row n; next (or -1): the row this thread computes after it, if it will be read (not masked).
   MMFAST_INLINE void set_row(int64_t n, int64_t next) {
@@ -487,9 +484,10 @@ class RoutedRow : RoutedOperands<T> {
     const F log_zq = q_.log_sum;
     const F sum_b = d + F(1);
     const F gk = grad_scale_ * wsum_[k];
+    const JSWeights<F> js = js_;
     store_row(dz_row(teacher_[k]), p_.S, C_, p_.idx != nullptr, [=](int64_t c) MMFAST_INLINE_LAMBDA {
       const F P = e[c] * inv_z;
-      const F b = zero_where_zero(P, P * ((v[c] - log_z) - (u[c] - log_zq))) + P;
+      const F b = divergence_pieces<kKL>(v[c] - log_z, u[c] - log_zq, P, F(0), js).B;  // q is not needed for B
       return gk * (b - P * sum_b);
     });
   }
@@ -602,11 +600,12 @@ class RoutedRow : RoutedOperands<T> {
                                          F* __restrict b_out) {
     const F* __restrict u = u_;
     const F log_zq = q_.log_sum;
+    const JSWeights<F> js = js_;
     double sum_b = 0, sum_p = 0;
 #pragma omp simd reduction(+ : sum_b, sum_p)
     for (int64_t c = 0; c < C_; ++c) {
       const F P = e[c] * inv_z;
-      const F b = zero_where_zero(P, P * ((v[c] - log_z) - (u[c] - log_zq))) + P;
+      const F b = divergence_pieces<kKL>(v[c] - log_z, u[c] - log_zq, P, F(0), js).B;  // q is not needed for B
       b_out[c] = b;
       sum_b += b;
       sum_p += P;
@@ -634,8 +633,8 @@ class RoutedRow : RoutedOperands<T> {
 
   // mix "probs" with KL, teachers of unit class stride, at most four distinct ones and no teacher gradient: each
   // distinct teacher row in one exp sweep (exp_row) that keeps its shifted logits and exps e_j, then one pass forms
-  // P = sum_j (w_j / Z_j) e_j and log P (mix_prob_rows; an entry whose P is not a normal float takes the log-space
-  // value, as mixture_log), one the loss and, for dw, sum_c p_j G (kl_mixture_sums), and one
+  // P = sum_j (w_j / Z_j) e_j (mix_prob_rows), mixture_log log P (as the general path: log space where P is not a
+  // normal float), one pass the loss and, for dw, sum_c p_j G (kl_mixture_sums), and one
   // dx = scale / tau (q W - P) (A = -P, sum(A) = -W). The general path also forms log p_k and p_k, and every
   // divergence piece, in passes of their own.
   MMFAST_INLINE void mix_probs_kl() {
@@ -644,6 +643,7 @@ class RoutedRow : RoutedOperands<T> {
     const F* e[4];
     const F* v[4];
     F inv_z[4];
+    F offset[4];  // log Z_j - log w_j: log (w_j p_j) = v_j - offset_j
     int64_t slot[4];
     F W = 0;
     int nd = 0;
@@ -657,20 +657,14 @@ class RoutedRow : RoutedOperands<T> {
       v[nd] = slot_logp(nd);
       inv_z[nd] = t.inv_sum;
       coef_[nd] = wk * t.inv_sum;
-      offset_[nd] = t.log_sum - std::log(wk);
+      offset[nd] = t.log_sum - std::log(wk);
       slot[nd++] = k;
       W += wk;
     }
-    const bool bad = with_row_count(nd, [&](auto n) MMFAST_INLINE_LAMBDA {
-      return mix_prob_rows<decltype(n)::value>(e, coef_, C_, P, lP);
+    with_row_count(nd, [&](auto n) MMFAST_INLINE_LAMBDA { mix_prob_rows<decltype(n)::value>(e, coef_, C_, P); });
+    mixture_log(P, lP, C_, [&](int64_t c) {
+      return logsumexp_terms<F>(nd, [&](int64_t j) MMFAST_INLINE_LAMBDA { return v[j][c] - offset[j]; });
     });
-    if (bad) {  // as mixture_log: log P in log space where P is not a normal float, and P = exp of it
-      for (int64_t c = 0; c < C_; ++c) {
-        if (P[c] >= std::numeric_limits<F>::min() && P[c] <= std::numeric_limits<F>::max()) continue;
-        lP[c] = logsumexp_terms<F>(nd, [&](int64_t j) MMFAST_INLINE_LAMBDA { return v[j][c] - offset_[j]; });
-        P[c] = std::exp(lP[c]);
-      }
-    }
     double dots[4];
     const F log_zq = q_.log_sum;
     const double d = with_row_count(nd, [&](auto n) MMFAST_INLINE_LAMBDA {
@@ -897,7 +891,6 @@ class RoutedRow : RoutedOperands<T> {
   F* wsum_;
   F* dval_;  // per slot: D_k (mix loss) or <p_k, G> (mix probs)
   F* coef_;  // mix_loss_kl, mix_probs_kl: w_k / Z_k of the j-th distinct slot
-  F* offset_;  // mix_probs_kl: log Z_k - log w_k of the j-th distinct slot (log w_k p_k = v_k - offset)
   int64_t n_ = 0, b_ = 0, s_ = 0;
   const T* next_x_ = nullptr;  // the student row of the next row, when it will be read
   RowSequence<T> rows_;
