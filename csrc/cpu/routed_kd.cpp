@@ -137,6 +137,23 @@ MMFAST_INLINE auto with_row_count(int64_t n, Body&& body) {
   }
 }
 
+// body(std::integral_constant<int, DIV>{}) for the divergence code div (checked by run_routed). Only the loops that
+// form divergence pieces are instantiated per divergence: the rows' and tiles' loading, routing and stores are
+// shared (one copy per mix instead of four: the storage type's object compiled in 40% of the time).
+template <typename Body>
+MMFAST_INLINE auto with_divergence(int32_t div, Body&& body) {
+  switch (div) {
+    case kKL:
+      return body(std::integral_constant<int, kKL>{});
+    case kReverseKL:
+      return body(std::integral_constant<int, kReverseKL>{});
+    case kJS:
+      return body(std::integral_constant<int, kJS>{});
+    default:
+      return body(std::integral_constant<int, kTVD>{});
+  }
+}
+
 // Mix logits: vbar[c] = sum_j w_j (rows_j[c] * scale) over ND unit-stride rows, added in order j = 0, 1, .. (the
 // reference's rounding); returns max_c vbar[c]. Named rows and weights (an array of them stays in memory, reloaded
 // per vector); unused ones repeat row 0 and are never read.
@@ -291,6 +308,7 @@ struct RoutedOperands {
         inv_tau_(F(p.inv_tau)),
         scale_(F(p.scale)),
         grad_scale_(F(p.scale * p.inv_tau)),
+        div_(p.div),
         js_{F(p.beta), F(1 - p.beta), F(std::log(p.beta)), F(std::log1p(-p.beta))} {}
 
   const RoutedKDParams& p_;
@@ -303,15 +321,16 @@ struct RoutedOperands {
   T* dz_;
   int64_t C_, K_;
   F inv_tau_, scale_, grad_scale_;
+  int32_t div_;
   JSWeights<F> js_;
 };
 
 // State and stages of one row; every stage is inlined into the multiversioned row loop.
-template <typename T, int DIV>
+template <typename T>
 class RoutedRow : RoutedOperands<T> {
   using Ops = RoutedOperands<T>;
   using Ops::p_, Ops::x_, Ops::z_, Ops::w_, Ops::loss_, Ops::dx_, Ops::dw_, Ops::dz_, Ops::C_, Ops::K_,
-      Ops::inv_tau_, Ops::scale_, Ops::grad_scale_, Ops::js_;
+      Ops::inv_tau_, Ops::scale_, Ops::grad_scale_, Ops::div_, Ops::js_;
   using F = compute_t<T>;
 
  public:
@@ -400,9 +419,7 @@ class RoutedRow : RoutedOperands<T> {
   // mix "loss": L = sum_k w_k D(p_k || q); A = sum_k w_k A_k, dw_k = D_k,
   // dL/dv_k = w_k (B_k - p_k sum(B_k)).
   MMFAST_INLINE void mix_loss() {
-    if constexpr (DIV == kKL) {
-      if (Cw_ == C_ && p_.sz_c == 1) return dz_ == nullptr ? mix_loss_kl<false>() : mix_loss_kl<true>();
-    }
+    if (div_ == kKL && Cw_ == C_ && p_.sz_c == 1) return dz_ == nullptr ? mix_loss_kl<false>() : mix_loss_kl<true>();
     F* v = buffer(kFirstMixBuffer);
     F* e = buffer(kFirstMixBuffer + 1);
     F* b = buffer(kFirstMixBuffer + 2);
@@ -518,9 +535,7 @@ class RoutedRow : RoutedOperands<T> {
   // mix "logits": vbar = sum_k w_k v_k, L = D(softmax(vbar) || q);
   // with g = B - P sum(B): dw_k = <g, v_k>, dL/dv_k = w_k g.
   MMFAST_INLINE void mix_logits() {
-    if constexpr (DIV == kKL) {
-      if (Cw_ == C_ && p_.sz_c == 1 && K_ > 0) return mix_logits_kl();
-    }
+    if (div_ == kKL && Cw_ == C_ && p_.sz_c == 1 && K_ > 0) return mix_logits_kl();
     F* vbar = buffer(kFirstMixBuffer);
     F* e = buffer(kFirstMixBuffer + 1);
     F* g = buffer(kFirstMixBuffer + 2);
@@ -535,8 +550,10 @@ class RoutedRow : RoutedOperands<T> {
 #pragma omp simd
       for (int64_t c = 0; c < Cw_; ++c) g[c] -= (e[c] * t.inv_sum) * sum_b;
     }
-    for (int64_t k = 0; dw_ != nullptr && k < K_; ++k)
-      dw_[n_ * K_ + k] = scale_ * dot_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, g);
+    if (dw_ != nullptr) {
+      for (int64_t k = 0; k < K_; ++k)
+        dw_[n_ * K_ + k] = scale_ * dot_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, g);
+    }
     for (int64_t k = 0; dz_ != nullptr && k < K_; ++k) {
       if (first_[k] != k) continue;
       const F gk = grad_scale_ * wsum_[k];
@@ -696,9 +713,7 @@ class RoutedRow : RoutedOperands<T> {
   // mix "probs": P = sum_k w_k p_k, L = D(P || q); with G = dD/dP: dw_k = sum(p_k G),
   // dL/dv_k = w_k (p_k G - p_k sum(p_k G)).
   MMFAST_INLINE void mix_probs() {
-    if constexpr (DIV == kKL) {
-      if (p_.sz_c == 1 && dz_ == nullptr && K_ > 0 && distinct_slots() <= 4) return mix_probs_kl();
-    }
+    if (div_ == kKL && p_.sz_c == 1 && dz_ == nullptr && K_ > 0 && distinct_slots() <= 4) return mix_probs_kl();
     F* pbar = buffer(kFirstMixBuffer);  // P, then G
     F* lpbar = buffer(kFirstMixBuffer + 1);
     std::fill(pbar, pbar + C_, F(0));
@@ -725,14 +740,16 @@ class RoutedRow : RoutedOperands<T> {
         if (first_[k] != k) continue;
         const F* __restrict pk = slot_prob(k);
         F* __restrict pg = slot_logp(k);  // p_k G, over log p_k
-        double sum_pg = 0;
+        const F pg_sum = with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+          double sum_pg = 0;
 #pragma omp simd reduction(+ : sum_pg)
-        for (int64_t c = 0; c < C_; ++c) {
-          const F v = prob_times_grad<DIV>(pk[c], pg[c], G[c], lpbar[c], u[c] - log_sum_q);
-          pg[c] = v;
-          sum_pg += v;
-        }
-        const F pg_sum = F(sum_pg);
+          for (int64_t c = 0; c < C_; ++c) {
+            const F v = prob_times_grad<decltype(div)::value>(pk[c], pg[c], G[c], lpbar[c], u[c] - log_sum_q);
+            pg[c] = v;
+            sum_pg += v;
+          }
+          return F(sum_pg);
+        });
         dval_[k] = pg_sum;
         if (dz_ != nullptr) {
           const F gk = grad_scale_ * wsum_[k];
@@ -811,16 +828,18 @@ class RoutedRow : RoutedOperands<T> {
     const F* __restrict eq = eq_;
     F* __restrict a = a_;
     const SoftmaxStats<F> q = q_;
-    double terms = 0;
+    return with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+      double terms = 0;
 #pragma omp simd reduction(+ : terms)
-    for (int64_t c = 0; c < Cw_; ++c) {
-      const Pieces<F> pc = divergence_pieces<DIV>(v[c] - t.log_sum, u[c] - q.log_sum,
-                                                  e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
-      terms += pc.terms;
-      a[c] += wk * pc.A;
-      if constexpr (kWithB) b[c] = pc.B;
-    }
-    return F(terms);
+      for (int64_t c = 0; c < Cw_; ++c) {
+        const Pieces<F> pc = divergence_pieces<decltype(div)::value>(v[c] - t.log_sum, u[c] - q.log_sum,
+                                                      e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
+        terms += pc.terms;
+        a[c] += wk * pc.A;
+        if constexpr (kWithB) b[c] = pc.B;
+      }
+      return F(terms);
+    });
   }
 
   // Mixture P with shifted logits v and exp e: returns D; a = A, b = B.
@@ -830,16 +849,18 @@ class RoutedRow : RoutedOperands<T> {
     const F* __restrict eq = eq_;
     F* __restrict a = a_;
     const SoftmaxStats<F> q = q_;
-    double terms = 0;
+    return with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+      double terms = 0;
 #pragma omp simd reduction(+ : terms)
-    for (int64_t c = 0; c < Cw_; ++c) {
-      const Pieces<F> pc = divergence_pieces<DIV>(v[c] - t.log_sum, u[c] - q.log_sum,
-                                                  e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
-      terms += pc.terms;
-      a[c] = pc.A;
-      b[c] = pc.B;
-    }
-    return F(terms);
+      for (int64_t c = 0; c < Cw_; ++c) {
+        const Pieces<F> pc = divergence_pieces<decltype(div)::value>(v[c] - t.log_sum, u[c] - q.log_sum,
+                                                      e[c] * t.inv_sum, eq[c] * q.inv_sum, js_);
+        terms += pc.terms;
+        a[c] = pc.A;
+        b[c] = pc.B;
+      }
+      return F(terms);
+    });
   }
 
   // Mixture P given as log P and P: returns D; a = A, G (may alias P: each element is read first).
@@ -848,16 +869,18 @@ class RoutedRow : RoutedOperands<T> {
     const F* __restrict eq = eq_;
     F* __restrict a = a_;
     const SoftmaxStats<F> q = q_;
-    double terms = 0;
+    return with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+      double terms = 0;
 #pragma omp simd reduction(+ : terms)
-    for (int64_t c = 0; c < C_; ++c) {
-      const Pieces<F> pc =
-          divergence_pieces<DIV>(lP[c], u[c] - q.log_sum, P[c], eq[c] * q.inv_sum, js_);
-      terms += pc.terms;
-      a[c] = pc.A;
-      G[c] = pc.G;
-    }
-    return F(terms);
+      for (int64_t c = 0; c < C_; ++c) {
+        const Pieces<F> pc =
+            divergence_pieces<decltype(div)::value>(lP[c], u[c] - q.log_sum, P[c], eq[c] * q.inv_sum, js_);
+        terms += pc.terms;
+        a[c] = pc.A;
+        G[c] = pc.G;
+      }
+      return F(terms);
+    });
   }
 
   // logsumexp_k(log w_k + log p_k[c]) over the row's distinct teachers (torch.logsumexp semantics).
@@ -907,11 +930,11 @@ class RoutedRow : RoutedOperands<T> {
 // is not padded, so it is fast only at multiples of the vector width: tiles win on average up to 63).
 bool use_tiles(const RoutedKDParams& p) { return tile_rows(p.C, p.mix == kMixLogits ? 40 : 63); }
 
-template <typename T, int DIV>
+template <typename T>
 class RoutedTile : RoutedOperands<T> {
   using Ops = RoutedOperands<T>;
   using Ops::p_, Ops::x_, Ops::z_, Ops::w_, Ops::loss_, Ops::dx_, Ops::dw_, Ops::dz_, Ops::C_, Ops::K_,
-      Ops::inv_tau_, Ops::scale_, Ops::grad_scale_, Ops::js_;
+      Ops::inv_tau_, Ops::scale_, Ops::grad_scale_, Ops::div_, Ops::js_;
   using F = compute_t<T>;
   static constexpr int R = kTileRows<F>;
 
@@ -967,17 +990,19 @@ class RoutedTile : RoutedOperands<T> {
       const F* __restrict eq = eq_;
       F* __restrict a = a_;
       F* __restrict bb = b_;
-      for (int64_t c = 0; c < C_; ++c) {
+      with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+        for (int64_t c = 0; c < C_; ++c) {
 #pragma omp simd
-        for (int r = 0; r < R; ++r) {
-          const int64_t i = c * R + r;
-          const Pieces<F> pc = divergence_pieces<DIV>(v[i] - t.log_sum[r], u[i] - q_.log_sum[r],
-                                                      e[i] * t.inv_sum[r], eq[i] * q_.inv_sum[r], js_);
-          terms[r] += pc.terms;
-          a[i] += w_slot_[r] * pc.A;
-          bb[i] = pc.B;
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = c * R + r;
+            const Pieces<F> pc = divergence_pieces<decltype(div)::value>(v[i] - t.log_sum[r], u[i] - q_.log_sum[r],
+                                                          e[i] * t.inv_sum[r], eq[i] * q_.inv_sum[r], js_);
+            terms[r] += pc.terms;
+            a[i] += w_slot_[r] * pc.A;
+            bb[i] = pc.B;
+          }
         }
-      }
+      });
 #pragma omp simd
       for (int r = 0; r < R; ++r) {
         loss[r] += w_slot_[r] * F(terms[r]);
@@ -1021,17 +1046,19 @@ class RoutedTile : RoutedOperands<T> {
       const F* __restrict u = u_;
       const F* __restrict eq = eq_;
       F* __restrict a = a_;
-      for (int64_t c = 0; c < C_; ++c) {
+      with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+        for (int64_t c = 0; c < C_; ++c) {
 #pragma omp simd
-        for (int r = 0; r < R; ++r) {
-          const int64_t i = c * R + r;
-          const Pieces<F> pc = divergence_pieces<DIV>(vbar[i] - t.log_sum[r], u[i] - q_.log_sum[r],
-                                                      e[i] * t.inv_sum[r], eq[i] * q_.inv_sum[r], js_);
-          terms[r] += pc.terms;
-          a[i] = pc.A;
-          g[i] = pc.B;
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = c * R + r;
+            const Pieces<F> pc = divergence_pieces<decltype(div)::value>(vbar[i] - t.log_sum[r], u[i] - q_.log_sum[r],
+                                                          e[i] * t.inv_sum[r], eq[i] * q_.inv_sum[r], js_);
+            terms[r] += pc.terms;
+            a[i] = pc.A;
+            g[i] = pc.B;
+          }
         }
-      }
+      });
     }
     for (int r = 0; r < R; ++r) loss_[n_ + r] = scale_ * F(terms[r]);
     if (dw_ != nullptr || dz_ != nullptr) {
@@ -1090,17 +1117,19 @@ class RoutedTile : RoutedOperands<T> {
       const F* __restrict u = u_;
       const F* __restrict eq = eq_;
       F* __restrict a = a_;
-      for (int64_t c = 0; c < C_; ++c) {
+      with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+        for (int64_t c = 0; c < C_; ++c) {
 #pragma omp simd
-        for (int r = 0; r < R; ++r) {
-          const int64_t i = c * R + r;
-          const Pieces<F> pc = divergence_pieces<DIV>(lpbar[i], u[i] - q_.log_sum[r], pbar[i],
-                                                      eq[i] * q_.inv_sum[r], js_);
-          terms[r] += pc.terms;
-          a[i] = pc.A;
-          G[i] = pc.G;
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = c * R + r;
+            const Pieces<F> pc = divergence_pieces<decltype(div)::value>(lpbar[i], u[i] - q_.log_sum[r], pbar[i],
+                                                          eq[i] * q_.inv_sum[r], js_);
+            terms[r] += pc.terms;
+            a[i] = pc.A;
+            G[i] = pc.G;
+          }
         }
-      }
+      });
     }
     for (int r = 0; r < R; ++r) loss_[n_ + r] = scale_ * F(terms[r]);
     for (int64_t k = 0; k < K_ && (dw_ != nullptr || dz_ != nullptr); ++k) {
@@ -1109,15 +1138,17 @@ class RoutedTile : RoutedOperands<T> {
       const F* __restrict pk = slot_prob(k);
       F* __restrict pg = slot_logp(k);  // p_k G, over log p_k
       alignas(64) double sum_pg[R] = {};
-      for (int64_t c = 0; c < C_; ++c) {
+      with_divergence(div_, [&](auto div) MMFAST_INLINE_LAMBDA {
+        for (int64_t c = 0; c < C_; ++c) {
 #pragma omp simd
-        for (int r = 0; r < R; ++r) {
-          const int64_t i = c * R + r;
-          const F v = prob_times_grad<DIV>(pk[i], pg[i], G[i], lpbar[i], u[i] - q_.log_sum[r]);
-          pg[i] = v;
-          sum_pg[r] += v;
+          for (int r = 0; r < R; ++r) {
+            const int64_t i = c * R + r;
+            const F v = prob_times_grad<decltype(div)::value>(pk[i], pg[i], G[i], lpbar[i], u[i] - q_.log_sum[r]);
+            pg[i] = v;
+            sum_pg[r] += v;
+          }
         }
-      }
+      });
       alignas(64) F pg_sum[R];
 #pragma omp simd
       for (int r = 0; r < R; ++r) pg_sum[r] = F(sum_pg[r]);
@@ -1201,10 +1232,10 @@ class RoutedTile : RoutedOperands<T> {
   alignas(64) F w_slot_[R];
 };
 
-template <typename T, int MIX, int DIV>
+template <typename T, int MIX>
 MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_t begin, int64_t end,
                                      compute_t<T>* workspace, int64_t* slot_ints) {
-  RoutedRow<T, DIV> row(p, workspace, slot_ints);
+  RoutedRow<T> row(p, workspace, slot_ints);
   const auto one_row = [&](int64_t n, int64_t stop) MMFAST_INLINE_LAMBDA {
     row.set_row(n, n + 1 < stop && (p.mask == nullptr || p.mask[n + 1] != 0) ? n + 1 : -1);
     if (!row.route()) {  // a bad index wins over the mask, as in the reference
@@ -1228,7 +1259,7 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_
   // and the rows after the last whole tile go through the row path. Each path has one call site, so
   // that the row path is inlined once (a second copy made the code 1.7x larger and its compile 2x longer).
   constexpr int R = kTileRows<compute_t<T>>;
-  std::optional<RoutedTile<T, DIV>> tile;
+  std::optional<RoutedTile<T>> tile;
   if (tiles) tile.emplace(p, workspace);
   for (int64_t n = begin; n < end;) {
     const bool whole_tile = tile.has_value() && n + R <= end;
@@ -1250,31 +1281,17 @@ MMFAST_MULTIVERSION void routed_rows(const RoutedKDParams& p, bool tiles, int64_
 template <typename T>
 using RowsFn = void (*)(const RoutedKDParams&, bool, int64_t, int64_t, compute_t<T>*, int64_t*);
 
-template <typename T, int MIX>
-RowsFn<T> rows_fn_for_div(int32_t div) {
-  switch (div) {
-    case kKL:
-      return &routed_rows<T, MIX, kKL>;
-    case kReverseKL:
-      return &routed_rows<T, MIX, kReverseKL>;
-    case kJS:
-      return &routed_rows<T, MIX, kJS>;
-    case kTVD:
-      return &routed_rows<T, MIX, kTVD>;
-    default:
-      throw std::invalid_argument("routed_kd_cpu: unknown divergence code " + std::to_string(div));
-  }
-}
-
 template <typename T>
 RowsFn<T> rows_fn(int32_t mix, int32_t div) {
+  if (div != kKL && div != kReverseKL && div != kJS && div != kTVD)
+    throw std::invalid_argument("routed_kd_cpu: unknown divergence code " + std::to_string(div));
   switch (mix) {
     case kMixLoss:
-      return rows_fn_for_div<T, kMixLoss>(div);
+      return &routed_rows<T, kMixLoss>;
     case kMixLogits:
-      return rows_fn_for_div<T, kMixLogits>(div);
+      return &routed_rows<T, kMixLogits>;
     case kMixProbs:
-      return rows_fn_for_div<T, kMixProbs>(div);
+      return &routed_rows<T, kMixProbs>;
     default:
       throw std::invalid_argument("routed_kd_cpu: unknown mix code " + std::to_string(mix));
   }
@@ -1286,10 +1303,10 @@ void run_routed(const RoutedKDParams& p, int num_threads) {
   const RowsFn<T> fn = rows_fn<T>(p.mix, p.div);
   const int64_t rows = p.B * p.S;
   const int threads = resolve_threads(num_threads, rows);
-  const int64_t buffers = RoutedRow<T, kKL>::num_buffers(p.mix, p.K);
+  const int64_t buffers = RoutedRow<T>::num_buffers(p.mix, p.K);
   const bool tiles = use_tiles(p);  // read once: the workspace is sized for it
-  const int64_t per_thread = std::max(buffers * Workspace<F>::leading_dim(p.C) + RoutedRow<T, kKL>::kSlotScalars * p.K,
-                                      tiles ? RoutedTile<T, kKL>::workspace_elements(p.mix, p.C, p.K) : 0);
+  const int64_t per_thread = std::max(buffers * Workspace<F>::leading_dim(p.C) + RoutedRow<T>::kSlotScalars * p.K,
+                                      tiles ? RoutedTile<T>::workspace_elements(p.mix, p.C, p.K) : 0);
   Workspace<F> workspace(threads, per_thread);
   std::vector<int64_t> slot_ints(static_cast<std::size_t>(threads) * 2 * p.K);
   parallel_rows(
