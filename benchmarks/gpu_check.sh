@@ -127,7 +127,8 @@ fi
 # bench_suites NAME CAP JSON PROVIDERS...: `python -m mmfast bench`, one process per suite (GPU_CHECK_CLI_SUITES,
 # in that order), all appending to JSON, so that a device fault in one suite (the bench stops at a lost CUDA
 # context) does not cost the others; GPU_CHECK_CLI_ARGS: more bench arguments (e.g. --case TEXT). The default leaves
-# out routed_kd_mixes (mix logits and probs: no GPU target, two more torch.compile graphs in a 15-minute lease).
+# out routed_kd_mixes and routed_kd_divergences (the other mixes and divergences: no GPU target of their own, eight
+# more torch.compile graphs in a 15-minute lease).
 CLI_SUITES=${GPU_CHECK_CLI_SUITES:-routed_kd fdistill uni_instruct masked_reconstruction mutual_kd}
 bench_suites() {
   local name=$1 cap=$2 json=$3 env=$4

@@ -105,7 +105,8 @@ class RoutedCase:
         routing = f"top-{self.top_k} of {self.E}" if self.top_k else f"E={self.E} dense"
         pixels = f" {self.pixels[0]}x{self.pixels[1]} pixels" if self.pixels else ""
         mix = f" mix={self.mix}" if self.mix != "loss" else ""
-        return f"routed-kd N={self.N} C={self.C}{pixels} {routing}{mix}"
+        divergence = f" {self.divergence}" if self.divergence != "kl" else ""
+        return f"routed-kd N={self.N} C={self.C}{pixels} {routing}{mix}{divergence}"
 
     def label(self, dtype: torch.dtype) -> str:
         return f"{self.name} {DTYPE_NAMES[dtype]}"
@@ -152,6 +153,15 @@ class RoutedMixCase(RoutedCase):
 
     suite: ClassVar[str] = "routed_kd_mixes"
     description: ClassVar[str] = "routed KD, mix=logits and mix=probs (kl, tau=4; student grad)"
+
+
+@dataclass(frozen=True)
+class RoutedDivergenceCase(RoutedCase):
+    """Routed KD with the other divergences (reverse KL, JS, TVD), mix "loss" and "logits": a suite of its own, which
+    the GPU check script leaves out unless asked (GPU_CHECK_CLI_SUITES)."""
+
+    suite: ClassVar[str] = "routed_kd_divergences"
+    description: ClassVar[str] = "routed KD, divergences reverse_kl, js, tvd (mix=loss and logits, tau=4; student grad)"
 
 
 @dataclass(frozen=True)
@@ -370,6 +380,8 @@ MUTUAL_CASES = (
 SUITES: dict[str, tuple[Case, ...]] = {
     "routed_kd": ROUTED_CASES,
     "routed_kd_mixes": tuple(RoutedMixCase(N=256, C=8192, E=4, mix=mix) for mix in ("logits", "probs")),
+    "routed_kd_divergences": tuple(RoutedDivergenceCase(N=256, C=8192, E=4, mix=mix, divergence=divergence)
+                                   for mix in ("loss", "logits") for divergence in ("reverse_kl", "js", "tvd")),
     "mutual_kd": MUTUAL_CASES,
     "fdistill": (FDistillCase(B=256, C=3, H=64, W=64), FDistillCase(B=32, C=4, H=128, W=128)),
     "uni_instruct": (UniInstructCase(B=256, C=3, H=64, W=64), UniInstructCase(B=32, C=4, H=128, W=128)),
