@@ -125,8 +125,9 @@ MMFAST_INLINE KLSums kl_teacher_row(const Src* __restrict src, int64_t C, F scal
 // row's max), q = eq / Z_q the student's softmax with shifted logits u: returns Z = sum exp(v) and
 // S = sum over eq != 0 of eq (u - v), so that KL(q || p) = S / Z_q - log Z_q + log Z (q sums to one), and adds
 // w v into vbar (kFirst: stores it). No exp row is kept: dx needs only the weighted mixture of the v (mix_loss_rkl).
-// The max of the unit-stride row `next` (same length and scale) in *next_max. Float sums over blocks of
-// kSweepBlock classes, each added to a double (row_ops.h).
+// The max of the unit-stride row `next` (same length and scale) in *next_max. Z and S summed in double: dx subtracts
+// q D from the q (log q - log p) terms, and the scalar ASan build's 1024-term float sums missed the tests' fp32
+// bounds by up to 3x.
 template <bool kFirst, typename T, typename F = compute_t<T>>
 MMFAST_INLINE KLSums reverse_kl_teacher_row(const T* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
                                             const F* __restrict eq, F w, F* __restrict vbar,
@@ -135,7 +136,7 @@ MMFAST_INLINE KLSums reverse_kl_teacher_row(const T* __restrict src, int64_t C, 
   F mn = -kInf<F>;
   for (int64_t c0 = 0; c0 < C; c0 += kSweepBlock) {
     const int64_t c1 = std::min(C, c0 + kSweepBlock);
-    F zb = 0, sb = 0;
+    double zb = 0, sb = 0;
 #pragma omp simd reduction(+ : zb, sb) reduction(max : mn)
     for (int64_t c = c0; c < c1; ++c) {
       const F v = to_compute(src[c]) * scale - m;
