@@ -121,38 +121,6 @@ MMFAST_INLINE KLSums kl_teacher_row(const Src* __restrict src, int64_t C, F scal
   return {Z, S};
 }
 
-// One sweep over a unit-stride teacher row src for reverse KL(q || p), p = softmax(v), v = src * scale - m (m the
-// row's max), q = eq / Z_q the student's softmax with shifted logits u: returns Z = sum exp(v) and
-// S = sum over eq != 0 of eq (u - v), so that KL(q || p) = S / Z_q - log Z_q + log Z (q sums to one), and adds
-// w v into vbar (kFirst: stores it). No exp row is kept: dx needs only the weighted mixture of the v (mix_loss_rkl).
-// The max of the unit-stride row `next` (same length and scale) in *next_max. Z and S summed in double: dx subtracts
-// q D from the q (log q - log p) terms, and the scalar ASan build's 1024-term float sums missed the tests' fp32
-// bounds by up to 3x.
-template <bool kFirst, typename T, typename F = compute_t<T>>
-MMFAST_INLINE KLSums reverse_kl_teacher_row(const T* __restrict src, int64_t C, F scale, F m, const F* __restrict u,
-                                            const F* __restrict eq, F w, F* __restrict vbar,
-                                            const T* __restrict next, F* __restrict next_max) {
-  double Z = 0, S = 0;
-  F mn = -kInf<F>;
-  for (int64_t c0 = 0; c0 < C; c0 += kSweepBlock) {
-    const int64_t c1 = std::min(C, c0 + kSweepBlock);
-    double zb = 0, sb = 0;
-#pragma omp simd reduction(+ : zb, sb) reduction(max : mn)
-    for (int64_t c = c0; c < c1; ++c) {
-      const F v = to_compute(src[c]) * scale - m;
-      zb += exp_nonpos(v);
-      sb += zero_where_zero(eq[c], eq[c] * (u[c] - v));
-      vbar[c] = kFirst ? w * v : vbar[c] + w * v;
-      const F y = to_compute(next[c]);
-      mn = y > mn ? y : mn;
-    }
-    Z += zb;
-    S += sb;
-  }
-  *next_max = mn * scale;  // = max of next[c] * scale (scale > 0, rounding is monotonic)
-  return {Z, S};
-}
-
 // body(std::integral_constant<int, N>{}) with N = n for n in 1..3 and 4 otherwise: the passes over several rows
 // take up to four, named, so that their pointers stay in registers.
 template <typename Body>
@@ -451,10 +419,7 @@ class RoutedRow : RoutedOperands<T> {
   // mix "loss": L = sum_k w_k D(p_k || q); A = sum_k w_k A_k, dw_k = D_k,
   // dL/dv_k = w_k (B_k - p_k sum(B_k)).
   MMFAST_INLINE void mix_loss() {
-    if (Cw_ == C_ && p_.sz_c == 1) {
-      if (div_ == kKL) return dz_ == nullptr ? mix_loss_kl<false>() : mix_loss_kl<true>();
-      if (div_ == kReverseKL && dz_ == nullptr) return mix_loss_rkl();
-    }
+    if (div_ == kKL && Cw_ == C_ && p_.sz_c == 1) return dz_ == nullptr ? mix_loss_kl<false>() : mix_loss_kl<true>();
     F* v = buffer(kFirstMixBuffer);
     F* e = buffer(kFirstMixBuffer + 1);
     F* b = buffer(kFirstMixBuffer + 2);
@@ -528,51 +493,6 @@ class RoutedRow : RoutedOperands<T> {
       nd = 1;
     }
     with_row_count(nd, [&](auto n) MMFAST_INLINE_LAMBDA { write_dx_kl(W, n); });
-  }
-
-  // mix "loss" with reverse KL, frozen teachers (no dz), rows that are not padded and teachers of unit class stride:
-  // each distinct teacher row in one sweep (reverse_kl_teacher_row) that gives D_k and adds w_k v_k into vbar, then
-  // one pass writes dx. With A_k = q (log q - log p_k) + q (0 where q is 0) and sum(A_k) = D_k + 1,
-  // dx = scale / tau (sum_k w_k A_k - q sum_k w_k (D_k + 1)) = scale / tau (q (W log q - vbar + L) - q sum_k w_k D_k),
-  // L = sum_k w_k log Z_k: no exp row is kept (the general path stores each teacher's v and e and forms every
-  // divergence piece in a pass of its own).
-  MMFAST_INLINE void mix_loss_rkl() {
-    const double log_zq = q_.log_sum;
-    const double inv_zq = q_.inv_sum;
-    F* vbar = buffer(kFirstMixBuffer);
-    double W = 0, L = 0, DW = 0;
-    bool first = true;
-    for (int64_t k = 0; k < K_; ++k) {
-      if (first_[k] != k) continue;
-      const T* src = z_row(teacher_[k]);
-      const RowAfter next = row_after_slot(k);
-      const F wk = wsum_[k];
-      const KLSums sums = rows_.sweep(src, C_, inv_tau_, next.row, next.stride,
-                                      [&](F m, const T* ahead, F* ahead_max) MMFAST_INLINE_LAMBDA {
-                                        return first ? reverse_kl_teacher_row<true>(src, C_, inv_tau_, m, u_, eq_, wk,
-                                                                                    vbar, ahead, ahead_max)
-                                                     : reverse_kl_teacher_row<false>(src, C_, inv_tau_, m, u_, eq_,
-                                                                                     wk, vbar, ahead, ahead_max);
-                                      });
-      first = false;
-      const double log_z = std::log(sums.Z);
-      const double d = sums.S * inv_zq - log_zq + log_z;
-      dval_[k] = F(d);
-      W += wk;
-      L += wk * log_z;
-      DW += wk * d;
-    }
-    write_loss_and_dw();
-    if (dx_ == nullptr) return;
-    if (first) std::fill(vbar, vbar + C_, F(0));  // no slot (K = 0)
-    const F* __restrict u = u_;
-    const F* __restrict eq = eq_;
-    const F* __restrict vb = vbar;
-    const F inv_sum = q_.inv_sum, lzq = q_.log_sum, w = F(W), l = F(L), dw = F(DW), g = grad_scale_;
-    store_row(dx_row(), p_.S, C_, false, [=](int64_t c) MMFAST_INLINE_LAMBDA {
-      const F q = eq[c] * inv_sum;
-      return (zero_where_zero(q, q * (w * (u[c] - lzq) - vb[c] + l)) - q * dw) * g;
-    });
   }
 
   // dz of slot k's teacher (mix_loss_kl): its exps e, shifted logits v, log Z, 1 / Z and D_k.
