@@ -550,10 +550,8 @@ class RoutedRow : RoutedOperands<T> {
 #pragma omp simd
       for (int64_t c = 0; c < Cw_; ++c) g[c] -= (e[c] * t.inv_sum) * sum_b;
     }
-    if (dw_ != nullptr) {
-      for (int64_t k = 0; k < K_; ++k)
-        dw_[n_ * K_ + k] = scale_ * dot_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, g);
-    }
+    for (int64_t k = 0; dw_ != nullptr && k < K_; ++k)
+      dw_[n_ * K_ + k] = scale_ * dot_scaled(z_row(teacher_[k]), p_.sz_c, C_, inv_tau_, g);
     for (int64_t k = 0; dz_ != nullptr && k < K_; ++k) {
       if (first_[k] != k) continue;
       const F gk = grad_scale_ * wsum_[k];
