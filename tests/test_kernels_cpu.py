@@ -626,6 +626,59 @@ def test_routed_row_tiles_low_precision(dtype, mix, div):
     assert_no_worse_than_reference(got, ref, truth, dtype, OUTPUTS)
 
 
+# Packed tiles (row_tiles.h, packed_rows): a tile's rows side by side in memory go through R x R transposes,
+# R classes at a time (R = 16 in fp32, bf16 and fp16, 8 in fp64); a partial chunk's row vectors are stored whole
+# where they stay inside the tile, spilling onto the next rows' first classes (stored again after), and only the
+# last rows store their own classes alone. Class counts around the chunk boundaries; batches that end on a
+# whole tile (its last row ends the tensor) and that do not.
+PACKED_TILE_CLASSES = [2, 5, 7, 8, 9, 15, 16, 17, 20, 33, 40, 64, 100]
+
+
+@pytest.mark.parametrize("B", [32, 37])
+@pytest.mark.parametrize("C", PACKED_TILE_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_routed_packed_tiles(dtype, C, B):
+    x, z, w, idx = make_inputs(B=B, C=C, E=2, dtype=dtype, seed=C + B)
+    for mix in range(3):
+        check_both_paths(x, z, w, idx, mix=mix, div=0)  # dense routing: dz stored packed too
+        check_both_paths(x, z, w, idx, mix=mix, div=0, needs=NO_DZ)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
+@pytest.mark.parametrize("C", [5, 16, 20, 40])
+def test_routed_packed_tiles_low_precision(dtype, C):
+    x, z, w, idx = make_inputs(B=32, C=C, E=2, dtype=dtype, seed=C, spread=2.0)
+    for mix in range(3):
+        truth = ref_routed(x.double(), z.double(), w.double(), idx, None, 2.0, mix, 0, 0.3, 4.0, True, True, True)
+        with _native.cpu_row_tile_max_classes(ALWAYS_TILE):
+            ref, got = run_routed(x, z, w, idx, mix=mix, div=0)
+        assert_no_worse_than_reference(got, ref, truth, dtype, OUTPUTS)
+
+
+@pytest.mark.parametrize("C", [1, 5, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_routed_packed_tiles_write_only_their_rows(dtype, C):
+    """dx and dz as the leading elements of larger buffers: the stores of the last tile (whose last row ends
+    the tensor) leave the elements after it as they were, and write what the kernel writes into buffers of
+    their own size."""
+    from mmfast import _C
+
+    B, E = 32, 2
+    x, z, w, _ = make_inputs(B=B, C=C, E=E, dtype=dtype, seed=3)
+    sentinel = 7.0
+    dx_buf = torch.full((B * C + 64,), sentinel, dtype=dtype)
+    dz_buf = torch.full((E * B * C + 64,), sentinel, dtype=dtype)
+    dx, dz = dx_buf[: B * C].view(B, C, 1), dz_buf[: E * B * C].view(E, B, C, 1)
+    loss = torch.empty(B, 1, dtype=w.dtype)
+    dw = torch.empty(B, 1, E, dtype=w.dtype)
+    with _native.cpu_row_tile_max_classes(ALWAYS_TILE):
+        _C.routed_kd_cpu(_native.routed_kd_params(x, z, w, None, None, 2.0, 0, 0, 0.3, 4.0, loss, dx, dw, dz), 2)
+        _, own = run_routed(x, z, w)  # the same kernel into buffers of its own
+    assert torch.equal(dx_buf[B * C :], torch.full((64,), sentinel, dtype=dtype))
+    assert torch.equal(dz_buf[E * B * C :], torch.full((64,), sentinel, dtype=dtype))
+    assert torch.equal(dx, own[1]) and torch.equal(dz, own[3])
+
+
 @pytest.mark.parametrize("B,C", [(37, 300), (517, 10)], ids=["rows", "tiles"])
 @pytest.mark.parametrize("mix", range(3))
 def test_routed_thread_count_does_not_change_results(B, C, mix):
@@ -770,6 +823,15 @@ def test_mutual_row_tiles(M, N, C, dtype):
     check_mutual_both_paths(logits, need_grad=False)
     strided = (torch.randn(N, 2 * C, M, generator=g, dtype=torch.float64) * 3).to(dtype).permute(2, 0, 1)[..., ::2]
     check_mutual_both_paths(strided, tau=0.5)
+
+
+@pytest.mark.parametrize("N", [32, 37])
+@pytest.mark.parametrize("C", PACKED_TILE_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_mutual_packed_tiles(dtype, C, N):
+    """Row-major logits: packed tiles (see test_routed_packed_tiles), both paths vs the reference."""
+    logits = (torch.randn(3, N, C, generator=torch.Generator().manual_seed(C + N), dtype=torch.float64) * 3).to(dtype)
+    check_mutual_both_paths(logits)
 
 
 def test_mutual_row_tiles_are_taken():

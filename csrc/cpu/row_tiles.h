@@ -9,6 +9,7 @@
 // cpu_row_tile_max_classes() (mmfast/kernels.h) overrides that bound for tests and tuning.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "row_ops.h"
@@ -77,13 +78,62 @@ MMFAST_INLINE bool consecutive_lanes(const int64_t* off) {
   return consecutive;
 }
 
+// ---- Packed tiles: the R rows side by side in memory ----
+//
+// When a tile's rows are consecutive rows of a row-major tensor (off[r] == off[0] + r * C, unit class
+// stride: `packed_rows`), the tile is one block of R * C elements. Per-lane loads and stores would move it
+// an element at a time (a scalar store per element into the class-major buffer on the way in, a scatter on
+// the way out); instead the block goes through R x R transposes in vector registers, R classes at a time:
+// R row vectors in, R class vectors out (`load_packed_tile`), and back (`store_packed_tile`).
+template <int R>
+MMFAST_INLINE bool packed_rows(const int64_t* off, int64_t C) {
+  bool packed = true;
+  for (int r = 1; r < R; ++r) packed = packed && off[r] == off[0] + r * C;
+  return packed;
+}
+
+// v[c * R + r] = block[r * C + c] * scale: the tile's R packed rows (packed_rows) into its class-major
+// buffer v. One overload per storage type, defined in row_tiles.cpp with one clone per ISA level.
+void load_packed_tile(const float* block, int64_t C, float scale, float* v);
+void load_packed_tile(const double* block, int64_t C, double scale, double* v);
+void load_packed_tile(const bf16* block, int64_t C, float scale, float* v);
+void load_packed_tile(const f16* block, int64_t C, float scale, float* v);
+
+// block[r * C + c0 + c] = cols[c * R + r] for the classes c < min(R, C - c0) of one chunk of a tile's R packed
+// rows, converted to the storage type. Chunks must come from the last to the first (the rows of a partial
+// chunk are stored as whole vectors where they stay inside the block: row_tiles.cpp). Defined like
+// load_packed_tile.
+void store_packed_chunk(const float* cols, float* block, int64_t C, int64_t c0);
+void store_packed_chunk(const double* cols, double* block, int64_t C, int64_t c0);
+void store_packed_chunk(const float* cols, bf16* block, int64_t C, int64_t c0);
+void store_packed_chunk(const float* cols, f16* block, int64_t C, int64_t c0);
+
+// block[r * C + c] = value(c * R + r, r) for the tile's R packed rows (packed_rows): each chunk of R classes
+// formed class-major, then transposed and stored by store_packed_chunk.
+template <typename T, typename Value>
+MMFAST_INLINE void store_packed_tile(T* __restrict block, int64_t C, Value&& value) {
+  using F = compute_t<T>;
+  constexpr int R = kTileRows<F>;
+  for (int64_t c0 = (C - 1) / R * R; c0 >= 0; c0 -= R) {
+    const int64_t w = std::min<int64_t>(R, C - c0);
+    alignas(64) F cols[R * R];
+    for (int64_t c = 0; c < w; ++c) {
+#pragma omp simd
+      for (int r = 0; r < R; ++r) cols[c * R + r] = value((c0 + c) * R + r, r);
+    }
+    store_packed_chunk(cols, block, C, c0);
+  }
+}
+
 // v[c][r] = src[off[r] + c * stride] * scale, then shift_exp_tile.
 template <typename T, typename F = compute_t<T>>
 MMFAST_INLINE TileStats<F> load_softmax_tile(const T* __restrict src, const int64_t* __restrict off,
                                              int64_t stride, int64_t C, F scale, F* __restrict v,
                                              F* __restrict e) {
   constexpr int R = kTileRows<F>;
-  if (stride == 1) {  // lane by lane: each row is read contiguously (no gathers)
+  if (stride == 1 && packed_rows<R>(off, C)) {
+    load_packed_tile(src + off[0], C, scale, v);
+  } else if (stride == 1) {  // lane by lane: each row is read contiguously (no gathers)
     for (int r = 0; r < R; ++r) {
       const T* __restrict row = src + off[r];
       for (int64_t c = 0; c < C; ++c) v[c * R + r] = to_compute(row[c]) * scale;
@@ -139,6 +189,10 @@ template <typename T, typename Value>
 MMFAST_INLINE void store_tile(T* __restrict dst, const int64_t* __restrict off, int64_t stride, int64_t C,
                               bool accumulate, Value&& value) {
   constexpr int R = kTileRows<compute_t<T>>;
+  if (stride == 1 && !accumulate && packed_rows<R>(off, C)) {
+    store_packed_tile(dst + off[0], C, value);
+    return;
+  }
   if (stride != 1 && consecutive_lanes<R>(off)) {  // whole vectors (see consecutive_lanes)
     T* __restrict base = dst + off[0];
     for (int64_t c = 0; c < C; ++c) {
