@@ -160,6 +160,28 @@ def _check_channel_dim_1(backend, device, dtype, loss, mask, reduction, normaliz
 ODD = [((1, 1), -1), ((3, 1), -1), ((1, 1271), -1), ((2, 3, 1271), -1), ((1, 1, 1, 1), 1), ((2, 5, 7), 0)]
 
 
+# The cpu kernel's pixel runs (csrc/cpu/masked_reconstruction.cpp, recon_pixels): channel_dim=1 rows under an
+# elementwise loss without normalisation go a channel at a time over runs of up to 4096 pixels, the loss sums in
+# blocks of 32 channels when pred's gradient is all that is asked for. Shapes: more channels than a block (70)
+# and a sample of more pixels than a run (4160, 4097: two runs; a single sample is split further for the threads).
+PIXEL_SHAPES = [(3, 70, 5, 13), (1, 40, 64, 65), (2, 33, 4097)]
+
+
+@pytest.mark.parametrize("target_grad", [False, True], ids=["pred_grad", "both_grads"])
+@pytest.mark.parametrize("mask", ("none", "row", "row_bool", "channel", "element", "element_bool"))
+@pytest.mark.parametrize("loss", ["mse", "smooth_l1"])
+@pytest.mark.parametrize("shape", PIXEL_SHAPES, ids=["D70", "S4160", "S4097"])
+def test_channel_dim_1_pixel_runs(shape, loss, mask, target_grad):
+    seed = seed_of("pixels", shape, loss, mask)
+    P, Y, M = make_case(shape, 1, mask, seed)
+    if mask.startswith("row"):  # excluded pixels are not used: NaN there changes nothing
+        P = P.masked_fill(M == 0, float("nan"))
+    for reduction in REDUCTIONS:
+        assert_matches("cpu", "cpu", torch.float32, P, Y, M, grad_out=seed, loss=loss, reduction=reduction,
+                       channel_dim=1, beta=0.6, target_grad=target_grad, mask_grad=False,
+                       what=f"{reduction}")
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("backend,device,dtype", KERNELS)
 def test_normalized_one_element_rows(backend, device, dtype, loss):
