@@ -282,7 +282,8 @@ class UniInstructCase(_ScoreCase):
 class MaskedReconCase:
     """Masked reconstruction (mse, mean; grad to pred, target detached): pred and target [N, D] with no
     mask, a bool row mask [N, 1] keeping ``keep`` of the rows (random rows), or a bool element mask
-    [N, D] keeping ``keep`` of the elements. Minimal bytes read only the rows a row mask keeps."""
+    [N, D] keeping ``keep`` of the elements. Minimal bytes read only the rows a row mask keeps. With ``hw``
+    = (H, W): feature maps [N, D, H, W] with ``channel_dim=1`` (a row per pixel, channels strided), no mask."""
 
     suite: ClassVar[str] = "masked_reconstruction"
     description: ClassVar[str] = (
@@ -293,17 +294,28 @@ class MaskedReconCase:
     mask: str = "none"  # "none", "row" or "element"
     keep: float = 1.0
     large: bool = False
+    hw: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.hw is not None and self.mask != "none":
+            raise ValueError("MaskedReconCase: feature maps (hw) are benchmarked without a mask")
+
+    @property
+    def rows(self) -> int:
+        return self.N * (self.hw[0] * self.hw[1] if self.hw else 1)
 
     @property
     def kept_rows(self) -> int:
-        return round(self.N * self.keep) if self.mask == "row" else self.N
+        return round(self.N * self.keep) if self.mask == "row" else self.rows
 
     def skipped_bytes(self, dtype: torch.dtype) -> int:
         """Reads of pred and target that row skipping saves."""
-        return (self.N - self.kept_rows) * self.D * 2 * (torch.finfo(dtype).bits // 8)
+        return (self.rows - self.kept_rows) * self.D * 2 * (torch.finfo(dtype).bits // 8)
 
     @property
     def name(self) -> str:
+        if self.hw is not None:
+            return f"masked-recon B={self.N} D={self.D} {self.hw[0]}x{self.hw[1]} channel_dim=1 no mask"
         base = f"masked-recon N={self.N} D={self.D}"
         if self.mask == "row":
             saved = self.skipped_bytes(torch.float32) / 2**20
@@ -317,15 +329,18 @@ class MaskedReconCase:
         """Read the kept rows of pred and target and the mask; write the whole gradient."""
         s = g = torch.finfo(dtype).bits // 8
         mask_bytes = {"none": 0, "row": self.N, "element": self.N * self.D}[self.mask]
-        return self.kept_rows * self.D * 2 * s + self.N * self.D * g + mask_bytes
+        return self.kept_rows * self.D * 2 * s + self.rows * self.D * g + mask_bytes
 
     def exp_elements(self) -> None:
         return None
 
     def inputs(self, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        pred = torch.randn(self.N, self.D, generator=gen).to(device, dtype).requires_grad_()
-        target = torch.randn(self.N, self.D, generator=gen).to(device, dtype)
+        shape = (self.N, self.D) + (tuple(self.hw) if self.hw else ())
+        pred = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+        target = torch.randn(shape, generator=gen).to(device, dtype)
+        if self.hw is not None:
+            return dict(pred=pred, target=target, mask=None, loss="mse", channel_dim=1)
         if self.mask == "row":
             mask = torch.zeros(self.N, 1, dtype=torch.bool)
             mask[torch.randperm(self.N, generator=gen)[: self.kept_rows]] = True
@@ -390,6 +405,7 @@ SUITES: dict[str, tuple[Case, ...]] = {
         MaskedReconCase(N=8192, D=1024, mask="row", keep=0.25),
         MaskedReconCase(N=8192, D=1024, mask="row", keep=0.75),
         MaskedReconCase(N=8192, D=1024, mask="element", keep=0.5),
+        MaskedReconCase(N=8, D=256, hw=(32, 32)),
     ),
 }
 QUICK_CASES: tuple[Case, ...] = (ROUTED_CASES[0],)  # what ``--quick`` (CI) runs: cheap cases only
