@@ -156,10 +156,10 @@ MMFAST_INLINE void stream_row_dy(const T* prow, const T* yrow, const M* mrow, in
 // 8 x 256 x 32 x 32 that took 15x torch.compile's time.) Same outputs as the row loop of recon_rows, the sums
 // over the channels in the same order.
 constexpr int64_t kPixelChunk = 4096;
-// the per-thread buffers of recon_pixels, in elements of F: three of double, five of F
 // the per-pixel loss sums of the common case (only dp wanted) are kept in F over blocks of this many
 // channels, each block added to a double
 constexpr int64_t kChannelBlock = 32;
+// the per-thread buffers of recon_pixels, in elements of F: three of double, five of F
 template <typename F>
 constexpr int64_t kPixelWorkspace = kPixelChunk * (3 * int64_t(sizeof(double) / sizeof(F)) + 5);
 
@@ -211,7 +211,7 @@ MMFAST_INLINE void recon_pixels(const MaskedReconParams& p, int64_t begin, int64
         gather_mask(base, p.mask_kind, p.sm_s, n, m);
       }
       const int64_t od = o + d * S;
-      // the sums and the gradient into buffers, then one plain loop per requested output (a test per
+      // the terms and the gradient into buffers, then one plain loop per requested output (a test per
       // output inside the loop keeps gcc from vectorizing it)
       const auto pass = [&](auto direct) MMFAST_INLINE_LAMBDA {
         // direct: dp alone is wanted, written here rather than through g. The loop holds no double: gcc
@@ -287,7 +287,7 @@ MMFAST_INLINE void recon_pixels(const MaskedReconParams& p, int64_t begin, int64
       }
     }
     for (int64_t i = 0; i < n; ++i) {
-      if (!per_element) loss_rows[r0 + i] = w[i] == F(0) ? F(0) : F(acc[i]);
+      if (!per_element) loss_rows[r0 + i] = F(acc[i]);  // (0 for an excluded pixel: its terms were 0)
       if (kElemMask && msum != nullptr) msum[r0 + i] = F(macc[i]);
       if (dm_rows) dm[r0 + i] = F(raw[i]);
     }

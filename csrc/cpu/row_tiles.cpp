@@ -71,8 +71,6 @@ MMFAST_INLINE bool inside_block(int r, int64_t c0, int64_t C) {
   return r * C + c0 + R <= R * C;
 }
 
-}  // namespace
-
 template <typename T>
 MMFAST_INLINE void load_packed(const T* __restrict block, int64_t C, compute_t<T> scale, compute_t<T>* __restrict v) {
   using F = compute_t<T>;
@@ -123,7 +121,7 @@ MMFAST_INLINE void store_packed(const compute_t<T>* __restrict cols, T* __restri
   transpose_tile<F>(m);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    T* __restrict row = block + r * C + c0;
+    T* row = block + r * C + c0;  // (not __restrict: a row's vector may overlap the next row, stored after it)
     alignas(64) F lanes[R];
     std::memcpy(lanes, &m[r], sizeof(V));
     if (inside_block<R>(r, c0, C)) {
@@ -134,6 +132,8 @@ MMFAST_INLINE void store_packed(const compute_t<T>* __restrict cols, T* __restri
     }
   }
 }
+
+}  // namespace
 
 // The overloads of row_tiles.h (plain functions: GCC drops target_clones from a template's explicit
 // instantiation once an extern declaration of it has been seen).
