@@ -167,9 +167,13 @@ MMFAST_INLINE bool pixel_major(const MaskedReconParams& p) {
   return p.S > 1 && p.loss != kReconCosine && p.normalize_target == 0 && p.sp_s == 1 && p.sy_s == 1;
 }
 
-template <typename T, int kLoss, bool kElemMask>
-MMFAST_INLINE void recon_pixels(const MaskedReconParams& p, int64_t begin, int64_t end, compute_t<T>* workspace) {
+template <typename T, int kLoss>
+MMFAST_MULTIVERSION void recon_pixels(const MaskedReconParams& p, int64_t begin, int64_t end,
+                                      compute_t<T>* workspace) {
   using F = compute_t<T>;
+  // the element mask is a run-time test here (a loop of its own per channel): one instance per loss and
+  // storage type, not per mask kind too, keeps the object's compile time down
+  const bool elem_mask = p.mask_kind == kReconMaskFloat || p.mask_kind == kReconMaskBool;
   const int64_t D = p.D, S = p.S;
   const T* pred = static_cast<const T*>(p.pred);
   const T* target = static_cast<const T*>(p.target);
@@ -191,7 +195,7 @@ MMFAST_INLINE void recon_pixels(const MaskedReconParams& p, int64_t begin, int64
   F* __restrict g = m + kPixelChunk;                               // d loss / d pred of one channel
   F* __restrict eb = g + kPixelChunk;                              // w m e of one channel (0 where excluded)
   F* __restrict er = eb + kPixelChunk;                             // e of one channel
-  const bool direct = dp != nullptr && dy == nullptr && !per_element && dm == nullptr && !(kElemMask && msum);
+  const bool direct = dp != nullptr && dy == nullptr && !per_element && dm == nullptr && !(elem_mask && msum);
   for (int64_t r0 = begin; r0 < end;) {
     const int64_t a = r0 / S, s0 = r0 - a * S;
     const int64_t n = std::min({S - s0, kPixelChunk, end - r0});
@@ -205,7 +209,7 @@ MMFAST_INLINE void recon_pixels(const MaskedReconParams& p, int64_t begin, int64
     for (int64_t d = 0; d < D; ++d) {
       const T* __restrict prow = pred + a * p.sp_a + d * p.sp_d + s0;
       const T* __restrict yrow = target + a * p.sy_a + d * p.sy_d + s0;
-      if constexpr (kElemMask) {
+      if (elem_mask) {
         const int64_t esize = p.mask_kind == kReconMaskBool ? 1 : int64_t(sizeof(F));
         const char* base = static_cast<const char*>(p.mask) + (a * p.sm_a + d * p.sm_d + s0 * p.sm_s) * esize;
         gather_mask(base, p.mask_kind, p.sm_s, n, m);
@@ -261,7 +265,7 @@ MMFAST_INLINE void recon_pixels(const MaskedReconParams& p, int64_t begin, int64
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) raw[i] += er[i];
       }
-      if constexpr (kElemMask) {
+      if (elem_mask) {
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) macc[i] += m[i];
       }
@@ -288,7 +292,7 @@ MMFAST_INLINE void recon_pixels(const MaskedReconParams& p, int64_t begin, int64
     }
     for (int64_t i = 0; i < n; ++i) {
       if (!per_element) loss_rows[r0 + i] = F(acc[i]);  // (0 for an excluded pixel: its terms were 0)
-      if (kElemMask && msum != nullptr) msum[r0 + i] = F(macc[i]);
+      if (elem_mask && msum != nullptr) msum[r0 + i] = F(macc[i]);
       if (dm_rows) dm[r0 + i] = F(raw[i]);
     }
     r0 += n;
@@ -299,12 +303,6 @@ template <typename T, int kLoss, bool kElemMask>
 MMFAST_MULTIVERSION void recon_rows(const MaskedReconParams& p, int64_t begin, int64_t end,
                                     compute_t<T>* workspace, bool streaming) {
   using F = compute_t<T>;
-  if constexpr (kLoss != kReconCosine) {
-    if (pixel_major(p)) {
-      recon_pixels<T, kLoss, kElemMask>(p, begin, end, workspace);
-      return;
-    }
-  }
   const int64_t D = p.D, S = p.S, ld = Workspace<F>::leading_dim(D);
   const T* pred = static_cast<const T*>(p.pred);
   const T* target = static_cast<const T*>(p.target);
@@ -520,7 +518,13 @@ void run_recon(const MaskedReconParams& p, int num_threads) {
   const bool streaming = streaming_worthwhile(tensors * R * p.D * int64_t(sizeof(T)));
   const auto rows = [&](int64_t begin, int64_t end, int thread) {
     F* ws = workspace.slice(thread);
-    if (p.loss == kReconCosine) {
+    if (pixels) {  // (never the cosine loss: pixel_major)
+      if (p.loss == kReconSmoothL1) {
+        recon_pixels<T, kReconSmoothL1>(p, begin, end, ws);
+      } else {
+        recon_pixels<T, kReconMSE>(p, begin, end, ws);
+      }
+    } else if (p.loss == kReconCosine) {
       recon_rows<T, kReconCosine, false>(p, begin, end, ws, streaming);
     } else if (p.loss == kReconSmoothL1) {
       if (elem) {
